@@ -1,0 +1,5 @@
+import sys
+
+from flyp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""A benchmark is the splits of one experiment: ID train / validation / test, OOD test sets,
+class names, templates and the headline metric.
+
+Builders read a :class:`flyp.recipe.DataConfig`. The ID domain is split with a seeded,
+stratified split; every other listed domain is an OOD test set used whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flyp.data import templates as tpl
+from flyp.data.folders import (
+    DataError,
+    Sample,
+    check_images,
+    check_same_classes,
+    list_domain,
+    read_csv,
+    require_dir,
+)
+from flyp.data.splits import stratified_split, stratified_subsample
+from flyp.recipe import DataConfig
+
+PACS_DEFAULT_ROOT = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "pacs"
+
+
+@dataclass
+class Benchmark:
+    name: str
+    class_names: list[str]
+    templates: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    tests: dict[str, list[Sample]]  # the ID test set first, then each OOD set
+    id_name: str
+    ood_names: list[str]
+    metric: str = "accuracy"  # the headline metric: "accuracy", "macro_f1", "worst_group_accuracy"
+    skipped_images: int = 0
+    # Evaluation sets that cover only some classes (ImageNet-R/A): logits restricted to these.
+    class_subsets: dict[str, list[int]] = field(default_factory=dict)
+    # Group id of every sample of an evaluation set (FMoW regions), for worst-group accuracy.
+    groups: dict[str, list[int]] = field(default_factory=dict)
+
+    def eval_sets(self) -> dict[str, list[Sample]]:
+        return {"val": self.val, **self.tests}
+
+
+def _split_domains(cfg: DataConfig, domains: dict[str, list[Sample]]) -> tuple[list[Sample], list[Sample], dict[str, list[Sample]]]:
+    train, val, test = stratified_split(domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed)
+    train = stratified_subsample(train, cfg.max_train, cfg.split_seed)
+    tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
+    val = stratified_subsample(val, cfg.max_eval, cfg.split_seed)
+    tests = {k: stratified_subsample(v, cfg.max_eval, cfg.split_seed) for k, v in tests.items()}
+    return train, val, tests
+
+
+def _check_all(cfg: DataConfig, parts: list[list[Sample]]) -> tuple[list[list[Sample]], int]:
+    checked, bad = [], 0
+    for part in parts:
+        kept, n = check_images(part, cfg.on_bad_image)
+        checked.append(kept)
+        bad += n
+    return checked, bad
+
+
+def _assemble(cfg: DataConfig, name: str, classes: list[str], templates: list[str], domains: dict[str, list[Sample]]) -> Benchmark:
+    train, val, tests = _split_domains(cfg, domains)
+    names = list(tests)
+    (train, val, *test_parts), bad = _check_all(cfg, [train, val, *tests.values()])
+    if not train:
+        raise DataError(f"the ID domain '{cfg.id_domain}' left no training images after the split")
+    display = [c.replace("_", " ") for c in classes]
+    return Benchmark(
+        name=name,
+        class_names=display,
+        templates=tpl.get_templates(cfg.templates) if cfg.templates else templates,
+        train=train,
+        val=val,
+        tests=dict(zip(names, test_parts, strict=True)),
+        id_name=cfg.id_domain,
+        ood_names=list(cfg.ood_domains),
+        skipped_images=bad,
+    )
+
+
+def _check_domain_names(root: Path, cfg: DataConfig, available: list[str]) -> None:
+    for domain in [cfg.id_domain, *cfg.ood_domains]:
+        if domain not in available:
+            near = [a for a in available if a.startswith(domain[:3])]
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise DataError(f"domain '{domain}' is not in {root}{hint}; domains found: {', '.join(available)}")
+
+
+def build_folders(cfg: DataConfig, name: str = "folders", templates: list[str] | None = None, default_root: Path | None = None) -> Benchmark:
+    """Any <root>/<domain>/<class>/<image> tree."""
+    root_text = cfg.root or (str(default_root) if default_root else None)
+    if root_text is None:
+        raise DataError("data.root is not set; point it at a folder of <domain>/<class>/<image>")
+    root = require_dir(Path(root_text), "data root", "set data.root to the dataset folder (--set data.root=/path)")
+    available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    _check_domain_names(root, cfg, available)
+    used = [cfg.id_domain, *cfg.ood_domains]
+    classes = check_same_classes(root, used)
+    domains = {d: list_domain(root, d, classes) for d in used}
+    return _assemble(cfg, name, classes, templates or tpl.SIMPLE, domains)
+
+
+def build_pacs(cfg: DataConfig) -> Benchmark:
+    return build_folders(cfg, name="pacs", templates=tpl.PACS, default_root=PACS_DEFAULT_ROOT.resolve())
+
+
+def build_csv(cfg: DataConfig) -> Benchmark:
+    """<root>/<domain>.csv files with columns path,label (class names); one CSV per domain."""
+    if cfg.root is None:
+        raise DataError("data.root is not set; point it at a folder holding <domain>.csv files")
+    root = require_dir(Path(cfg.root), "data root", "set data.root to the folder of CSV files")
+    rows = {d: read_csv(root / f"{d}.csv") for d in [cfg.id_domain, *cfg.ood_domains]}
+    classes = sorted({label for label, in ((r[1],) for r in rows[cfg.id_domain])})
+    index = {c: i for i, c in enumerate(classes)}
+    domains = {}
+    for domain, domain_rows in rows.items():
+        unknown = sorted({lab for _, lab in domain_rows} - set(index))
+        if unknown:
+            raise DataError(
+                f"{root / (domain + '.csv')} has label '{unknown[0]}' that {cfg.id_domain}.csv never uses"
+                f"{_near_label(unknown[0], classes)}; every label must occur in the ID domain"
+            )
+        domains[domain] = [Sample(p, index[lab]) for p, lab in domain_rows]
+    return _assemble(cfg, "csv", classes, tpl.SIMPLE, domains)
+
+
+def _near_label(label: str, classes: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(label, classes, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {
+    "pacs": build_pacs,
+    "folders": build_folders,
+    "csv": build_csv,
+}
+
+
+def build_benchmark(cfg: DataConfig) -> Benchmark:
+    if cfg.benchmark not in BENCHMARKS:
+        raise DataError(f"unknown benchmark '{cfg.benchmark}'; known: {', '.join(sorted(BENCHMARKS))}")
+    return BENCHMARKS[cfg.benchmark](cfg)

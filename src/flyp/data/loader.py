@@ -1,0 +1,80 @@
+"""Torch datasets and loaders with per-sample seeds.
+
+Every training sample is drawn with its own seed (from the run seed, the epoch and its position
+in the epoch). The seed drives the image augmentation and the caption template, so a run is
+the same whatever the number of workers, and a resumed run replays exactly what the
+uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from flyp.data.folders import Sample, load_rgb
+
+
+class ImageDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], transform: Callable):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        sample = self.samples[index]
+        image = load_rgb(sample.path)
+        if seed is None:
+            return self.transform(image), sample.label, -1
+        # torchvision's augmentations draw from torch's global generator: seed it for this
+        # sample only, leaving the caller's generator as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), sample.label, seed
+
+
+class EpochSampler(Sampler):
+    """A seeded permutation per epoch yielding ``(index, sample_seed)``.
+
+    ``start`` is the number of steps of this epoch already done (to resume mid-epoch). Only
+    full global batches are used, so every step is alike. With several processes, rank r takes
+    every world-th sample of each global batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.start, self.rank, self.world = start, rank, world
+
+    def steps_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        used = self.steps_per_epoch() * self.batch_size * self.world
+        for pos in range(self.start * self.batch_size * self.world, used):
+            if pos % self.world == self.rank:
+                yield order[pos], seeds[pos]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch() - self.start) * self.batch_size
+
+
+def train_loader(dataset: ImageDataset, sampler: EpochSampler, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=True,
+        persistent_workers=False,
+    )
+
+
+def eval_loader(dataset: ImageDataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

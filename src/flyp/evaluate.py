@@ -1,0 +1,89 @@
+"""Evaluation: predictions over each evaluation set, and the metrics a report needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+def metrics_from_predictions(
+    predictions: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None
+) -> dict[str, float]:
+    """Accuracy; macro-F1 over the classes that occur in labels or predictions; balanced and
+    worst-class accuracy over the classes present in the set; worst-group accuracy when each
+    sample has a group; the count."""
+    correct = predictions == labels
+    present = np.unique(labels)
+    per_class = np.array([correct[labels == c].mean() for c in present])
+    f1_labels = np.union1d(present, np.unique(predictions))
+    out = {
+        "accuracy": float(correct.mean()),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", labels=f1_labels, zero_division=0)),
+        "balanced_accuracy": float(per_class.mean()),
+        "worst_class_accuracy": float(per_class.min()),
+        "n": int(len(labels)),
+    }
+    if groups is not None:
+        out["worst_group_accuracy"] = float(min(correct[groups == g].mean() for g in np.unique(groups)))
+    return out
+
+
+def restrict(logits: Tensor, subset: Sequence[int] | None) -> Tensor:
+    """Logits of classes outside ``subset`` set to -inf (for sets covering only some classes)."""
+    if subset is None:
+        return logits
+    keep = torch.full_like(logits, float("-inf"))
+    index = torch.as_tensor(list(subset), device=logits.device)
+    keep[:, index] = logits[:, index]
+    return keep
+
+
+@torch.no_grad()
+def predict(
+    logits_fn: Callable[[Tensor], Tensor], loader: DataLoader, subset: Sequence[int] | None = None, desc: str = "eval"
+) -> tuple[np.ndarray, np.ndarray]:
+    preds, labels = [], []
+    for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        images = images.contiguous(memory_format=torch.channels_last)
+        preds.append(restrict(logits_fn(images), subset).argmax(dim=1).cpu())
+        labels.append(batch_labels)
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate_sets(
+    classifier: nn.Module,
+    loaders: Mapping[str, DataLoader],
+    num_classes: int,
+    class_subsets: Mapping[str, Sequence[int]] | None = None,
+    groups: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of ``classifier`` (images -> class logits) on every loader."""
+    classifier.eval()
+    class_subsets, groups = class_subsets or {}, groups or {}
+    results = {}
+    for name, loader in loaders.items():
+        preds, labels = predict(classifier, loader, class_subsets.get(name), desc=f"eval {name}")
+        group = np.asarray(groups[name]) if name in groups else None
+        results[name] = metrics_from_predictions(preds, labels, group)
+    return results
+
+
+def summarise(
+    sets: Mapping[str, Mapping[str, float]], id_name: str, ood_names: Sequence[str], metric: str = "accuracy"
+) -> dict:
+    """The numbers a comparison is about: the ID value and the mean over OOD sets."""
+    ood = [sets[n][metric] for n in ood_names if n in sets]
+    return {
+        "metric": metric,
+        "id_name": id_name,
+        "id": sets[id_name][metric] if id_name in sets else None,
+        "ood_names": list(ood_names),
+        "ood_mean": float(np.mean(ood)) if ood else None,
+        "val": sets["val"][metric] if "val" in sets else None,
+    }

@@ -1,0 +1,149 @@
+"""The finetuning methods, as declarations over one shared training loop.
+
+A method says what trains (image tower, text tower, a linear head), which loss it minimises
+and how its classifier head is made. The loop in :mod:`flyp.train` does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flyp.heads import zeroshot_weights
+from flyp.losses import clip_loss, siglip_loss
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    objective: str  # "none", "contrastive", "ce-head" (linear head on images), "ce-both" (class prompts)
+    train_text: bool = True
+    linear_head: bool = False
+    l2sp: bool = False
+    summary: str = ""
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("zeroshot", "none", summary="no training: the zero-shot head of the pretrained model"),
+        Method("flyp", "contrastive", summary="contrastive loss on captions from labels, both towers (FLYP)"),
+        Method("flyp-image-only", "contrastive", train_text=False, summary="FLYP with the text tower frozen (ablation)"),
+        Method("ft", "ce-head", train_text=False, linear_head=True, summary="cross-entropy, image tower + linear head from zero-shot weights"),
+        Method("l2sp", "ce-head", train_text=False, linear_head=True, l2sp=True, summary="ft plus an L2 pull towards the pretrained weights"),
+        Method("ce-both", "ce-both", summary="cross-entropy over class prompts through both towers (ablation)"),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def is_image_param(name: str) -> bool:
+    return name.startswith("visual.")
+
+
+def is_scale_param(name: str) -> bool:
+    return name in ("logit_scale", "logit_bias")
+
+
+class Classifier(nn.Module):
+    """Images -> class logits: the two-tower model with either the zero-shot head of its own
+    text tower (rebuilt by :meth:`refresh_text_head`) or a trained linear head."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear | None = None):
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.text_head: Tensor | None = None
+
+    def refresh_text_head(self, tokenizer: Callable, class_names: list[str], templates: list[str]) -> None:
+        self.text_head = zeroshot_weights(self.model, tokenizer, class_names, templates)
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = F.normalize(self.model.encode_image(images), dim=-1)
+        if self.head is not None:
+            return self.head(features)
+        if self.text_head is None:
+            raise RuntimeError("call refresh_text_head() before classifying with the zero-shot head")
+        return self.model.logit_scale.exp() * features @ self.text_head.t()
+
+
+@dataclass
+class LossContext:
+    tokenizer: Callable
+    class_names: list[str]
+    templates: list[str]
+    loss_kind: str = "clip"  # "clip" (InfoNCE) or "siglip"
+    collisions: str = "none"
+    l2sp_weight: float = 0.0
+    theta0: dict[str, Tensor] = field(default_factory=dict)
+
+
+def build_classifier(method: Method, model: nn.Module, ctx: LossContext) -> Classifier:
+    head = None
+    if method.linear_head:
+        weights = zeroshot_weights(model, ctx.tokenizer, ctx.class_names, ctx.templates)
+        head = nn.Linear(weights.shape[1], weights.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(weights * model.logit_scale.exp().detach())
+            head.bias.zero_()
+    return Classifier(model, head)
+
+
+def set_trainable(method: Method, classifier: Classifier) -> None:
+    for name, p in classifier.model.named_parameters():
+        if is_scale_param(name):
+            p.requires_grad_(method.objective in ("contrastive", "ce-both"))
+        else:
+            p.requires_grad_(method.train_text or is_image_param(name))
+
+
+def captions_for(labels: Tensor, seeds: Tensor, ctx: LossContext) -> list[str]:
+    """One caption per sample; the template is drawn from the sample's own seed."""
+    n = len(ctx.templates)
+    return [ctx.templates[int(s) % n].format(ctx.class_names[int(y)]) for y, s in zip(labels, seeds, strict=True)]
+
+
+def contrastive_loss(image_features: Tensor, text_features: Tensor, model: nn.Module, labels: Tensor, ctx: LossContext) -> Tensor:
+    image_features = F.normalize(image_features, dim=-1)
+    text_features = F.normalize(text_features, dim=-1)
+    scale = model.logit_scale.exp()
+    if ctx.loss_kind == "siglip":
+        return siglip_loss(image_features, text_features, scale, model.logit_bias)
+    return clip_loss(image_features, text_features, scale, labels, ctx.collisions)
+
+
+def l2sp_penalty(model: nn.Module, theta0: dict[str, Tensor]) -> Tensor:
+    total = torch.zeros(())
+    for name, p in model.named_parameters():
+        if p.requires_grad and name in theta0:
+            total = total + (p - theta0[name]).pow(2).sum()
+    return total
+
+
+def compute_loss(method: Method, classifier: Classifier, images: Tensor, labels: Tensor, seeds: Tensor, step: int, ctx: LossContext) -> Tensor:
+    model = classifier.model
+    if method.objective == "contrastive":
+        tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))
+        return contrastive_loss(model.encode_image(images), model.encode_text(tokens), model, labels, ctx)
+    if method.objective == "ce-head":
+        loss = F.cross_entropy(classifier(images), labels)
+        if method.l2sp:
+            loss = loss + ctx.l2sp_weight * l2sp_penalty(model, ctx.theta0)
+        return loss
+    if method.objective == "ce-both":
+        g = torch.Generator().manual_seed(step)
+        picks = torch.randint(0, len(ctx.templates), (len(ctx.class_names),), generator=g).tolist()
+        prompts = [ctx.templates[t].format(c) for t, c in zip(picks, ctx.class_names, strict=True)]
+        text = F.normalize(model.encode_text(ctx.tokenizer(prompts)), dim=-1)
+        image = F.normalize(model.encode_image(images), dim=-1)
+        return F.cross_entropy(model.logit_scale.exp() * image @ text.t(), labels)
+    raise ValueError(f"method '{method.name}' does not train")

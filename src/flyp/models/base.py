@@ -1,0 +1,35 @@
+"""What every model in flyp is: a two-tower module plus the tokenizer and transforms that fit it.
+
+A model is any ``nn.Module`` with ``encode_image(images)``, ``encode_text(tokens)`` and a
+``logit_scale`` parameter holding log(1 / temperature), the interface open_clip's CLIP has.
+SigLIP-style models also carry ``logit_bias``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be loaded; the message says what to pass instead."""
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: Callable[[list[str]], Tensor]
+    train_transform: Callable
+    eval_transform: Callable
+    spec: str
+    image_size: int
+    loss: str = "clip"  # the contrastive loss the model was pretrained with: "clip" or "siglip"
+
+
+def trim_padding(tokens: Tensor, pad_id: int = 0, min_length: int = 1) -> Tensor:
+    """Drop trailing columns that are padding in every row (text cost grows with length)."""
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else min_length
+    return tokens[:, : max(length, min_length)]

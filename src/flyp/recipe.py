@@ -1,0 +1,198 @@
+"""A recipe is the whole, typed description of one run: model, data, training, evaluation.
+
+YAML files and ``--set section.key=value`` flags are two spellings of the same dataclasses;
+both go through :func:`from_dict`, which refuses unknown keys and wrong types by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run, with the key at fault and the fix in the message."""
+
+
+@dataclass
+class ModelConfig:
+    spec: str = "default"  # "default", "tiny", "open_clip:ViT-B-16:openai", "open_clip:ViT-B-16:/path.pt", "hf:/dir"
+    image_size: int | None = None  # None keeps the model's own resolution
+    context_length: int | None = None  # None: trim text to the longest caption of each batch
+
+
+@dataclass
+class DataConfig:
+    benchmark: str = "pacs"
+    root: str | None = None  # None: the benchmark's default location
+    id_domain: str = "photo"
+    ood_domains: list[str] = field(default_factory=lambda: ["art_painting", "cartoon", "sketch"])
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    max_train: int | None = None  # stratified subsample of the ID train split (for quick runs)
+    max_eval: int | None = None  # stratified subsample of every evaluation set
+    templates: str | None = None  # template set name; None: the benchmark's own
+    on_bad_image: str = "error"  # "error" or "skip"
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    method: str = "flyp"
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    batchnorm: str = "frozen"  # "frozen": running statistics kept, affine trained; "train": updated
+    logit_scale_lr: float | None = None  # None: same as lr
+    init_logit_scale: float | None = None  # None: keep the model's own
+    max_logit_scale: float = 100.0
+    l2sp_weight: float = 0.1  # lambda of the l2sp method
+    collisions: str = "none"  # "none", "mask" or "soft": same-class captions in a FLYP batch
+    checkpoint_every: int = 0  # also save resumable state every N steps (0: at epoch ends only)
+    stop_after_steps: int | None = None  # end the process after N steps, as if killed (tests)
+    select_on: str = "val"  # epoch selection: "val" (ID validation accuracy) or "last"
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128
+    every_epoch: bool = True  # evaluate on ID validation after each epoch (model selection)
+    wise_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _suggest(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint, allowing int where float is expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
+        raise RecipeError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise RecipeError(f"unknown recipe key '{path}'{_suggest(key, names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Recipe:
+    return _build(Recipe, raw, "")
+
+
+def _set(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise RecipeError(f"--set expects key=value, got '{assignment}' (for example train.lr=1e-5)")
+    key, text = assignment.split("=", 1)
+    value = yaml.safe_load(text) if text else None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "1e-5" as a string
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _fix_numbers(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_numbers(v) for v in node]
+    if isinstance(node, str) and _looks_numeric(node) and any(c in node for c in "eE"):
+        return float(node)
+    return node
+
+
+def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe (or start from defaults) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist (see recipes/ for examples)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _fix_numbers(raw)
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+        raw.setdefault("name", path.stem)
+    for assignment in overrides:
+        _set(raw, assignment)
+    return from_dict(raw)
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    from flyp.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,307 @@
+"""The training loop shared by every method: one file, top to bottom.
+
+run_dir/
+  recipe.yaml         the resolved recipe
+  log.jsonl           one line per step (loss, lr, temperature) and per validation
+  state.pt            resumable state (optimizer, scheduler, RNG, step, best so far)
+  last.safetensors    weights at the last checkpoint (for resume)
+  model.safetensors   the selected weights (best ID validation epoch, or the last)
+  metrics.json        every evaluation set, the ID value, the OOD mean
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flyp.checkpoint import (
+    atomic_write_json,
+    load_state,
+    load_weights,
+    save_state,
+    save_weights,
+)
+from flyp.data.benchmarks import Benchmark, build_benchmark
+from flyp.data.loader import EpochSampler, ImageDataset, eval_loader, train_loader
+from flyp.evaluate import evaluate_sets, summarise
+from flyp.methods import (
+    Classifier,
+    LossContext,
+    Method,
+    build_classifier,
+    compute_loss,
+    get_method,
+    is_scale_param,
+    set_trainable,
+)
+from flyp.models import ModelBundle, load_model
+from flyp.recipe import Recipe, save_recipe
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked."""
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs that is built from a recipe (built once, shareable across runs)."""
+
+    recipe: Recipe
+    bundle: ModelBundle
+    benchmark: Benchmark
+
+
+def prepare(recipe: Recipe, bundle: ModelBundle | None = None, benchmark: Benchmark | None = None) -> Experiment:
+    bundle = bundle or load_model(recipe.model.spec, recipe.model.image_size, recipe.model.context_length)
+    benchmark = benchmark or build_benchmark(recipe.data)
+    return Experiment(recipe, bundle, benchmark)
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """Keep BatchNorm running statistics fixed (modules in eval mode); affine parameters still train.
+
+    Small finetuning batches give noisy batch statistics; the pretrained ones are better.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def param_groups(classifier: Classifier, cfg) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on >=2-D weights only; none on norms, biases and the scale."""
+    decay, no_decay, scale = [], [], []
+    for name, p in classifier.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_scale_param(name.removeprefix("model.")):
+            scale.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": scale, "weight_decay": 0.0, "lr": cfg.logit_scale_lr or cfg.lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _eval_loaders(exp: Experiment, names: list[str] | None = None) -> dict[str, torch.utils.data.DataLoader]:
+    sets = exp.benchmark.eval_sets()
+    return {
+        name: eval_loader(ImageDataset(samples, exp.bundle.eval_transform), exp.recipe.eval.batch_size, exp.recipe.data.num_workers)
+        for name, samples in sets.items()
+        if names is None or name in names
+    }
+
+
+def loss_context(exp: Experiment) -> LossContext:
+    train = exp.recipe.train
+    return LossContext(
+        tokenizer=exp.bundle.tokenizer,
+        class_names=exp.benchmark.class_names,
+        templates=exp.benchmark.templates,
+        loss_kind=exp.bundle.loss,
+        collisions=train.collisions,
+        l2sp_weight=train.l2sp_weight,
+    )
+
+
+def evaluate_classifier(classifier: Classifier, exp: Experiment, names: list[str] | None = None) -> dict[str, dict[str, float]]:
+    if classifier.head is None:
+        classifier.refresh_text_head(exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates)
+    return evaluate_sets(
+        classifier,
+        _eval_loaders(exp, names),
+        len(exp.benchmark.class_names),
+        class_subsets=exp.benchmark.class_subsets,
+        groups=exp.benchmark.groups,
+    )
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a resumed run restarts from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def finetune(recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Experiment | None = None) -> dict[str, Any]:
+    """Train ``recipe`` into ``run_dir`` and evaluate the selected weights on every set."""
+    run_dir = Path(run_dir)
+    state_path = run_dir / "state.pt"
+    if resume and not state_path.exists():
+        if (run_dir / "metrics.json").exists():
+            return json.loads((run_dir / "metrics.json").read_text())
+        raise RunError(f"nothing to resume in {run_dir}: no state.pt; start it without --resume")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    cfg = recipe.train
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    exp = exp or prepare(recipe)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    method = get_method(cfg.method)
+    ctx = loss_context(exp)
+    model = exp.bundle.model
+    model.to(memory_format=torch.channels_last)
+    if cfg.init_logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.init_logit_scale))
+    classifier = build_classifier(method, model, ctx)
+    set_trainable(method, classifier)
+    if method.l2sp:
+        ctx.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    if method.objective == "none":
+        return _finish(classifier, exp, run_dir, selected_epoch=0, started=time.time(), train_seconds=0.0, images_seen=0)
+
+    dataset = ImageDataset(exp.benchmark.train, exp.bundle.train_transform)
+    steps_per_epoch = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, 0).steps_per_epoch()
+    if steps_per_epoch == 0:
+        raise RunError(f"{len(dataset)} training images do not fill one batch of {cfg.batch_size}; lower train.batch_size")
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(param_groups(classifier, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
+    step, best = 0, {"val": -1.0, "epoch": 0}
+    train_seconds, images_seen = 0.0, 0
+    log_path = run_dir / "log.jsonl"
+    if resume:
+        state = load_state(state_path)
+        load_weights(classifier, run_dir / "last.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, best = state["step"], state["best"]
+        train_seconds, images_seen = state["train_seconds"], state["images_seen"]
+        _truncate_log(log_path, step)
+    started = time.time()
+
+    def checkpoint() -> None:
+        save_weights(classifier, run_dir / "last.safetensors")
+        save_state(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "step": step,
+                "best": best,
+                "train_seconds": train_seconds,
+                "images_seen": images_seen,
+            },
+            state_path,
+        )
+
+    max_log_scale = math.log(cfg.max_logit_scale)
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start=done_in_epoch)
+        classifier.train()
+        if cfg.batchnorm == "frozen":
+            freeze_batchnorm_stats(classifier)
+        tick = time.time()
+        bar = tqdm(train_loader(dataset, sampler, cfg.batch_size, exp.recipe.data.num_workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None, initial=done_in_epoch, total=steps_per_epoch)
+        for images, labels, seeds in bar:
+            images = images.contiguous(memory_format=torch.channels_last)
+            loss = compute_loss(method, classifier, images, labels, seeds, step, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, max_log_scale)
+            step += 1
+            images_seen += len(labels)
+            record = {"step": step, "epoch": epoch + 1, "loss": round(loss.detach().item(), 6), "lr": scheduler.get_last_lr()[0], "temperature": float(1 / model.logit_scale.detach().exp())}
+            _append_log(log_path, record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                train_seconds += time.time() - tick
+                tick = time.time()
+                checkpoint()
+            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < total_steps:
+                train_seconds += time.time() - tick
+                checkpoint()
+                return {"stopped_at_step": step}
+        train_seconds += time.time() - tick
+        epoch_done = step // steps_per_epoch
+        if cfg.select_on == "val" and exp.recipe.eval.every_epoch:
+            val = evaluate_classifier(classifier, exp, ["val"])["val"]["accuracy"]
+            _append_log(log_path, {"step": step, "epoch": epoch_done, "val_accuracy": val})
+            if val > best["val"]:
+                best = {"val": val, "epoch": epoch_done}
+                save_weights(classifier, run_dir / "model.safetensors")
+        checkpoint()
+
+    if cfg.select_on == "val" and exp.recipe.eval.every_epoch:
+        load_weights(classifier, run_dir / "model.safetensors")
+    else:
+        save_weights(classifier, run_dir / "model.safetensors")
+        best["epoch"] = cfg.epochs
+    return _finish(classifier, exp, run_dir, best["epoch"], started, train_seconds, images_seen)
+
+
+def _finish(classifier: Classifier, exp: Experiment, run_dir: Path, selected_epoch: int, started: float, train_seconds: float, images_seen: int) -> dict[str, Any]:
+    if not (run_dir / "model.safetensors").exists():
+        save_weights(classifier, run_dir / "model.safetensors")
+    tick = time.time()
+    sets = evaluate_classifier(classifier, exp, None)
+    metrics = {
+        "recipe": exp.recipe.name,
+        "method": exp.recipe.train.method,
+        "model": exp.bundle.spec,
+        "seed": exp.recipe.train.seed,
+        "selected_epoch": selected_epoch,
+        **summarise(sets, exp.benchmark.id_name, exp.benchmark.ood_names, exp.benchmark.metric),
+        "sets": sets,
+        "train_seconds": round(train_seconds, 2),
+        "train_images_per_second": round(images_seen / train_seconds, 2) if train_seconds else None,
+        "eval_seconds": round(time.time() - tick, 2),
+        "skipped_images": exp.benchmark.skipped_images,
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    for leftover in ("state.pt", "last.safetensors"):
+        (run_dir / leftover).unlink(missing_ok=True)
+    return metrics

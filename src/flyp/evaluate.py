@@ -24,13 +24,17 @@ def metrics_from_predictions(
     f1_labels = np.union1d(present, np.unique(predictions))
     out = {
         "accuracy": float(correct.mean()),
-        "macro_f1": float(f1_score(labels, predictions, average="macro", labels=f1_labels, zero_division=0)),
+        "macro_f1": float(
+            f1_score(labels, predictions, average="macro", labels=f1_labels, zero_division=0)
+        ),
         "balanced_accuracy": float(per_class.mean()),
         "worst_class_accuracy": float(per_class.min()),
         "n": int(len(labels)),
     }
     if groups is not None:
-        out["worst_group_accuracy"] = float(min(correct[groups == g].mean() for g in np.unique(groups)))
+        out["worst_group_accuracy"] = float(
+            min(correct[groups == g].mean() for g in np.unique(groups))
+        )
     return out
 
 
@@ -46,7 +50,10 @@ def restrict(logits: Tensor, subset: Sequence[int] | None) -> Tensor:
 
 @torch.no_grad()
 def predict(
-    logits_fn: Callable[[Tensor], Tensor], loader: DataLoader, subset: Sequence[int] | None = None, desc: str = "eval"
+    logits_fn: Callable[[Tensor], Tensor],
+    loader: DataLoader,
+    subset: Sequence[int] | None = None,
+    desc: str = "eval",
 ) -> tuple[np.ndarray, np.ndarray]:
     preds, labels = [], []
     for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
@@ -75,7 +82,10 @@ def evaluate_sets(
 
 
 def summarise(
-    sets: Mapping[str, Mapping[str, float]], id_name: str, ood_names: Sequence[str], metric: str = "accuracy"
+    sets: Mapping[str, Mapping[str, float]],
+    id_name: str,
+    ood_names: Sequence[str],
+    metric: str = "accuracy",
 ) -> dict:
     """The numbers a comparison is about: the ID value and the mean over OOD sets."""
     ood = [sets[n][metric] for n in ood_names if n in sets]

@@ -32,5 +32,7 @@ def zeroshot_weights(
     return weights
 
 
-def class_logits(image_features: Tensor, weights: Tensor, logit_scale: Tensor | float = 1.0) -> Tensor:
+def class_logits(
+    image_features: Tensor, weights: Tensor, logit_scale: Tensor | float = 1.0
+) -> Tensor:
     return logit_scale * F.normalize(image_features, dim=-1) @ weights.t()

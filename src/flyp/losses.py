@@ -52,7 +52,10 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def siglip_loss(
-    image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss: +1 on the diagonal, -1 elsewhere, summed over pairs / n."""
     logits = logit_scale * image_features @ text_features.t() + logit_bias

@@ -20,7 +20,9 @@ from flyp.losses import clip_loss, siglip_loss
 @dataclass(frozen=True)
 class Method:
     name: str
-    objective: str  # "none", "contrastive", "ce-head" (linear head on images), "ce-both" (class prompts)
+    objective: (
+        str  # "none", "contrastive", "ce-head" (linear head on images), "ce-both" (class prompts)
+    )
     train_text: bool = True
     linear_head: bool = False
     l2sp: bool = False
@@ -30,12 +32,40 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("zeroshot", "none", summary="no training: the zero-shot head of the pretrained model"),
-        Method("flyp", "contrastive", summary="contrastive loss on captions from labels, both towers (FLYP)"),
-        Method("flyp-image-only", "contrastive", train_text=False, summary="FLYP with the text tower frozen (ablation)"),
-        Method("ft", "ce-head", train_text=False, linear_head=True, summary="cross-entropy, image tower + linear head from zero-shot weights"),
-        Method("l2sp", "ce-head", train_text=False, linear_head=True, l2sp=True, summary="ft plus an L2 pull towards the pretrained weights"),
-        Method("ce-both", "ce-both", summary="cross-entropy over class prompts through both towers (ablation)"),
+        Method(
+            "zeroshot", "none", summary="no training: the zero-shot head of the pretrained model"
+        ),
+        Method(
+            "flyp",
+            "contrastive",
+            summary="contrastive loss on captions from labels, both towers (FLYP)",
+        ),
+        Method(
+            "flyp-image-only",
+            "contrastive",
+            train_text=False,
+            summary="FLYP with the text tower frozen (ablation)",
+        ),
+        Method(
+            "ft",
+            "ce-head",
+            train_text=False,
+            linear_head=True,
+            summary="cross-entropy, image tower + linear head from zero-shot weights",
+        ),
+        Method(
+            "l2sp",
+            "ce-head",
+            train_text=False,
+            linear_head=True,
+            l2sp=True,
+            summary="ft plus an L2 pull towards the pretrained weights",
+        ),
+        Method(
+            "ce-both",
+            "ce-both",
+            summary="cross-entropy over class prompts through both towers (ablation)",
+        ),
     ]
 }
 
@@ -64,7 +94,9 @@ class Classifier(nn.Module):
         self.head = head
         self.text_head: Tensor | None = None
 
-    def refresh_text_head(self, tokenizer: Callable, class_names: list[str], templates: list[str]) -> None:
+    def refresh_text_head(
+        self, tokenizer: Callable, class_names: list[str], templates: list[str]
+    ) -> None:
         self.text_head = zeroshot_weights(self.model, tokenizer, class_names, templates)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -72,7 +104,9 @@ class Classifier(nn.Module):
         if self.head is not None:
             return self.head(features)
         if self.text_head is None:
-            raise RuntimeError("call refresh_text_head() before classifying with the zero-shot head")
+            raise RuntimeError(
+                "call refresh_text_head() before classifying with the zero-shot head"
+            )
         return self.model.logit_scale.exp() * features @ self.text_head.t()
 
 
@@ -109,10 +143,19 @@ def set_trainable(method: Method, classifier: Classifier) -> None:
 def captions_for(labels: Tensor, seeds: Tensor, ctx: LossContext) -> list[str]:
     """One caption per sample; the template is drawn from the sample's own seed."""
     n = len(ctx.templates)
-    return [ctx.templates[int(s) % n].format(ctx.class_names[int(y)]) for y, s in zip(labels, seeds, strict=True)]
+    return [
+        ctx.templates[int(s) % n].format(ctx.class_names[int(y)])
+        for y, s in zip(labels, seeds, strict=True)
+    ]
 
 
-def contrastive_loss(image_features: Tensor, text_features: Tensor, model: nn.Module, labels: Tensor, ctx: LossContext) -> Tensor:
+def contrastive_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    model: nn.Module,
+    labels: Tensor,
+    ctx: LossContext,
+) -> Tensor:
     image_features = F.normalize(image_features, dim=-1)
     text_features = F.normalize(text_features, dim=-1)
     scale = model.logit_scale.exp()
@@ -129,11 +172,21 @@ def l2sp_penalty(model: nn.Module, theta0: dict[str, Tensor]) -> Tensor:
     return total
 
 
-def compute_loss(method: Method, classifier: Classifier, images: Tensor, labels: Tensor, seeds: Tensor, step: int, ctx: LossContext) -> Tensor:
+def compute_loss(
+    method: Method,
+    classifier: Classifier,
+    images: Tensor,
+    labels: Tensor,
+    seeds: Tensor,
+    step: int,
+    ctx: LossContext,
+) -> Tensor:
     model = classifier.model
     if method.objective == "contrastive":
         tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))
-        return contrastive_loss(model.encode_image(images), model.encode_text(tokens), model, labels, ctx)
+        return contrastive_loss(
+            model.encode_image(images), model.encode_text(tokens), model, labels, ctx
+        )
     if method.objective == "ce-head":
         loss = F.cross_entropy(classifier(images), labels)
         if method.l2sp:

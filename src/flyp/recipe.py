@@ -115,7 +115,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is bool and not isinstance(value, bool):
         raise RecipeError(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
-        raise RecipeError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+        raise RecipeError(
+            f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})"
+        )
     return value
 
 
@@ -143,7 +145,9 @@ def from_dict(raw: dict[str, Any]) -> Recipe:
 
 def _set(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
-        raise RecipeError(f"--set expects key=value, got '{assignment}' (for example train.lr=1e-5)")
+        raise RecipeError(
+            f"--set expects key=value, got '{assignment}' (for example train.lr=1e-5)"
+        )
     key, text = assignment.split("=", 1)
     value = yaml.safe_load(text) if text else None
     if isinstance(value, str) and _looks_numeric(value):
@@ -185,7 +189,9 @@ def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raw = yaml.safe_load(path.read_text()) or {}
         raw = _fix_numbers(raw)
         if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+            raise RecipeError(
+                f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}"
+            )
         raw.setdefault("name", path.stem)
     for assignment in overrides:
         _set(raw, assignment)

@@ -37,7 +37,6 @@ from flyp.evaluate import evaluate_sets, summarise
 from flyp.methods import (
     Classifier,
     LossContext,
-    Method,
     build_classifier,
     compute_loss,
     get_method,
@@ -61,8 +60,12 @@ class Experiment:
     benchmark: Benchmark
 
 
-def prepare(recipe: Recipe, bundle: ModelBundle | None = None, benchmark: Benchmark | None = None) -> Experiment:
-    bundle = bundle or load_model(recipe.model.spec, recipe.model.image_size, recipe.model.context_length)
+def prepare(
+    recipe: Recipe, bundle: ModelBundle | None = None, benchmark: Benchmark | None = None
+) -> Experiment:
+    bundle = bundle or load_model(
+        recipe.model.spec, recipe.model.image_size, recipe.model.context_length
+    )
     benchmark = benchmark or build_benchmark(recipe.data)
     return Experiment(recipe, bundle, benchmark)
 
@@ -108,7 +111,11 @@ def warmup_cosine(warmup: int, total: int):
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -117,10 +124,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def _eval_loaders(exp: Experiment, names: list[str] | None = None) -> dict[str, torch.utils.data.DataLoader]:
+def _eval_loaders(
+    exp: Experiment, names: list[str] | None = None
+) -> dict[str, torch.utils.data.DataLoader]:
     sets = exp.benchmark.eval_sets()
     return {
-        name: eval_loader(ImageDataset(samples, exp.bundle.eval_transform), exp.recipe.eval.batch_size, exp.recipe.data.num_workers)
+        name: eval_loader(
+            ImageDataset(samples, exp.bundle.eval_transform),
+            exp.recipe.eval.batch_size,
+            exp.recipe.data.num_workers,
+        )
         for name, samples in sets.items()
         if names is None or name in names
     }
@@ -138,9 +151,13 @@ def loss_context(exp: Experiment) -> LossContext:
     )
 
 
-def evaluate_classifier(classifier: Classifier, exp: Experiment, names: list[str] | None = None) -> dict[str, dict[str, float]]:
+def evaluate_classifier(
+    classifier: Classifier, exp: Experiment, names: list[str] | None = None
+) -> dict[str, dict[str, float]]:
     if classifier.head is None:
-        classifier.refresh_text_head(exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates)
+        classifier.refresh_text_head(
+            exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates
+        )
     return evaluate_sets(
         classifier,
         _eval_loaders(exp, names),
@@ -159,11 +176,15 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a resumed run restarts from."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    kept = [
+        line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step
+    ]
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def finetune(recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Experiment | None = None) -> dict[str, Any]:
+def finetune(
+    recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Experiment | None = None
+) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir`` and evaluate the selected weights on every set."""
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
@@ -172,14 +193,15 @@ def finetune(recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Exp
             return json.loads((run_dir / "metrics.json").read_text())
         raise RunError(f"nothing to resume in {run_dir}: no state.pt; start it without --resume")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise RunError(f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
+        raise RunError(
+            f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it"
+        )
     cfg = recipe.train
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    exp = exp or prepare(recipe)
+    exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
     method = get_method(cfg.method)
     ctx = loss_context(exp)
@@ -194,15 +216,29 @@ def finetune(recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Exp
         ctx.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     if method.objective == "none":
-        return _finish(classifier, exp, run_dir, selected_epoch=0, started=time.time(), train_seconds=0.0, images_seen=0)
+        return _finish(
+            classifier,
+            exp,
+            run_dir,
+            selected_epoch=0,
+            started=time.time(),
+            train_seconds=0.0,
+            images_seen=0,
+        )
 
     dataset = ImageDataset(exp.benchmark.train, exp.bundle.train_transform)
     steps_per_epoch = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, 0).steps_per_epoch()
     if steps_per_epoch == 0:
-        raise RunError(f"{len(dataset)} training images do not fill one batch of {cfg.batch_size}; lower train.batch_size")
+        raise RunError(
+            f"{len(dataset)} training images do not fill one batch of {cfg.batch_size}; lower train.batch_size"
+        )
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(classifier, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
+    optimizer = torch.optim.AdamW(
+        param_groups(classifier, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.warmup_steps, total_steps)
+    )
     step, best = 0, {"val": -1.0, "epoch": 0}
     train_seconds, images_seen = 0.0, 0
     log_path = run_dir / "log.jsonl"
@@ -240,28 +276,46 @@ def finetune(recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Exp
         if cfg.batchnorm == "frozen":
             freeze_batchnorm_stats(classifier)
         tick = time.time()
-        bar = tqdm(train_loader(dataset, sampler, cfg.batch_size, exp.recipe.data.num_workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None, initial=done_in_epoch, total=steps_per_epoch)
+        bar = tqdm(
+            train_loader(dataset, sampler, cfg.batch_size, exp.recipe.data.num_workers),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=None,
+            initial=done_in_epoch,
+            total=steps_per_epoch,
+        )
         for images, labels, seeds in bar:
             images = images.contiguous(memory_format=torch.channels_last)
             loss = compute_loss(method, classifier, images, labels, seeds, step, ctx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
+                )
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, max_log_scale)
             step += 1
             images_seen += len(labels)
-            record = {"step": step, "epoch": epoch + 1, "loss": round(loss.detach().item(), 6), "lr": scheduler.get_last_lr()[0], "temperature": float(1 / model.logit_scale.detach().exp())}
+            record = {
+                "step": step,
+                "epoch": epoch + 1,
+                "loss": round(loss.detach().item(), 6),
+                "lr": scheduler.get_last_lr()[0],
+                "temperature": float(1 / model.logit_scale.detach().exp()),
+            }
             _append_log(log_path, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 train_seconds += time.time() - tick
                 tick = time.time()
                 checkpoint()
-            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < total_steps:
+            if (
+                cfg.stop_after_steps is not None
+                and step >= cfg.stop_after_steps
+                and step < total_steps
+            ):
                 train_seconds += time.time() - tick
                 checkpoint()
                 return {"stopped_at_step": step}
@@ -283,7 +337,15 @@ def finetune(recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Exp
     return _finish(classifier, exp, run_dir, best["epoch"], started, train_seconds, images_seen)
 
 
-def _finish(classifier: Classifier, exp: Experiment, run_dir: Path, selected_epoch: int, started: float, train_seconds: float, images_seen: int) -> dict[str, Any]:
+def _finish(
+    classifier: Classifier,
+    exp: Experiment,
+    run_dir: Path,
+    selected_epoch: int,
+    started: float,
+    train_seconds: float,
+    images_seen: int,
+) -> dict[str, Any]:
     if not (run_dir / "model.safetensors").exists():
         save_weights(classifier, run_dir / "model.safetensors")
     tick = time.time()

@@ -48,8 +48,12 @@ class Benchmark:
         return {"val": self.val, **self.tests}
 
 
-def _split_domains(cfg: DataConfig, domains: dict[str, list[Sample]]) -> tuple[list[Sample], list[Sample], dict[str, list[Sample]]]:
-    train, val, test = stratified_split(domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed)
+def _split_domains(
+    cfg: DataConfig, domains: dict[str, list[Sample]]
+) -> tuple[list[Sample], list[Sample], dict[str, list[Sample]]]:
+    train, val, test = stratified_split(
+        domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
+    )
     train = stratified_subsample(train, cfg.max_train, cfg.split_seed)
     tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
     val = stratified_subsample(val, cfg.max_eval, cfg.split_seed)
@@ -66,7 +70,13 @@ def _check_all(cfg: DataConfig, parts: list[list[Sample]]) -> tuple[list[list[Sa
     return checked, bad
 
 
-def _assemble(cfg: DataConfig, name: str, classes: list[str], templates: list[str], domains: dict[str, list[Sample]]) -> Benchmark:
+def _assemble(
+    cfg: DataConfig,
+    name: str,
+    classes: list[str],
+    templates: list[str],
+    domains: dict[str, list[Sample]],
+) -> Benchmark:
     train, val, tests = _split_domains(cfg, domains)
     names = list(tests)
     (train, val, *test_parts), bad = _check_all(cfg, [train, val, *tests.values()])
@@ -91,15 +101,24 @@ def _check_domain_names(root: Path, cfg: DataConfig, available: list[str]) -> No
         if domain not in available:
             near = [a for a in available if a.startswith(domain[:3])]
             hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise DataError(f"domain '{domain}' is not in {root}{hint}; domains found: {', '.join(available)}")
+            raise DataError(
+                f"domain '{domain}' is not in {root}{hint}; domains found: {', '.join(available)}"
+            )
 
 
-def build_folders(cfg: DataConfig, name: str = "folders", templates: list[str] | None = None, default_root: Path | None = None) -> Benchmark:
+def build_folders(
+    cfg: DataConfig,
+    name: str = "folders",
+    templates: list[str] | None = None,
+    default_root: Path | None = None,
+) -> Benchmark:
     """Any <root>/<domain>/<class>/<image> tree."""
     root_text = cfg.root or (str(default_root) if default_root else None)
     if root_text is None:
         raise DataError("data.root is not set; point it at a folder of <domain>/<class>/<image>")
-    root = require_dir(Path(root_text), "data root", "set data.root to the dataset folder (--set data.root=/path)")
+    root = require_dir(
+        Path(root_text), "data root", "set data.root to the dataset folder (--set data.root=/path)"
+    )
     available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     _check_domain_names(root, cfg, available)
     used = [cfg.id_domain, *cfg.ood_domains]
@@ -109,7 +128,9 @@ def build_folders(cfg: DataConfig, name: str = "folders", templates: list[str] |
 
 
 def build_pacs(cfg: DataConfig) -> Benchmark:
-    return build_folders(cfg, name="pacs", templates=tpl.PACS, default_root=PACS_DEFAULT_ROOT.resolve())
+    return build_folders(
+        cfg, name="pacs", templates=tpl.PACS, default_root=PACS_DEFAULT_ROOT.resolve()
+    )
 
 
 def build_csv(cfg: DataConfig) -> Benchmark:
@@ -118,7 +139,7 @@ def build_csv(cfg: DataConfig) -> Benchmark:
         raise DataError("data.root is not set; point it at a folder holding <domain>.csv files")
     root = require_dir(Path(cfg.root), "data root", "set data.root to the folder of CSV files")
     rows = {d: read_csv(root / f"{d}.csv") for d in [cfg.id_domain, *cfg.ood_domains]}
-    classes = sorted({label for label, in ((r[1],) for r in rows[cfg.id_domain])})
+    classes = sorted({label for (label,) in ((r[1],) for r in rows[cfg.id_domain])})
     index = {c: i for i, c in enumerate(classes)}
     domains = {}
     for domain, domain_rows in rows.items():
@@ -148,5 +169,7 @@ BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {
 
 def build_benchmark(cfg: DataConfig) -> Benchmark:
     if cfg.benchmark not in BENCHMARKS:
-        raise DataError(f"unknown benchmark '{cfg.benchmark}'; known: {', '.join(sorted(BENCHMARKS))}")
+        raise DataError(
+            f"unknown benchmark '{cfg.benchmark}'; known: {', '.join(sorted(BENCHMARKS))}"
+        )
     return BENCHMARKS[cfg.benchmark](cfg)

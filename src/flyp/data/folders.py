@@ -43,7 +43,9 @@ def check_same_classes(root: Path, domains: Sequence[str]) -> list[str]:
     """All domains must have the same class folders; the first domain is the reference."""
     reference = class_folders(root / domains[0])
     if not reference:
-        raise DataError(f"{root / domains[0]} has no class folders; expected <domain>/<class>/<image>")
+        raise DataError(
+            f"{root / domains[0]} has no class folders; expected <domain>/<class>/<image>"
+        )
     for domain in domains[1:]:
         classes = class_folders(root / domain)
         for extra in sorted(set(classes) - set(reference)):
@@ -66,7 +68,9 @@ def list_domain(root: Path, domain: str, classes: Sequence[str]) -> list[Sample]
         folder = root / domain / name
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"class folder {folder} holds no images; add images or remove the folder")
+            raise DataError(
+                f"class folder {folder} holds no images; add images or remove the folder"
+            )
         samples.extend(Sample(str(p), label) for p in files)
     return samples
 
@@ -83,19 +87,25 @@ def read_csv(path: Path) -> list[tuple[str, str]]:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         if "path" not in fields or "label" not in fields:
-            raise DataError(f"{path} needs a header with columns 'path' and 'label', found {fields}")
+            raise DataError(
+                f"{path} needs a header with columns 'path' and 'label', found {fields}"
+            )
         rows = []
         for line, row in enumerate(reader, start=2):
             if not row["path"] or not row["label"]:
                 raise DataError(f"{path}, line {line}: empty path or label")
             image = Path(row["path"])
-            rows.append((str(image if image.is_absolute() else path.parent / image), row["label"].strip()))
+            rows.append(
+                (str(image if image.is_absolute() else path.parent / image), row["label"].strip())
+            )
     if not rows:
         raise DataError(f"{path} has a header but no rows")
     return rows
 
 
-def check_images(samples: Sequence[Sample], on_bad_image: str = "error", full_decode: bool = False) -> tuple[list[Sample], int]:
+def check_images(
+    samples: Sequence[Sample], on_bad_image: str = "error", full_decode: bool = False
+) -> tuple[list[Sample], int]:
     """Open every image; a bad one is an error naming it, or (``skip``) is dropped and counted.
 
     ``verify()`` reads headers and checksums cheaply; ``full_decode`` also decodes the pixels,

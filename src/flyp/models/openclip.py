@@ -25,7 +25,11 @@ def _resolve_pretrained(arch: str, weights: str | None) -> str | None:
 
     if weights is None or weights == "":
         return None
-    if Path(weights).expanduser().exists() or "/" in weights or weights.endswith((".pt", ".bin", ".safetensors")):
+    if (
+        Path(weights).expanduser().exists()
+        or "/" in weights
+        or weights.endswith((".pt", ".bin", ".safetensors"))
+    ):
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ModelSpecError(f"open_clip checkpoint file {path} does not exist")
@@ -51,8 +55,15 @@ def _resolve_pretrained(arch: str, weights: str | None) -> str | None:
 
 
 def load_open_clip(arch: str, weights: str | None, image_size: int | None = None) -> ModelBundle:
+    """``arch`` is an open_clip architecture name or a path to a model config JSON file."""
     import open_clip
 
+    if arch.endswith(".json"):
+        config = Path(arch).expanduser()
+        if not config.is_file():
+            raise ModelSpecError(f"open_clip model config {config} does not exist")
+        open_clip.add_model_config(config)
+        arch = config.stem
     if arch not in open_clip.list_models():
         raise ModelSpecError(f"open_clip has no architecture '{arch}'; see open_clip.list_models()")
     pretrained = _resolve_pretrained(arch, weights)
@@ -64,4 +75,6 @@ def load_open_clip(arch: str, weights: str | None, image_size: int | None = None
     size = size[0] if isinstance(size, tuple | list) else size
     loss = "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
     spec = f"open_clip:{arch}:{weights}" if weights else f"open_clip:{arch}"
-    return ModelBundle(model, tokenizer, train_tf, eval_tf, spec=spec, image_size=int(size), loss=loss)
+    return ModelBundle(
+        model, tokenizer, train_tf, eval_tf, spec=spec, image_size=int(size), loss=loss
+    )

@@ -22,7 +22,10 @@ class WordHashTokenizer:
 
     def __call__(self, texts: list[str]) -> Tensor:
         rows = [
-            [1 + zlib.crc32(w.encode()) % (self.vocab_size - 1) for w in t.lower().replace(".", " ").split()]
+            [
+                1 + zlib.crc32(w.encode()) % (self.vocab_size - 1)
+                for w in t.lower().replace(".", " ").split()
+            ]
             for t in texts
         ]
         length = min(self.context_length, max(1, max(len(r) for r in rows)))
@@ -65,6 +68,13 @@ def load_tiny(image_size: int | None = None, seed: int = 0) -> ModelBundle:
     torch.manual_seed(seed)
     model = TinyCLIP()
     normalize = T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    train_tf = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    train_tf = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.7, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize,
+        ]
+    )
     eval_tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), normalize])
     return ModelBundle(model, WordHashTokenizer(), train_tf, eval_tf, spec="tiny", image_size=size)

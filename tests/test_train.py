@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flyp.methods import METHODS
+from flyp.recipe import load_recipe
+from flyp.train import RunError, finetune
+
+
+def tiny_recipe(root, *overrides):
+    return load_recipe(
+        None,
+        [
+            "model.spec=tiny",
+            "data.benchmark=folders",
+            f"data.root={root}",
+            "data.id_domain=photo",
+            "data.ood_domains=[art, sketch]",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0.25",
+            "train.batch_size=6",
+            "train.epochs=3",
+            "train.lr=3e-3",
+            "train.warmup_steps=2",
+            *overrides,
+        ],
+    )
+
+
+def losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x]
+
+
+def test_flyp_lowers_loss_and_raises_training_accuracy(fake_pacs, tmp_path):
+    from flyp.checkpoint import load_weights
+    from flyp.data import build_benchmark
+    from flyp.data.loader import ImageDataset, eval_loader
+    from flyp.evaluate import evaluate_sets
+    from flyp.methods import Classifier
+    from flyp.models import load_model
+
+    recipe = tiny_recipe(fake_pacs, "train.epochs=8", "train.select_on=last")
+    metrics = finetune(recipe, tmp_path / "run")
+    loss = losses(tmp_path / "run")
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.2
+
+    bench = build_benchmark(recipe.data)
+    loader = {
+        "train": eval_loader(ImageDataset(bench.train, load_model("tiny").eval_transform), 64, 0)
+    }
+
+    def train_accuracy(weights=None):
+        bundle = load_model("tiny")
+        clf = Classifier(bundle.model)
+        if weights:
+            load_weights(clf, weights)
+        clf.refresh_text_head(bundle.tokenizer, bench.class_names, bench.templates)
+        return evaluate_sets(clf, loader, 3)["train"]["accuracy"]
+
+    before, after = train_accuracy(), train_accuracy(tmp_path / "run" / "model.safetensors")
+    assert after > before + 0.2 and after >= 0.9
+    assert metrics["sets"]["photo"]["n"] == 9 and metrics["id_name"] == "photo"
+    assert metrics["ood_mean"] == pytest.approx(
+        (metrics["sets"]["art"]["accuracy"] + metrics["sets"]["sketch"]["accuracy"]) / 2
+    )
+
+
+def test_resume_equals_uninterrupted(fake_pacs, tmp_path):
+    recipe = tiny_recipe(fake_pacs, "train.checkpoint_every=2")
+    full = finetune(recipe, tmp_path / "full")
+    stopped = finetune(
+        tiny_recipe(fake_pacs, "train.checkpoint_every=2", "train.stop_after_steps=4"),
+        tmp_path / "resumed",
+    )
+    assert stopped == {"stopped_at_step": 4}
+    assert (tmp_path / "resumed" / "state.pt").exists() and not (
+        tmp_path / "resumed" / "metrics.json"
+    ).exists()
+    resumed = finetune(recipe, tmp_path / "resumed", resume=True)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert losses(tmp_path / "full") == losses(tmp_path / "resumed")
+    assert resumed["sets"] == full["sets"]
+    assert not (tmp_path / "resumed" / "state.pt").exists()
+
+
+def test_run_dir_guards(fake_pacs, tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "something").write_text("x")
+    with pytest.raises(RunError, match="not empty"):
+        finetune(tiny_recipe(fake_pacs), tmp_path / "used")
+    with pytest.raises(RunError, match="nothing to resume"):
+        finetune(tiny_recipe(fake_pacs), tmp_path / "fresh", resume=True)
+
+
+def test_batch_larger_than_data_is_refused(fake_pacs, tmp_path):
+    with pytest.raises(RunError, match="lower train.batch_size"):
+        finetune(tiny_recipe(fake_pacs, "train.batch_size=500"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_end_to_end(method, fake_pacs, tmp_path):
+    metrics = finetune(
+        tiny_recipe(fake_pacs, f"train.method={method}", "train.epochs=1"), tmp_path / method
+    )
+    assert set(metrics["sets"]) == {"val", "photo", "art", "sketch"}
+    assert 0.0 <= metrics["id"] <= 1.0
+    assert (tmp_path / method / "model.safetensors").exists()
+    assert (tmp_path / method / "recipe.yaml").exists()

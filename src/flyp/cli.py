@@ -9,6 +9,11 @@ from pathlib import Path
 
 from flyp.recipe import load_recipe
 
+DEFAULT_METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
+# The quick comparison (the README's main command) that fits in 15 minutes on 2 CPU cores;
+# --full drops these and uses the recipe as written.
+QUICK_OVERRIDES = ["data.max_train=640", "data.max_eval=300", "train.epochs=3", "eval.wise_alphas=[0, 0.25, 0.5, 0.75, 1.0]"]
+
 
 def _default_run_dir(recipe_name: str, method: str, seed: int) -> Path:
     return Path("runs") / f"{recipe_name}-{method}-s{seed}"
@@ -65,6 +70,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flyp.compare import compare
+
+    overrides = list(args.set)
+    if not args.full:
+        overrides = [*QUICK_OVERRIDES, *overrides]
+    recipe = load_recipe(args.recipe, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}-compare"
+    results = compare(recipe, args.methods, args.seeds, out, wise=not args.no_wise, soups=args.soups)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}  figure: {out / 'figure.png'}  ({len(results['methods'])} methods)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flyp.report import write_report
+
+    dirs = [Path(d) for d in args.run_dirs]
+    expanded = [r for d in dirs for r in ([d] if (d / "metrics.json").exists() else sorted(p.parent for p in d.glob("**/metrics.json")))]
+    if not expanded:
+        print("error: no finished runs (metrics.json) under the given directories", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    write_report(expanded, out)
+    print((out / "report.md").read_text())
+    return 0
+
+
+def cmd_wise(args: argparse.Namespace) -> int:
+    import copy
+
+    from flyp.compare import wise_sweep
+    from flyp.train import prepare
+
+    run_dir = Path(args.run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml", args.set)
+    exp = prepare(recipe)
+    alphas = args.alphas or recipe.eval.wise_alphas
+    result = wise_sweep(exp, run_dir, alphas, copy.deepcopy(exp.bundle.model.state_dict()))
+    for p in result["points"]:
+        print(f"alpha {p['alpha']:.2f}  val {100 * p['val']:.1f}  ID {100 * p['id']:.1f}  OOD mean {100 * p['ood_mean']:.1f}")
+    print(f"best alpha on ID validation: {result['best_alpha']}")
+    return 0
+
+
 def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
     if "sets" not in metrics:
         print(json.dumps(metrics))
@@ -111,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("compare", help="run several methods on the same splits and seeds, then report")
+    p.add_argument("recipe")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"default: {' '.join(DEFAULT_METHODS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="output folder (default runs/<recipe>-compare)")
+    p.add_argument("--full", action="store_true", help="all the data and the recipe's epochs (no quick settings)")
+    p.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT sweeps")
+    p.add_argument("--soups", action="store_true", help="also uniform and greedy soups over the seeds")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="rebuild the report from finished run directories")
+    p.add_argument("run_dirs", nargs="+", help="run directories, or folders holding them")
+    p.add_argument("--out", required=True, help="folder for report.md, results.json, results.csv, figure.png")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("wise", help="WiSE-FT sweep of one finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--alphas", nargs="+", type=float)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_wise)
     return parser
 
 

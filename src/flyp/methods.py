@@ -20,54 +20,28 @@ from flyp.losses import clip_loss, siglip_loss
 @dataclass(frozen=True)
 class Method:
     name: str
-    objective: (
-        str  # "none", "contrastive", "ce-head" (linear head on images), "ce-both" (class prompts)
-    )
+    objective: str  # "none", "contrastive", "ce-head" (linear head), "ce-both" (class prompts)
     train_text: bool = True
     linear_head: bool = False
     l2sp: bool = False
+    probe: bool = False  # start from a linear probe fitted on frozen features (lp, lpft)
+    collisions: str | None = None  # overrides train.collisions (FLYP's collision ablations)
     summary: str = ""
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method(
-            "zeroshot", "none", summary="no training: the zero-shot head of the pretrained model"
-        ),
-        Method(
-            "flyp",
-            "contrastive",
-            summary="contrastive loss on captions from labels, both towers (FLYP)",
-        ),
-        Method(
-            "flyp-image-only",
-            "contrastive",
-            train_text=False,
-            summary="FLYP with the text tower frozen (ablation)",
-        ),
-        Method(
-            "ft",
-            "ce-head",
-            train_text=False,
-            linear_head=True,
-            summary="cross-entropy, image tower + linear head from zero-shot weights",
-        ),
-        Method(
-            "l2sp",
-            "ce-head",
-            train_text=False,
-            linear_head=True,
-            l2sp=True,
-            summary="ft plus an L2 pull towards the pretrained weights",
-        ),
-        Method(
-            "ce-both",
-            "ce-both",
-            summary="cross-entropy over class prompts through both towers (ablation)",
-        ),
-    ]
-}
+_ALL = [
+    Method("zeroshot", "none", summary="no training: the pretrained model's zero-shot head"),
+    Method("flyp", "contrastive", summary="contrastive loss on captions of labels, both towers"),
+    Method("flyp-image-only", "contrastive", train_text=False, summary="FLYP, text tower frozen"),
+    Method("flyp-mask", "contrastive", collisions="mask", summary="FLYP, same-class captions masked"),
+    Method("flyp-soft", "contrastive", collisions="soft", summary="FLYP, same-class soft positives"),
+    Method("ft", "ce-head", train_text=False, linear_head=True, summary="CE, image tower + head"),
+    Method("l2sp", "ce-head", train_text=False, linear_head=True, l2sp=True, summary="ft + L2-SP"),
+    Method("lp", "none", train_text=False, linear_head=True, probe=True, summary="linear probe"),
+    Method("lpft", "ce-head", train_text=False, linear_head=True, probe=True, summary="lp, then ft"),
+    Method("ce-both", "ce-both", summary="CE over class prompts through both towers"),
+]
+METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 
 
 def get_method(name: str) -> Method:
@@ -155,9 +129,13 @@ def contrastive_loss(
     model: nn.Module,
     labels: Tensor,
     ctx: LossContext,
+    gather: Callable | None = None,
 ) -> Tensor:
+    """``gather`` (flyp.distributed.gather_batch) takes the loss over every process's batch."""
     image_features = F.normalize(image_features, dim=-1)
     text_features = F.normalize(text_features, dim=-1)
+    if gather is not None:
+        image_features, text_features, labels = gather(image_features, text_features, labels)
     scale = model.logit_scale.exp()
     if ctx.loss_kind == "siglip":
         return siglip_loss(image_features, text_features, scale, model.logit_bias)
@@ -183,7 +161,7 @@ def compute_loss(
 ) -> Tensor:
     model = classifier.model
     if method.objective == "contrastive":
-        tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))
+        tokens = ctx.tokenizer(captions_for(labels, seeds, ctx)).to(images.device)
         return contrastive_loss(
             model.encode_image(images), model.encode_text(tokens), model, labels, ctx
         )
@@ -196,7 +174,7 @@ def compute_loss(
         g = torch.Generator().manual_seed(step)
         picks = torch.randint(0, len(ctx.templates), (len(ctx.class_names),), generator=g).tolist()
         prompts = [ctx.templates[t].format(c) for t, c in zip(picks, ctx.class_names, strict=True)]
-        text = F.normalize(model.encode_text(ctx.tokenizer(prompts)), dim=-1)
+        text = F.normalize(model.encode_text(ctx.tokenizer(prompts).to(images.device)), dim=-1)
         image = F.normalize(model.encode_image(images), dim=-1)
         return F.cross_entropy(model.logit_scale.exp() * image @ text.t(), labels)
     raise ValueError(f"method '{method.name}' does not train")

@@ -44,6 +44,7 @@ from flyp.methods import (
     set_trainable,
 )
 from flyp.models import ModelBundle, load_model
+from flyp.probe import choose_c, image_features, probe_to_linear
 from flyp.recipe import Recipe, save_recipe
 
 
@@ -167,6 +168,16 @@ def evaluate_classifier(
     )
 
 
+def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
+    """Replace the classifier's head by a logistic-regression probe, C chosen on ID validation."""
+    transform, bs, workers = exp.bundle.eval_transform, exp.recipe.eval.batch_size, exp.recipe.data.num_workers
+    train_x, train_y = image_features(classifier.model, eval_loader(ImageDataset(exp.benchmark.train, transform), bs, workers), "probe train")
+    val_x, val_y = image_features(classifier.model, eval_loader(ImageDataset(exp.benchmark.val, transform), bs, workers), "probe val")
+    probe, scores = choose_c(train_x, train_y, val_x, val_y)
+    classifier.head = probe_to_linear(probe, len(exp.benchmark.class_names))
+    atomic_write_json(run_dir / "probe.json", {"chosen_C": probe.C, "val_accuracy_by_C": {str(c): a for c, a in scores.items()}})
+
+
 def _append_log(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -211,6 +222,10 @@ def finetune(
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
     classifier = build_classifier(method, model, ctx)
+    if method.probe:
+        fit_probe(classifier, exp, run_dir)
+    if method.collisions:
+        ctx.collisions = method.collisions
     set_trainable(method, classifier)
     if method.l2sp:
         ctx.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,146 @@
+"""The paper's comparison: several methods on the same splits and seeds, each with its WiSE-FT
+curve, optionally soups over seeds; then the report.
+
+out_dir/
+  <method>-s<seed>/   one run directory per method and seed (metrics.json, wise.json, weights)
+  soups/              soup metrics (with --soups and several seeds)
+  report.md, results.json, results.csv, figure.png
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyp.checkpoint import atomic_write_json, load_weights
+from flyp.ensemble import greedy_soup, interpolate, uniform_soup
+from flyp.evaluate import summarise
+from flyp.methods import Classifier, build_classifier, get_method
+from flyp.recipe import Recipe
+from flyp.report import write_report
+from flyp.train import Experiment, evaluate_classifier, finetune, loss_context, prepare
+
+
+def _reset(exp: Experiment, pretrained: dict[str, torch.Tensor]) -> None:
+    exp.bundle.model.load_state_dict(pretrained)
+
+
+def zeroshot_classifier(exp: Experiment, method_name: str, pretrained: dict[str, torch.Tensor]) -> Classifier:
+    """The zero-shot end of a method's WiSE line: pretrained towers, and for head methods the
+    head a finetuning run starts from (zero-shot class embeddings times the temperature)."""
+    _reset(exp, pretrained)
+    method = get_method(method_name)
+    return build_classifier(method, exp.bundle.model, loss_context(exp))
+
+
+def _point(alpha: float, sets: dict, exp: Experiment) -> dict[str, Any]:
+    b = exp.benchmark
+    return {"alpha": alpha, **summarise(sets, b.id_name, b.ood_names, b.metric), "sets": sets}
+
+
+def wise_sweep(
+    exp: Experiment,
+    run_dir: Path,
+    alphas: Sequence[float],
+    pretrained: dict[str, torch.Tensor],
+    known: dict[float, dict] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the interpolations of a finished run; pick alpha on ID validation (``wise.json``)."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    known = dict(known or {})
+    known.setdefault(1.0, metrics["sets"])
+    classifier = zeroshot_classifier(exp, metrics["method"], pretrained)
+    zeroshot = copy.deepcopy(classifier.state_dict())
+    load_weights(classifier, run_dir / "model.safetensors")
+    finetuned = copy.deepcopy(classifier.state_dict())
+    points = []
+    for alpha in alphas:
+        if alpha in known:
+            sets = known[alpha]
+        else:
+            classifier.load_state_dict(interpolate(zeroshot, finetuned, alpha))
+            sets = evaluate_classifier(classifier, exp)
+        points.append(_point(alpha, sets, exp))
+    best = max(points, key=lambda p: (p["val"], -abs(p["alpha"] - 0.5)))
+    result = {"method": metrics["method"], "seed": metrics["seed"], "best_alpha": best["alpha"], "points": points}
+    atomic_write_json(run_dir / "wise.json", result)
+    _reset(exp, pretrained)
+    return result
+
+
+def make_soups(exp: Experiment, run_dirs: Sequence[Path], out_dir: Path, pretrained: dict[str, torch.Tensor]) -> list[Path]:
+    """Uniform and greedy soups of one method's runs (greedy ordered and accepted on ID val)."""
+    method = json.loads((run_dirs[0] / "metrics.json").read_text())["method"]
+    classifier = zeroshot_classifier(exp, method, pretrained)
+    states = []
+    for run_dir in run_dirs:
+        load_weights(classifier, run_dir / "model.safetensors")
+        states.append(copy.deepcopy(classifier.state_dict()))
+
+    def val_score(state) -> float:
+        classifier.load_state_dict(state)
+        return evaluate_classifier(classifier, exp, ["val"])["val"]["accuracy"]
+
+    greedy, kept = greedy_soup(states, val_score)
+    written = []
+    for name, state, extra in [("uniform", uniform_soup(states), {}), ("greedy", greedy, {"kept_runs": [str(run_dirs[i]) for i in kept]})]:
+        classifier.load_state_dict(state)
+        sets = evaluate_classifier(classifier, exp)
+        soup_dir = out_dir / f"{method}-soup-{name}"
+        b = exp.benchmark
+        atomic_write_json(
+            soup_dir / "metrics.json",
+            {"method": f"{method} soup ({name})", "seed": -1, "recipe": exp.recipe.name, **summarise(sets, b.id_name, b.ood_names, b.metric), "sets": sets, **extra},
+        )
+        written.append(soup_dir)
+    _reset(exp, pretrained)
+    return written
+
+
+def compare(
+    recipe: Recipe,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    wise: bool = True,
+    soups: bool = False,
+) -> dict[str, Any]:
+    """Run every method for every seed (finished runs are reused), sweep WiSE-FT, then report."""
+    out_dir = Path(out_dir)
+    for name in methods:
+        get_method(name)  # unknown names fail before any training
+    exp = prepare(recipe)
+    pretrained = copy.deepcopy(exp.bundle.model.state_dict())
+    run_dirs: dict[str, list[Path]] = {}
+
+    def run(name: str, seed: int, run_dir: Path) -> dict[str, Any]:
+        run_recipe = copy.deepcopy(recipe)
+        run_recipe.train.method, run_recipe.train.seed = name, seed
+        run_dirs.setdefault(name, []).append(run_dir)
+        if (run_dir / "metrics.json").exists():
+            return json.loads((run_dir / "metrics.json").read_text())
+        _reset(exp, pretrained)
+        resume = (run_dir / "state.pt").exists()
+        return finetune(run_recipe, run_dir, resume=resume, exp=Experiment(run_recipe, exp.bundle, exp.benchmark))
+
+    zeroshot_sets = run("zeroshot", seeds[0], out_dir / "zeroshot")["sets"]  # no training: one run
+    for seed in seeds:
+        for name in methods:
+            if name == "zeroshot":
+                continue
+            run_dir = out_dir / f"{name}-s{seed}"
+            run(name, seed, run_dir)
+            if wise and not (run_dir / "wise.json").exists():
+                wise_sweep(exp, run_dir, recipe.eval.wise_alphas, pretrained, known={0.0: zeroshot_sets})
+    extra: list[Path] = []
+    if soups and len(seeds) > 1:
+        for name, dirs in run_dirs.items():
+            if get_method(name).objective != "none":
+                extra += make_soups(exp, dirs, out_dir / "soups", pretrained)
+    all_dirs = [d for dirs in run_dirs.values() for d in dirs] + extra
+    return write_report(all_dirs, out_dir, title=f"{recipe.name}: {exp.bundle.spec}")

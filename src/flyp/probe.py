@@ -1,0 +1,62 @@
+"""Linear probing: logistic regression (L-BFGS) on frozen, normalised image features, with the
+regularisation strength chosen on the ID validation split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@torch.no_grad()
+def image_features(model: nn.Module, loader: DataLoader, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    feats, labels = [], []
+    for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        images = images.contiguous(memory_format=torch.channels_last)
+        feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
+        labels.append(batch_labels)
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def choose_c(
+    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, grid: Sequence[float] = C_GRID
+) -> tuple[LogisticRegression, dict[float, float]]:
+    """Fit one probe per C; keep the one with the best validation accuracy (ties: smaller C)."""
+    scores: dict[float, float] = {}
+    best: LogisticRegression | None = None
+    for c in grid:
+        probe = LogisticRegression(C=c, max_iter=1000)
+        probe.fit(train_x, train_y)
+        scores[c] = float((probe.predict(val_x) == val_y).mean())
+        if best is None or scores[c] > scores[best.C]:
+            best = probe
+    assert best is not None
+    return best, scores
+
+
+def probe_to_linear(probe: LogisticRegression, num_classes: int) -> nn.Linear:
+    """The probe as a linear layer over all classes (a class absent from training gets -inf-ish bias)."""
+    dim = probe.coef_.shape[1]
+    weight = torch.zeros(num_classes, dim)
+    bias = torch.full((num_classes,), -1e4)
+    classes = torch.as_tensor(probe.classes_)
+    coef, intercept = torch.as_tensor(probe.coef_, dtype=torch.float32), torch.as_tensor(probe.intercept_, dtype=torch.float32)
+    if len(classes) == 2:  # sklearn keeps one row for two classes: logit(1) - logit(0)
+        coef = torch.cat([torch.zeros_like(coef), coef])
+        intercept = torch.cat([torch.zeros(1), intercept])
+    weight[classes] = coef
+    bias[classes] = intercept
+    layer = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer

@@ -1,0 +1,162 @@
+"""Reports built from finished run directories only: a Markdown table, JSON and CSV of every
+number, and an ID-versus-OOD figure with each method's WiSE-FT curve."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flyp.checkpoint import atomic_write_json, atomic_write_text
+
+
+def _stat(values: Sequence[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+
+
+def _load_runs(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        path = run_dir / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} has no metrics.json: is the run finished? (resume it with flyp finetune --resume {run_dir})")
+        run = json.loads(path.read_text())
+        run["run_dir"] = str(run_dir)
+        wise = run_dir / "wise.json"
+        run["wise"] = json.loads(wise.read_text()) if wise.exists() else None
+        runs.append(run)
+    if not runs:
+        raise ValueError("no run directories given")
+    return runs
+
+
+def aggregate(run_dirs: Sequence[Path]) -> dict[str, Any]:
+    """Group runs by method; mean and std over seeds of every number; WiSE chosen per seed on val."""
+    runs = _load_runs(run_dirs)
+    first = runs[0]
+    set_names = [s for s in first["sets"] if s != "val"]
+    methods: dict[str, Any] = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == method]
+        entry: dict[str, Any] = {
+            "runs": [r["run_dir"] for r in group],
+            "seeds": [r.get("seed") for r in group],
+            "id": _stat([r["id"] for r in group]),
+            "ood_mean": _stat([r["ood_mean"] for r in group]),
+            "val": _stat([r["sets"]["val"][first["metric"]] for r in group if "val" in r["sets"]] or [float("nan")]),
+            "sets": {s: _stat([r["sets"][s][first["metric"]] for r in group]) for s in set_names},
+        }
+        wises = [r["wise"] for r in group if r["wise"]]
+        if len(wises) == len(group):
+            alphas = [p["alpha"] for p in wises[0]["points"]]
+            best = [next(p for p in w["points"] if p["alpha"] == w["best_alpha"]) for w in wises]
+            entry["wise"] = {
+                "alphas": alphas,
+                "id": [_stat([w["points"][i]["id"] for w in wises])["mean"] for i in range(len(alphas))],
+                "ood_mean": [_stat([w["points"][i]["ood_mean"] for w in wises])["mean"] for i in range(len(alphas))],
+                "best_alpha": [w["best_alpha"] for w in wises],
+                "best": {
+                    "id": _stat([p["id"] for p in best]),
+                    "ood_mean": _stat([p["ood_mean"] for p in best]),
+                    "sets": {s: _stat([p["sets"][s][first["metric"]] for p in best]) for s in set_names},
+                },
+            }
+        methods[method] = entry
+    return {
+        "metric": first["metric"],
+        "id_name": first["id_name"],
+        "ood_names": first["ood_names"],
+        "model": first.get("model"),
+        "recipe": first.get("recipe"),
+        "methods": methods,
+    }
+
+
+def _fmt(stat: dict[str, float]) -> str:
+    text = f"{100 * stat['mean']:.1f}"
+    return text + (f" ± {100 * stat['std']:.1f}" if stat.get("n", 1) > 1 else "")
+
+
+def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    sets = [results["id_name"], *results["ood_names"]]
+    header = ["method", *[f"{s} (ID)" if s == results["id_name"] else s for s in sets], "OOD mean", "WiSE α", "WiSE ID", "WiSE OOD mean"]
+    rows = []
+    for name, m in results["methods"].items():
+        row = [name, *[_fmt(m["sets"][s]) for s in sets], _fmt(m["ood_mean"])]
+        if "wise" in m:
+            alphas = m["wise"]["best_alpha"]
+            row += ["/".join(f"{a:g}" for a in alphas), _fmt(m["wise"]["best"]["id"]), _fmt(m["wise"]["best"]["ood_mean"])]
+        else:
+            row += ["", "", ""]
+        rows.append(row)
+    return header, rows
+
+
+def markdown(results: dict[str, Any], title: str) -> str:
+    header, rows = table_rows(results)
+    lines = [f"# {title}", "", f"Metric: {results['metric']} (%), mean ± std over seeds where there are several. "
+             f"WiSE-FT α chosen on ID validation, per seed.", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "![ID vs OOD](figure.png)", ""]
+    return "\n".join(lines)
+
+
+def write_csv(results: dict[str, Any]) -> str:
+    header, rows = table_rows(results)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def plot(results: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=150)
+    colours = plt.get_cmap("tab10")
+    for i, (name, m) in enumerate(results["methods"].items()):
+        x, y = 100 * m["id"]["mean"], 100 * m["ood_mean"]["mean"]
+        if name == "zeroshot":
+            ax.scatter([x], [y], marker="*", s=400, color="gold", edgecolor="black", zorder=5, label="zero-shot")
+            continue
+        colour = colours(i % 10)
+        ax.errorbar([x], [y], xerr=[100 * m["id"]["std"]], yerr=[100 * m["ood_mean"]["std"]], fmt="o", ms=10, color=colour, label=name, zorder=4)
+        if "wise" in m:
+            ax.plot([100 * v for v in m["wise"]["id"]], [100 * v for v in m["wise"]["ood_mean"]], "-", color=colour, alpha=0.6, lw=2)
+            ax.scatter([100 * m["wise"]["best"]["id"]["mean"]], [100 * m["wise"]["best"]["ood_mean"]["mean"]], marker="D", s=60, color=colour, edgecolor="black", zorder=4)
+    ax.set_xlabel(f"ID {results['metric']} ({results['id_name']}), %", fontsize=14)
+    ax.set_ylabel(f"OOD mean {results['metric']} ({', '.join(results['ood_names'])}), %", fontsize=12)
+    ax.set_title(title + "\nlines: WiSE-FT α from 0 to 1; diamonds: α chosen on ID val", fontsize=12)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=11, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    tmp = path.with_suffix(".png.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def write_report(run_dirs: Sequence[Path], out_dir: Path, title: str | None = None) -> dict[str, Any]:
+    results = aggregate(run_dirs)
+    title = title or f"{results['recipe']}: {results['model']}"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "results.csv", write_csv(results))
+    plot(results, out_dir / "figure.png", title)
+    atomic_write_text(out_dir / "report.md", markdown(results, title))
+    return results

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import tiny_recipe
 
 from flyp.cli import main
 from flyp.compare import compare
@@ -12,6 +11,7 @@ from flyp.ensemble import greedy_soup, interpolate, uniform_soup
 from flyp.methods import l2sp_penalty
 from flyp.models.tiny import TinyCLIP
 from flyp.probe import choose_c, probe_to_linear
+from test_train import tiny_recipe
 
 
 def test_wise_endpoints_equal_the_two_models_weight_for_weight():

@@ -42,6 +42,10 @@ class DataConfig:
     templates: str | None = None  # template set name; None: the benchmark's own
     on_bad_image: str = "error"  # "error" or "skip"
     num_workers: int = 0
+    # Paper benchmarks (flyp.data.imagenet / wilds / transfer): folder of each set by name,
+    # e.g. {imagenet-r: /data/imagenet-r}; a set not named here is looked for under data.root.
+    roots: dict[str, str] = field(default_factory=dict)
+    k_shot: int | None = None  # few-shot: keep exactly k training images per class (paper builders)
 
 
 @dataclass
@@ -63,6 +67,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # also save resumable state every N steps (0: at epoch ends only)
     stop_after_steps: int | None = None  # end the process after N steps, as if killed (tests)
     select_on: str = "val"  # epoch selection: "val" (ID validation accuracy) or "last"
+    # Scale and speed (docs/scale_and_speed.md). batch_size is the global batch over processes.
+    device: str = "auto"  # "auto": this process's GPU if any, else CPU; or "cpu", "cuda", "cuda:1"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast of the towers; weights stay fp32)
+    micro_batch: int | None = None  # gradient cache: embed/backprop in chunks of this many
+    compile: bool = False  # torch.compile the towers (first steps pay the compilation)
 
 
 @dataclass

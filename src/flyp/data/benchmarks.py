@@ -21,6 +21,7 @@ from flyp.data.folders import (
     read_csv,
     require_dir,
 )
+from flyp.data.lazy import lazy_builder
 from flyp.data.splits import stratified_split, stratified_subsample
 from flyp.recipe import DataConfig
 
@@ -164,6 +165,14 @@ BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {
     "pacs": build_pacs,
     "folders": build_folders,
     "csv": build_csv,
+    "imagenet": lazy_builder("flyp.data.imagenet", "build_imagenet"),
+    "iwildcam": lazy_builder("flyp.data.wilds", "build_iwildcam"),
+    "fmow": lazy_builder("flyp.data.wilds", "build_fmow"),
+    "caltech101": lazy_builder("flyp.data.transfer", "build_caltech101"),
+    "stanford_cars": lazy_builder("flyp.data.transfer", "build_stanford_cars"),
+    "flowers102": lazy_builder("flyp.data.transfer", "build_flowers102"),
+    "pcam": lazy_builder("flyp.data.transfer", "build_pcam"),
+    "sst2": lazy_builder("flyp.data.transfer", "build_sst2"),
 }
 
 

@@ -5,6 +5,7 @@ Specs:
   tiny                               a tiny random model for tests
   open_clip:ARCH[:TAG_OR_FILE]       e.g. open_clip:ViT-B-16:openai, open_clip:ViT-B-16:/ckpt/b16.pt;
                                      ARCH may be a model config JSON file (open_clip's format)
+  hf:/path/to/dir                    a Hugging Face CLIP or SigLIP save_pretrained folder (offline)
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ def load_model(
         if not arch:
             raise ModelSpecError("open_clip spec needs an architecture: open_clip:ViT-B-16:openai")
         return load_open_clip(arch, weights or None, image_size=image_size)
+    if kind == "hf":
+        from flyp.models.hf import load_hf
+
+        if not rest:
+            raise ModelSpecError("hf spec needs a model folder: hf:/path/to/clip-or-siglip-dir")
+        return load_hf(rest, image_size=image_size, context_length=context_length)
     raise ModelSpecError(
-        f"unknown model spec '{spec}'; use 'default', 'tiny', 'open_clip:ARCH:TAG' or "
-        "'open_clip:ARCH:/path/to/checkpoint.pt'"
+        f"unknown model spec '{spec}'; use 'default', 'tiny', 'open_clip:ARCH:TAG', "
+        "'open_clip:ARCH:/path/to/checkpoint.pt' or 'hf:/path/to/dir'"
     )

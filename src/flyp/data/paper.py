@@ -1,0 +1,118 @@
+"""Pieces shared by the paper's benchmarks (ImageNet, WILDS, transfer): folder reading, k-shot
+sampling, and the last step that turns labelled splits into a :class:`Benchmark`."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from flyp.data import templates as tpl
+from flyp.data.benchmarks import Benchmark
+from flyp.data.folders import IMAGE_SUFFIXES, DataError, Sample, check_images
+from flyp.data.splits import stratified_subsample
+from flyp.recipe import DataConfig
+
+
+def k_shot(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
+    """N-way k-shot: exactly ``k`` samples of every class present, drawn with ``seed``."""
+    if k < 1:
+        raise DataError(f"k-shot needs k >= 1, got {k}")
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_class[sample.label].append(sample)
+    rng = random.Random(seed)
+    out: list[Sample] = []
+    for label, group in sorted(by_class.items()):
+        if len(group) < k:
+            raise DataError(
+                f"class {label} has {len(group)} training images, fewer than k={k}; "
+                "lower data.k_shot or add images"
+            )
+        out.extend(rng.sample(sorted(group), k))
+    return sorted(out)
+
+
+def images_in(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def labelled_folders(folder: Path, index: Mapping[str, int], what: str) -> list[Sample]:
+    """``folder/<name>/<image>`` labelled by ``index[name]``; unknown sub-folders are an error."""
+    samples = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name not in index:
+            raise DataError(f"folder {sub} is not a class of {what}; remove it or point the root elsewhere")
+        samples.extend(Sample(str(p), index[sub.name]) for p in images_in(sub))
+    if not samples:
+        raise DataError(f"{folder} holds no <class>/<image> files for {what}")
+    return samples
+
+
+def set_root(cfg: DataConfig, name: str, default: str | None) -> Path | None:
+    """Folder of one set: ``data.roots[name]``, else ``<data.root>/<default>``; None if unset."""
+    roots = cfg.roots or {}
+    if not isinstance(roots, dict):
+        raise DataError(f"data.roots must map set names to folders, got {roots!r}")
+    if name in roots:
+        return Path(str(roots[name])).expanduser()
+    if cfg.root is None or default is None:
+        return None
+    return Path(cfg.root).expanduser() / default
+
+
+def finish(
+    cfg: DataConfig,
+    name: str,
+    class_names: list[str],
+    templates: list[str],
+    train: list[Sample],
+    val: list[Sample],
+    tests: dict[str, list[Sample]],
+    id_name: str,
+    metric: str = "accuracy",
+    class_subsets: dict[str, list[int]] | None = None,
+    group_of: Mapping[str, int] | None = None,
+) -> Benchmark:
+    """k-shot and size limits, image checks, then the :class:`Benchmark`.
+
+    ``group_of`` maps an image path to its group (FMoW region); every evaluation set then
+    gets its per-sample group list, computed after subsampling so the two stay aligned.
+    """
+    if cfg.k_shot is not None:
+        train = k_shot(train, cfg.k_shot, cfg.split_seed)
+    train = stratified_subsample(train, cfg.max_train, cfg.split_seed)
+    val = stratified_subsample(val, cfg.max_eval, cfg.split_seed)
+    tests = {k: stratified_subsample(v, cfg.max_eval, cfg.split_seed) for k, v in tests.items()}
+    bad = 0
+    checked = []
+    for part in [train, val, *tests.values()]:
+        kept, n = check_images(part, cfg.on_bad_image)
+        checked.append(kept)
+        bad += n
+    train, val, *test_parts = checked
+    if not train:
+        raise DataError(f"{name}: no training images left after the split")
+    for set_name, part in {"val": val, **dict(zip(tests, test_parts, strict=True))}.items():
+        if not part:
+            raise DataError(f"{name}: evaluation set '{set_name}' is empty; check the data folder")
+    tests = dict(zip(tests, test_parts, strict=True))
+    groups = {}
+    if group_of is not None:
+        groups = {k: [group_of[s.path] for s in v] for k, v in {"val": val, **tests}.items()}
+    return Benchmark(
+        name=name,
+        class_names=class_names,
+        templates=tpl.get_templates(cfg.templates) if cfg.templates else templates,
+        train=train,
+        val=val,
+        tests=tests,
+        id_name=id_name,
+        ood_names=[k for k in tests if k != id_name],
+        metric=metric,
+        skipped_images=bad,
+        class_subsets={k: v for k, v in (class_subsets or {}).items() if k in tests},
+        groups=groups,
+    )

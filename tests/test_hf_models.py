@@ -1,0 +1,108 @@
+"""Hugging Face CLIP / SigLIP folders through load_model("hf:..."), on tiny random models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from flyp.models import ModelSpecError, load_model
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ["[PAD]", "[UNK]", "a", "photo", "of", "the", "dog", "cat", "."]
+
+
+def _save_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    fast.save_pretrained(folder)
+
+
+def _tiny(kind: str, folder: Path) -> Path:
+    text = dict(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=12, pad_token_id=0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    if kind == "clip":
+        config = transformers.CLIPConfig(text_config=text | {"eos_token_id": 2}, vision_config=vision, projection_dim=8)
+        model = transformers.CLIPModel(config)
+    else:
+        config = transformers.SiglipConfig(text_config=text, vision_config=vision)
+        model = transformers.SiglipModel(config)
+    model.save_pretrained(folder)
+    _save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def bundle(request, tmp_path_factory):
+    folder = _tiny(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, load_model(f"hf:{folder}")
+
+
+def test_interface(bundle):
+    kind, b = bundle
+    model = b.model
+    tokens = b.tokenizer(["a photo of a dog .", "the cat"])
+    images = torch.randn(2, 3, b.image_size, b.image_size)
+    assert model.encode_image(images).shape[0] == 2
+    assert model.encode_text(tokens).shape == model.encode_image(images).shape
+    assert isinstance(model.logit_scale, torch.nn.Parameter)
+    assert b.loss == ("siglip" if kind == "siglip" else "clip")
+    if kind == "siglip":
+        assert isinstance(model.logit_bias, torch.nn.Parameter)
+        assert tokens.shape[1] == 12  # SigLIP pools the last position: always padded to length
+    else:
+        assert tokens.shape[1] == 6  # CLIP: padded to the longest caption
+        assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-3)
+
+
+def test_image_params_live_under_visual(bundle):
+    _, b = bundle
+    names = [n for n, _ in b.model.named_parameters()]
+    assert all(n.startswith(("visual.", "text.", "logit_")) for n in names)
+    patch = [n for n in names if "patch_embedding" in n]
+    assert patch and all(n.startswith("visual.tower.") for n in patch)
+    image_params = {id(p) for p in b.model.visual.parameters()}
+    assert not image_params & {id(p) for p in b.model.text.parameters()}
+
+
+def test_gradients_reach_both_towers(bundle):
+    _, b = bundle
+    images = torch.randn(2, 3, b.image_size, b.image_size)
+    img = torch.nn.functional.normalize(b.model.encode_image(images), dim=-1)
+    txt = torch.nn.functional.normalize(b.model.encode_text(b.tokenizer(["a dog", "a cat"])), dim=-1)
+    (b.model.logit_scale.exp() * img @ txt.t()).sum().backward()
+    assert next(b.model.visual.parameters()).grad is not None
+    assert b.model.logit_scale.grad is not None
+
+
+def test_bad_folder(tmp_path):
+    with pytest.raises(ModelSpecError, match="config.json"):
+        load_model(f"hf:{tmp_path}")
+    with pytest.raises(ModelSpecError, match="folder"):
+        load_model("hf:")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_two_flyp_steps_with_an_hf_model(kind, tmp_path):
+    from fakes import make_domains
+    from flyp.recipe import load_recipe
+    from flyp.train import finetune
+
+    folder = _tiny(kind, tmp_path / kind)
+    root = make_domains(tmp_path / "data", ["photo", "sketch"], ["dog", "cat"], per_class=4, size=16)
+    recipe = load_recipe(None, [
+        f"model.spec=hf:{folder}", f"data.root={root}", "data.benchmark=folders", "data.id_domain=photo",
+        "data.ood_domains=[sketch]", "train.batch_size=2", "train.stop_after_steps=2", "data.val_fraction=0.25",
+        "data.test_fraction=0.25",
+    ])
+    assert finetune(recipe, tmp_path / "run") == {"stopped_at_step": 2}

@@ -144,3 +144,10 @@ def test_sampler_redraws_seeds_each_epoch_and_resumes_mid_epoch():
     r0 = list(EpochSampler(20, 2, seed=3, epoch=1, rank=0, world=2))
     r1 = list(EpochSampler(20, 2, seed=3, epoch=1, rank=1, world=2))
     assert sorted(r0 + r1) == sorted(full)
+
+
+def test_k_shot_applies_to_folder_benchmarks(fake_pacs):
+    bench = build_benchmark(cfg(fake_pacs, k_shot=2))
+    assert sorted(s.label for s in bench.train) == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(DataError, match="k_shot"):
+        build_benchmark(cfg(fake_pacs, k_shot=50))

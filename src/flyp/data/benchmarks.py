@@ -56,6 +56,10 @@ def _split_domains(
         domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
     )
     train = stratified_subsample(train, cfg.max_train, cfg.split_seed)
+    if cfg.k_shot is not None:
+        from flyp.data.paper import k_shot
+
+        train = k_shot(train, cfg.k_shot, cfg.split_seed)
     tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
     val = stratified_subsample(val, cfg.max_eval, cfg.split_seed)
     tests = {k: stratified_subsample(v, cfg.max_eval, cfg.split_seed) for k, v in tests.items()}

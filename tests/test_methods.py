@@ -108,3 +108,17 @@ def test_compare_and_report(fake_pacs, tmp_path):
     assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["methods"]["flyp"]["ood_mean"] == saved["methods"]["flyp"]["ood_mean"]
+
+
+def test_image_tower_is_what_encode_image_uses():
+    from flyp.methods import METHODS, Classifier, image_tower_names, set_trainable
+
+    model = TinyCLIP()
+    names = image_tower_names(model, 32)
+    assert names == {n for n, _ in model.named_parameters() if n.startswith("visual.")}
+    clf = Classifier(model)
+    set_trainable(METHODS["flyp-image-only"], clf, names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == names | {"logit_scale"}
+    set_trainable(METHODS["ft"], clf, names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == names

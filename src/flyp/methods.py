@@ -50,8 +50,21 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def is_image_param(name: str) -> bool:
-    return name.startswith("visual.")
+def image_tower_names(model: nn.Module, image_size: int) -> set[str]:
+    """Names of the parameters ``encode_image`` depends on, found by one backward pass, so no
+    naming convention is needed (the default model's bridge sits outside ``visual``)."""
+    named = [(n, p) for n, p in model.named_parameters() if not is_scale_param(n)]
+    was_training, flags = model.training, [p.requires_grad for _, p in named]
+    model.eval()
+    for _, p in named:
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        out = model.encode_image(torch.zeros(1, 3, image_size, image_size)).float().sum()
+        grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
+    for (_, p), flag in zip(named, flags, strict=True):
+        p.requires_grad_(flag)
+    model.train(was_training)
+    return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
 
 
 def is_scale_param(name: str) -> bool:
@@ -106,12 +119,12 @@ def build_classifier(method: Method, model: nn.Module, ctx: LossContext) -> Clas
     return Classifier(model, head)
 
 
-def set_trainable(method: Method, classifier: Classifier) -> None:
+def set_trainable(method: Method, classifier: Classifier, image_names: set[str]) -> None:
     for name, p in classifier.model.named_parameters():
         if is_scale_param(name):
             p.requires_grad_(method.objective in ("contrastive", "ce-both"))
         else:
-            p.requires_grad_(method.train_text or is_image_param(name))
+            p.requires_grad_(method.train_text or name in image_names)
 
 
 def captions_for(labels: Tensor, seeds: Tensor, ctx: LossContext) -> list[str]:

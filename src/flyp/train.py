@@ -33,13 +33,22 @@ from flyp.checkpoint import (
 )
 from flyp.data.benchmarks import Benchmark, build_benchmark
 from flyp.data.loader import EpochSampler, ImageDataset, eval_loader, train_loader
+from flyp.distributed import (
+    DistEnv,
+    average_gradients,
+    barrier,
+    broadcast_module,
+    gather_batch,
+    init_distributed,
+)
 from flyp.evaluate import evaluate_sets, summarise
+from flyp.gradcache import PRECISIONS, forward_backward
 from flyp.methods import (
     Classifier,
     LossContext,
     build_classifier,
-    compute_loss,
     get_method,
+    image_tower_names,
     is_scale_param,
     set_trainable,
 )
@@ -193,12 +202,46 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def _check_speed_options(cfg, env: DistEnv) -> None:
+    if cfg.precision not in PRECISIONS:
+        raise RunError(f"train.precision '{cfg.precision}' is unknown; choose one of {PRECISIONS}")
+    if cfg.batch_size % env.world:
+        raise RunError(
+            f"train.batch_size {cfg.batch_size} (the global batch) does not split over {env.world} "
+            f"processes; use a multiple of {env.world}"
+        )
+    if cfg.micro_batch is not None and cfg.micro_batch < 1:
+        raise RunError("train.micro_batch must be a positive number of samples, or null")
+    if cfg.micro_batch and cfg.batchnorm == "train":
+        raise RunError(
+            "train.micro_batch with train.batchnorm=train would normalise each chunk apart; "
+            "use train.batchnorm=frozen"
+        )
+
+
+def _place_model(classifier: Classifier, ctx: LossContext, cfg, env: DistEnv) -> None:
+    """Move the model to this process's device, give every rank rank 0's weights, compile."""
+    classifier.to(env.device)
+    ctx.theta0 = {name: p.to(env.device) for name, p in ctx.theta0.items()}
+    if env.device.type != "cpu":  # evaluation loaders yield CPU tensors
+        classifier.register_forward_pre_hook(
+            lambda _module, args: tuple(a.to(env.device, non_blocking=True) for a in args)
+        )
+    if env.enabled:
+        broadcast_module(classifier)
+    if cfg.compile:
+        model = classifier.model
+        model.encode_image = torch.compile(model.encode_image)
+        model.encode_text = torch.compile(model.encode_text, dynamic=True)
+
+
 def finetune(
     recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Experiment | None = None
 ) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir`` and evaluate the selected weights on every set."""
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
+    env = init_distributed(recipe.train.device)  # one process unless started by torchrun
     if resume and not state_path.exists():
         if (run_dir / "metrics.json").exists():
             return json.loads((run_dir / "metrics.json").read_text())
@@ -208,12 +251,15 @@ def finetune(
             f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it"
         )
     cfg = recipe.train
+    _check_speed_options(cfg, env)  # before the run directory exists
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
+    barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
     method = get_method(cfg.method)
     ctx = loss_context(exp)
     model = exp.bundle.model
@@ -226,11 +272,13 @@ def finetune(
         fit_probe(classifier, exp, run_dir)
     if method.collisions:
         ctx.collisions = method.collisions
-    set_trainable(method, classifier)
+    set_trainable(method, classifier, image_tower_names(model, exp.bundle.image_size))
     if method.l2sp:
         ctx.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     if method.objective == "none":
+        if not env.is_main:
+            return {"rank": env.rank, "steps": 0}
         return _finish(
             classifier,
             exp,
@@ -241,6 +289,7 @@ def finetune(
             images_seen=0,
         )
 
+    _place_model(classifier, ctx, cfg, env)
     dataset = ImageDataset(exp.benchmark.train, exp.bundle.train_transform)
     steps_per_epoch = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, 0).steps_per_epoch()
     if steps_per_epoch == 0:
@@ -265,10 +314,13 @@ def finetune(
         _set_rng_state(state["rng"])
         step, best = state["step"], state["best"]
         train_seconds, images_seen = state["train_seconds"], state["images_seen"]
-        _truncate_log(log_path, step)
+        if env.is_main:
+            _truncate_log(log_path, step)
     started = time.time()
 
     def checkpoint() -> None:
+        if not env.is_main:
+            return
         save_weights(classifier, run_dir / "last.safetensors")
         save_state(
             {
@@ -286,23 +338,50 @@ def finetune(
     max_log_scale = math.log(cfg.max_logit_scale)
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start=done_in_epoch)
+        local_batch = cfg.batch_size // env.world  # batch_size is the global batch
+        sampler = EpochSampler(
+            len(dataset), local_batch, cfg.seed, epoch, done_in_epoch, env.rank, env.world
+        )
         classifier.train()
         if cfg.batchnorm == "frozen":
             freeze_batchnorm_stats(classifier)
         tick = time.time()
         bar = tqdm(
-            train_loader(dataset, sampler, cfg.batch_size, exp.recipe.data.num_workers),
+            train_loader(
+                dataset,
+                sampler,
+                local_batch,
+                exp.recipe.data.num_workers,
+                pin_memory=env.device.type == "cuda",
+            ),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=None,
+            disable=None if env.is_main else True,
             initial=done_in_epoch,
             total=steps_per_epoch,
         )
         for images, labels, seeds in bar:
+            images = images.to(env.device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
-            loss = compute_loss(method, classifier, images, labels, seeds, step, ctx)
+            labels = labels.to(env.device, non_blocking=True)
+            if env.enabled:  # dropout: distinct per rank, and replayed exactly on resume
+                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + env.rank)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = forward_backward(
+                method,
+                classifier,
+                images,
+                labels,
+                seeds,
+                step,
+                ctx,
+                micro_batch=cfg.micro_batch,
+                precision=cfg.precision,
+                gather=gather_batch if env.enabled else None,
+            )
+            if env.enabled:
+                average_gradients([p for p in classifier.parameters() if p.requires_grad], env.world)
+                if cfg.batchnorm == "train":
+                    broadcast_module(classifier)  # rank 0's BN statistics, as DDP does
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
@@ -320,7 +399,8 @@ def finetune(
                 "lr": scheduler.get_last_lr()[0],
                 "temperature": float(1 / model.logit_scale.detach().exp()),
             }
-            _append_log(log_path, record)
+            if env.is_main:
+                _append_log(log_path, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 train_seconds += time.time() - tick
@@ -336,7 +416,7 @@ def finetune(
                 return {"stopped_at_step": step}
         train_seconds += time.time() - tick
         epoch_done = step // steps_per_epoch
-        if cfg.select_on == "val" and exp.recipe.eval.every_epoch:
+        if env.is_main and cfg.select_on == "val" and exp.recipe.eval.every_epoch:
             val = evaluate_classifier(classifier, exp, ["val"])["val"]["accuracy"]
             _append_log(log_path, {"step": step, "epoch": epoch_done, "val_accuracy": val})
             if val > best["val"]:
@@ -344,6 +424,8 @@ def finetune(
                 save_weights(classifier, run_dir / "model.safetensors")
         checkpoint()
 
+    if not env.is_main:  # rank 0 selects, evaluates and writes; the others are done
+        return {"rank": env.rank, "steps": step}
     if cfg.select_on == "val" and exp.recipe.eval.every_epoch:
         load_weights(classifier, run_dir / "model.safetensors")
     else:

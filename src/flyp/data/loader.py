@@ -75,7 +75,11 @@ class EpochSampler(Sampler):
 
 
 def train_loader(
-    dataset: ImageDataset, sampler: EpochSampler, batch_size: int, num_workers: int
+    dataset: ImageDataset,
+    sampler: EpochSampler,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
 ) -> DataLoader:
     return DataLoader(
         dataset,
@@ -84,6 +88,7 @@ def train_loader(
         num_workers=num_workers,
         drop_last=True,
         persistent_workers=False,
+        pin_memory=pin_memory,  # page-locked batches: faster, asynchronous copies to a GPU
     )
 
 

@@ -33,7 +33,9 @@ def load_model(
         arch, _, weights = rest.partition(":")
         if not arch:
             raise ModelSpecError("open_clip spec needs an architecture: open_clip:ViT-B-16:openai")
-        return load_open_clip(arch, weights or None, image_size=image_size)
+        return load_open_clip(
+            arch, weights or None, image_size=image_size, trim_text=context_length is None
+        )
     if kind == "hf":
         from flyp.models.hf import load_hf
 

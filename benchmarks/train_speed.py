@@ -1,0 +1,212 @@
+"""Training images/s, peak memory and MFU: flyp's FLYP step loop vs open_clip's `open_clip_train`.
+
+Same model (an open_clip config, random init), same PACS photo images and captions
+("a photo of a {class}."), same batch and precision, one process on the CPU. Runs alternate
+(flyp, open_clip_train, flyp recommended, ...) so machine noise hits all alike; each run is a
+fresh child process and reports the median step time after warm-up, and its peak RSS.
+
+  .venv/bin/python benchmarks/train_speed.py                 # ~3 minutes on 2 cores
+  .venv/bin/python benchmarks/train_speed.py --steps 12 --rounds 3 --batch 64
+
+open_clip_train needs braceexpand, webdataset and pandas; if the venv lacks them, install them
+apart and pass the folder: --extra-path /tmp/octrain_deps (pip install --target ... --no-deps).
+
+"flyp equal" uses open_clip's settings: fp32, the full 77-token text context, no workers.
+"flyp recommended" uses flyp's CPU defaults for speed: bf16 autocast, text trimmed to the
+longest caption (the default for open_clip models), one loader worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import (  # noqa: E402
+    emit,
+    matmul_peak,
+    pacs_photo,
+    peak_rss_mb,
+    read_emitted,
+    write_csv,
+)
+
+CONFIG = HERE / "configs" / "flyp-bench-vit.json"
+
+
+def flyp_child(args: argparse.Namespace) -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flyp.data.folders import Sample
+    from flyp.data.loader import EpochSampler, ImageDataset, train_loader
+    from flyp.gradcache import forward_backward
+    from flyp.methods import Classifier, LossContext, get_method, set_trainable
+    from flyp.models import load_model
+    from flyp.recipe import TrainConfig
+    from flyp.train import freeze_batchnorm_stats, param_groups
+
+    torch.manual_seed(0)
+    rows = pacs_photo(args.batch * (args.warmup + args.steps))
+    classes = sorted({c for _, c, _ in rows})
+    bundle = load_model(f"open_clip:{args.model}", context_length=77 if args.full_text else None)
+    model = bundle.model.to(memory_format=torch.channels_last)
+    method = get_method("flyp")
+    class_names = [c.removeprefix("a photo of a ").removesuffix(".") for c in classes]
+    by_caption = {c: i for i, c in enumerate(classes)}
+    samples = [Sample(p, by_caption[c]) for p, c, _ in rows]
+    ctx = LossContext(bundle.tokenizer, class_names, ["a photo of a {}."])
+    classifier = Classifier(model)
+    set_trainable(method, classifier)
+    cfg = TrainConfig(precision=args.precision)
+    optimizer = torch.optim.AdamW(param_groups(classifier, cfg), lr=1e-5)
+    classifier.train()
+    freeze_batchnorm_stats(classifier)
+    dataset = ImageDataset(samples, bundle.train_transform)
+    loader = train_loader(
+        dataset, EpochSampler(len(dataset), args.batch, 0, 0), args.batch, args.workers
+    )
+    times, flops = [], None
+    tick = time.perf_counter()
+    for i, (images, labels, seeds) in enumerate(loader):  # the step of flyp.train.finetune
+        images = images.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        counter = FlopCounterMode(display=False) if i == 0 else None
+        with counter or contextlib.nullcontext():
+            forward_backward(
+                method, classifier, images, labels, seeds, i, ctx, precision=args.precision
+            )
+        if counter:
+            flops = counter.get_total_flops()
+        torch.nn.utils.clip_grad_norm_(classifier.parameters(), cfg.grad_clip)
+        optimizer.step()
+        now = time.perf_counter()
+        times.append(now - tick)
+        tick = now
+    step = statistics.median(times[args.warmup :])
+    emit(
+        {
+            "images_per_s": args.batch / step,
+            "peak_rss_mb": peak_rss_mb(),
+            "flops_per_image": flops / args.batch,
+            "steps": len(times),
+        }
+    )
+
+
+def open_clip_child(args: argparse.Namespace) -> None:
+    import open_clip
+    from open_clip_train.main import main
+
+    open_clip.add_model_config(Path(args.model))
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = write_csv(pacs_photo(args.batch * (args.warmup + args.steps)), Path(tmp) / "t.csv")
+        precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
+        main(
+            [
+                "--train-data", str(csv), "--dataset-type", "csv",
+                "--csv-img-key", "filepath", "--csv-caption-key", "title",
+                "--model", Path(args.model).stem, "--batch-size", str(args.batch),
+                "--precision", precision, "--workers", str(args.workers), "--epochs", "1",
+                "--device", "cpu", "--log-every-n-steps", "1", "--save-frequency", "0",
+                "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
+                "--logs", tmp, "--name", "bench", "--warmup", "1", "--lr", "1e-5",
+            ]
+        )  # fmt: skip
+        log = (Path(tmp) / "bench" / "out.log").read_text()
+    # "Batch (t): X" with a log every step: the time of that step, data included
+    times = [
+        float(x.split("Batch (t): ")[1].split(",")[0]) for x in log.splitlines() if "Batch (t)" in x
+    ]
+    emit(
+        {
+            "images_per_s": args.batch / statistics.median(times[args.warmup :]),
+            "peak_rss_mb": peak_rss_mb(),
+            "steps": len(times),
+        }
+    )
+
+
+def run_child(kind: str, args: argparse.Namespace, **overrides) -> dict:
+    argv = [sys.executable, __file__, "--child", kind, "--model", args.model]
+    if overrides.pop("full_text", True):
+        argv.append("--full-text")
+    settings = {
+        "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+        "precision": args.precision, "workers": 0, **overrides,
+    }  # fmt: skip
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [args.extra_path, str(HERE.parent / "src")])),
+    }
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"{kind} run failed:\n{done.stderr[-3000:]}")
+    return read_emitted(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", choices=["flyp", "open_clip"])
+    parser.add_argument("--model", default=str(CONFIG), help="open_clip model config JSON")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--full-text", action="store_true")
+    parser.add_argument("--extra-path", default=os.environ.get("OPEN_CLIP_TRAIN_DEPS", ""))
+    args = parser.parse_args()
+    if args.child == "flyp":
+        return flyp_child(args)
+    if args.child == "open_clip":
+        return open_clip_child(args)
+
+    import torch
+
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak on {torch.get_num_threads()} threads: "
+          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")  # fmt: skip
+    runs: dict[str, list[dict]] = {"flyp equal": [], "open_clip_train": [], "flyp recommended": []}
+    for _ in range(args.rounds):
+        runs["flyp equal"].append(run_child("flyp", args))
+        runs["open_clip_train"].append(run_child("open_clip", args))
+        runs["flyp recommended"].append(
+            run_child("flyp", args, precision="bf16", full_text=False, workers=1)
+        )
+    flops = runs["flyp equal"][0]["flops_per_image"]
+    print(f"\nmodel {Path(args.model).stem}, batch {args.batch}, {args.steps} timed steps x "
+          f"{args.rounds} rounds, PACS photo; train FLOPs/image at 77 tokens {flops / 1e9:.2f} G")  # fmt: skip
+    print(f"{'run':<20}{'images/s (each round)':>26}{'median':>9}{'peak RSS MB':>13}{'MFU':>7}")
+    medians = {}
+    for name, results in runs.items():
+        speeds = [r["images_per_s"] for r in results]
+        medians[name] = statistics.median(speeds)
+        precision = "bf16" if name == "flyp recommended" else args.precision
+        run_flops = results[0].get("flops_per_image", flops)
+        mfu = medians[name] * run_flops / (peak[precision] * 1e9)
+        print(f"{name:<20}{' '.join(f'{s:.2f}' for s in speeds):>26}{medians[name]:>9.2f}"
+              f"{max(r['peak_rss_mb'] for r in results):>13.0f}{100 * mfu:>6.1f}%")  # fmt: skip
+    base = medians["open_clip_train"]
+    print(
+        f"\nflyp equal / open_clip_train:       {medians['flyp equal'] / base:.2f}x (target >= 1.0)"
+    )
+    print(
+        f"flyp recommended / open_clip_train: {medians['flyp recommended'] / base:.2f}x (target >= 2.0)"
+    )
+
+
+if __name__ == "__main__":
+    main()

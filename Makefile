@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/flyp finetune recipes/pacs.yaml --out runs/pacs-demo-$$(date +%Y%m%d-%H%M%S)
+	HF_HUB_OFFLINE=1 $(BIN)/flyp compare recipes/pacs.yaml --out runs/pacs-compare
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -1,7 +1,7 @@
 """Peak memory of one FLYP step: the micro-batch alone, 8x it through the gradient cache, 8x plain.
 
-CPU: each case runs in a fresh child process; the figure is the peak RSS during the timed step
-minus the RSS just before it (a warm-up step first, so allocator caches are already there).
+CPU: each case runs in a fresh child process; the figure is the peak RSS during its first step
+minus the RSS just before it.
 CUDA: torch.cuda.max_memory_allocated over the step, minus the memory allocated before it.
 
   .venv/bin/python benchmarks/gradcache_memory.py                   # ~1 minute on 2 cores
@@ -50,15 +50,15 @@ def child(args: argparse.Namespace) -> None:
             micro_batch=args.micro, precision=args.precision,
         )  # fmt: skip
 
-    step()
     if device.type == "cuda":
+        step()  # warm-up: cuBLAS workspaces and the caching allocator settle
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
+    else:  # the first step (no warm-up: freed CPU memory stays in RSS and would hide the peak)
         before = rss_mb()
         step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--model", default=str(CONFIG))
-    parser.add_argument("--micro", type=int, default=16)
+    parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--factor", type=int, default=8)
     parser.add_argument("--device", default="cpu")

@@ -244,6 +244,7 @@ def test_imagenet_reads_every_set(tmp_path):
     assert len(on) == 4 and not any("squeegee" in s.path for s in on)
     assert {s.label for s in on if "/chair/" in s.path} == {423}  # barber chair
     assert {s.label for s in on if "/banana/" in s.path} == {index["n07753592"]}
+    assert len(b.label_groups["objectnet"]) == 113 and "objectnet" in b.preprocess
 
 
 def test_imagenet_missing_shift_is_left_out_with_a_warning(tmp_path):
@@ -412,3 +413,14 @@ def test_recipe_dry_runs_two_steps(recipe, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "loss" in line] == [1, 2]
     assert (base.train.lr, base.train.epochs) == (recipe_run.train.lr, recipe_run.train.epochs)
+
+
+def test_objectnet_counts_any_class_of_the_labels_group_as_correct():
+    import numpy as np
+
+    from flyp.evaluate import metrics_from_predictions, to_groups
+
+    groups = [[3, 7], [5]]
+    preds, labels = np.array([7, 3, 5, 9]), np.array([3, 3, 5, 5])
+    m = metrics_from_predictions(to_groups(preds, groups, 10), to_groups(labels, groups, 10))
+    assert m["accuracy"] == 0.75  # 7 for label 3 is right (same group); 9 for 5 is wrong

@@ -38,6 +38,14 @@ def metrics_from_predictions(
     return out
 
 
+def to_groups(classes: np.ndarray, label_groups: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """Model classes to group ids (-1 for a class in no group)."""
+    lookup = np.full(num_classes, -1)
+    for g, members in enumerate(label_groups):
+        lookup[list(members)] = g
+    return lookup[classes]
+
+
 def restrict(logits: Tensor, subset: Sequence[int] | None) -> Tensor:
     """Logits of classes outside ``subset`` set to -inf (for sets covering only some classes)."""
     if subset is None:
@@ -69,13 +77,16 @@ def evaluate_sets(
     num_classes: int,
     class_subsets: Mapping[str, Sequence[int]] | None = None,
     groups: Mapping[str, Sequence[int]] | None = None,
+    label_groups: Mapping[str, Sequence[Sequence[int]]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of ``classifier`` (images -> class logits) on every loader."""
     classifier.eval()
-    class_subsets, groups = class_subsets or {}, groups or {}
+    class_subsets, groups, label_groups = class_subsets or {}, groups or {}, label_groups or {}
     results = {}
     for name, loader in loaders.items():
         preds, labels = predict(classifier, loader, class_subsets.get(name), desc=f"eval {name}")
+        if name in label_groups:
+            preds, labels = to_groups(preds, label_groups[name], num_classes), to_groups(labels, label_groups[name], num_classes)
         group = np.asarray(groups[name]) if name in groups else None
         results[name] = metrics_from_predictions(preds, labels, group)
     return results

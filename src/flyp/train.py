@@ -140,7 +140,7 @@ def _eval_loaders(
     sets = exp.benchmark.eval_sets()
     return {
         name: eval_loader(
-            ImageDataset(samples, exp.bundle.eval_transform),
+            ImageDataset(samples, exp.bundle.eval_transform, exp.benchmark.preprocess.get(name)),
             exp.recipe.eval.batch_size,
             exp.recipe.data.num_workers,
         )
@@ -174,6 +174,7 @@ def evaluate_classifier(
         len(exp.benchmark.class_names),
         class_subsets=exp.benchmark.class_subsets,
         groups=exp.benchmark.groups,
+        label_groups=exp.benchmark.label_groups,
     )
 
 

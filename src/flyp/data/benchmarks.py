@@ -44,6 +44,11 @@ class Benchmark:
     class_subsets: dict[str, list[int]] = field(default_factory=dict)
     # Group id of every sample of an evaluation set (FMoW regions), for worst-group accuracy.
     groups: dict[str, list[int]] = field(default_factory=dict)
+    # Sets whose classes each cover several model classes (ObjectNet): a prediction anywhere in
+    # the label's group counts as correct.
+    label_groups: dict[str, list[list[int]]] = field(default_factory=dict)
+    # A per-set step on the PIL image before the model's transform (ObjectNet's border crop).
+    preprocess: dict[str, Callable] = field(default_factory=dict)
 
     def eval_sets(self) -> dict[str, list[Sample]]:
         return {"val": self.val, **self.tests}

@@ -172,7 +172,7 @@ def build_imagenet(cfg: DataConfig) -> Benchmark:
             subsets[name] = subset
     if missing:
         warnings.warn(f"ImageNet shift sets not found, left out: {', '.join(missing)}", stacklevel=2)
-    return finish(
+    bench = finish(
         cfg,
         "imagenet",
         imagenet_class_names(),
@@ -183,3 +183,7 @@ def build_imagenet(cfg: DataConfig) -> Benchmark:
         id_name="imagenet",
         class_subsets=subsets,
     )
+    if "objectnet" in bench.tests:
+        bench.label_groups["objectnet"] = objectnet_groups()
+        bench.preprocess["objectnet"] = crop_border
+    return bench

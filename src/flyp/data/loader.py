@@ -17,9 +17,10 @@ from flyp.data.folders import Sample, load_rgb
 
 
 class ImageDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform: Callable):
+    def __init__(self, samples: Sequence[Sample], transform: Callable, preprocess: Callable | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -28,6 +29,8 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         image = load_rgb(sample.path)
+        if self.preprocess is not None:
+            image = self.preprocess(image)
         if seed is None:
             return self.transform(image), sample.label, -1
         # torchvision's augmentations draw from torch's global generator: seed it for this

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 SIMPLE = ["a photo of a {}."]
 
-# PACS spans photos, paintings, cartoons and sketches; the templates name no domain-specific
-# style beyond a few generic depictions, so the zero-shot head is not tuned to the OOD domains.
+# open_clip's seven "simple" ImageNet templates. On the PACS photo validation split (the only
+# data used to choose) they beat one template, a generic five and OpenAI's eighty for the default
+# model's zero-shot head (83.2 vs 75.4 / 79.0 / 80.8 at 224 px).
 PACS = [
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a photo of the {}.",
-    "a drawing of a {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
 ]
 
 TEMPLATE_SETS: dict[str, list[str]] = {"simple": SIMPLE, "pacs": PACS}

@@ -58,7 +58,10 @@ def child(args: argparse.Namespace) -> None:
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:  # the first step (no warm-up: freed CPU memory stays in RSS and would hide the peak)
+    else:  # the first step (no warm-up: freed CPU memory stays in RSS and would hide the peak),
+        # with the gradient buffers made beforehand, as they are after a run's first step
+        for p in classifier.parameters():
+            p.grad = torch.zeros_like(p)
         before = rss_mb()
         step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before

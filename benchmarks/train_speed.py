@@ -13,7 +13,7 @@ apart and pass the folder: --extra-path /tmp/octrain_deps (pip install --target 
 
 "flyp equal" uses open_clip's settings: fp32, the full 77-token text context, no workers.
 "flyp recommended" uses flyp's CPU defaults for speed: bf16 autocast, text trimmed to the
-longest caption (the default for open_clip models), one loader worker.
+longest caption (the default for open_clip models).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def flyp_child(args: argparse.Namespace) -> None:
     from flyp.data.folders import Sample
     from flyp.data.loader import EpochSampler, ImageDataset, train_loader
     from flyp.gradcache import forward_backward
-    from flyp.methods import Classifier, LossContext, get_method, set_trainable
+    from flyp.methods import Classifier, LossContext, get_method
     from flyp.models import load_model
     from flyp.recipe import TrainConfig
     from flyp.train import freeze_batchnorm_stats, param_groups
@@ -66,7 +66,6 @@ def flyp_child(args: argparse.Namespace) -> None:
     samples = [Sample(p, by_caption[c]) for p, c, _ in rows]
     ctx = LossContext(bundle.tokenizer, class_names, ["a photo of a {}."])
     classifier = Classifier(model)
-    set_trainable(method, classifier)
     cfg = TrainConfig(precision=args.precision)
     optimizer = torch.optim.AdamW(param_groups(classifier, cfg), lr=1e-5)
     classifier.train()
@@ -183,9 +182,7 @@ def main() -> None:
     for _ in range(args.rounds):
         runs["flyp equal"].append(run_child("flyp", args))
         runs["open_clip_train"].append(run_child("open_clip", args))
-        runs["flyp recommended"].append(
-            run_child("flyp", args, precision="bf16", full_text=False, workers=1)
-        )
+        runs["flyp recommended"].append(run_child("flyp", args, precision="bf16", full_text=False))
     flops = runs["flyp equal"][0]["flops_per_image"]
     print(f"\nmodel {Path(args.model).stem}, batch {args.batch}, {args.steps} timed steps x "
           f"{args.rounds} rounds, PACS photo; train FLOPs/image at 77 tokens {flops / 1e9:.2f} G")  # fmt: skip

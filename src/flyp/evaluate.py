@@ -65,7 +65,6 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     preds, labels = [], []
     for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        images = images.contiguous(memory_format=torch.channels_last)
         preds.append(restrict(logits_fn(images), subset).argmax(dim=1).cpu())
         labels.append(batch_labels)
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from flyp.heads import zeroshot_weights
 from flyp.losses import clip_loss, siglip_loss
+from flyp.models.base import prefers_channels_last, to_model_layout
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Classifier(nn.Module):
         self.model = model
         self.head = head
         self.text_head: Tensor | None = None
+        self.channels_last = prefers_channels_last(model)
 
     def refresh_text_head(
         self, tokenizer: Callable, class_names: list[str], templates: list[str]
@@ -87,6 +89,7 @@ class Classifier(nn.Module):
         self.text_head = zeroshot_weights(self.model, tokenizer, class_names, templates)
 
     def forward(self, images: Tensor) -> Tensor:
+        images = to_model_layout(images, self.channels_last)
         features = F.normalize(self.model.encode_image(images), dim=-1)
         if self.head is not None:
             return self.head(features)

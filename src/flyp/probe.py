@@ -13,15 +13,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from flyp.models.base import prefers_channels_last, to_model_layout
+
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 @torch.no_grad()
 def image_features(model: nn.Module, loader: DataLoader, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     model.eval()
+    channels_last = prefers_channels_last(model)
     feats, labels = [], []
     for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = to_model_layout(images, channels_last)
         feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
         labels.append(batch_labels)
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()

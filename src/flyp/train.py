@@ -53,6 +53,7 @@ from flyp.methods import (
     set_trainable,
 )
 from flyp.models import ModelBundle, load_model
+from flyp.models.base import prefers_channels_last, to_model_layout
 from flyp.probe import choose_c, image_features, probe_to_linear
 from flyp.recipe import Recipe, save_recipe
 
@@ -264,7 +265,9 @@ def finetune(
     method = get_method(cfg.method)
     ctx = loss_context(exp)
     model = exp.bundle.model
-    model.to(memory_format=torch.channels_last)
+    channels_last = prefers_channels_last(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if cfg.init_logit_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
@@ -362,7 +365,7 @@ def finetune(
         )
         for images, labels, seeds in bar:
             images = images.to(env.device, non_blocking=True)
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = to_model_layout(images, channels_last)
             labels = labels.to(env.device, non_blocking=True)
             if env.enabled:  # dropout: distinct per rank, and replayed exactly on resume
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + env.rank)

@@ -113,3 +113,20 @@ def test_every_method_runs_end_to_end(method, fake_pacs, tmp_path):
     assert 0.0 <= metrics["id"] <= 1.0
     assert (tmp_path / method / "model.safetensors").exists()
     assert (tmp_path / method / "recipe.yaml").exists()
+
+
+def test_evaluation_images_are_decoded_once_and_reused(fake_pacs, tmp_path):
+    import shutil
+
+    from flyp.methods import Classifier
+    from flyp.train import evaluate_classifier, prepare
+
+    exp = prepare(tiny_recipe(fake_pacs))
+    clf = Classifier(exp.bundle.model)
+    first = evaluate_classifier(clf, exp)
+    assert set(exp.eval_cache) == {"val", "photo", "art", "sketch"}
+    shutil.rmtree(fake_pacs)  # a second pass must not touch the files
+    assert evaluate_classifier(clf, exp) == first
+    uncached = prepare(tiny_recipe(tmp_path / "gone", "eval.cache_gb=0"), bundle=exp.bundle, benchmark=exp.benchmark)
+    with pytest.raises(Exception, match="cannot read image"):
+        evaluate_classifier(clf, uncached)

@@ -126,7 +126,7 @@ def compare(
             return json.loads((run_dir / "metrics.json").read_text())
         _reset(exp, pretrained)
         resume = (run_dir / "state.pt").exists()
-        return finetune(run_recipe, run_dir, resume=resume, exp=Experiment(run_recipe, exp.bundle, exp.benchmark))
+        return finetune(run_recipe, run_dir, resume=resume, exp=Experiment(run_recipe, exp.bundle, exp.benchmark, exp.eval_cache))
 
     zeroshot_sets = run("zeroshot", seeds[0], out_dir / "zeroshot")["sets"]  # no training: one run
     for seed in seeds:

@@ -79,6 +79,7 @@ class EvalConfig:
     batch_size: int = 128
     every_epoch: bool = True  # evaluate on ID validation after each epoch (model selection)
     wise_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    cache_gb: float = 4.0  # memory for evaluation images decoded once and reused (0: off)
 
 
 @dataclass

@@ -15,13 +15,14 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from flyp.checkpoint import (
@@ -32,7 +33,7 @@ from flyp.checkpoint import (
     save_weights,
 )
 from flyp.data.benchmarks import Benchmark, build_benchmark
-from flyp.data.loader import EpochSampler, ImageDataset, eval_loader, train_loader
+from flyp.data.loader import EpochSampler, ImageDataset, eval_loader, materialize, train_loader
 from flyp.distributed import (
     DistEnv,
     average_gradients,
@@ -69,6 +70,9 @@ class Experiment:
     recipe: Recipe
     bundle: ModelBundle
     benchmark: Benchmark
+    # Evaluation sets decoded and transformed once (the eval transform is deterministic), kept
+    # within eval.cache_gb: a comparison evaluates the same images dozens of times.
+    eval_cache: dict[str, TensorDataset] = field(default_factory=dict)
 
 
 def prepare(
@@ -135,17 +139,29 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
+def _eval_dataset(exp: Experiment, name: str, samples: list) -> torch.utils.data.Dataset:
+    if name in exp.eval_cache:
+        return exp.eval_cache[name]
+    dataset = ImageDataset(samples, exp.bundle.eval_transform, exp.benchmark.preprocess.get(name))
+    used = sum(d.tensors[0].numel() * 4 for d in exp.eval_cache.values())
+    needed = len(samples) * 3 * exp.bundle.image_size**2 * 4
+    if used + needed <= exp.recipe.eval.cache_gb * 2**30:
+        dataset = exp.eval_cache[name] = materialize(
+            dataset, exp.recipe.eval.batch_size, exp.recipe.data.num_workers
+        )
+    return dataset
+
+
 def _eval_loaders(
     exp: Experiment, names: list[str] | None = None
 ) -> dict[str, torch.utils.data.DataLoader]:
-    sets = exp.benchmark.eval_sets()
     return {
         name: eval_loader(
-            ImageDataset(samples, exp.bundle.eval_transform, exp.benchmark.preprocess.get(name)),
+            _eval_dataset(exp, name, samples),
             exp.recipe.eval.batch_size,
             exp.recipe.data.num_workers,
         )
-        for name, samples in sets.items()
+        for name, samples in exp.benchmark.eval_sets().items()
         if names is None or name in names
     }
 
@@ -181,12 +197,27 @@ def evaluate_classifier(
 
 def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
     """Replace the classifier's head by a logistic-regression probe, C chosen on ID validation."""
-    transform, bs, workers = exp.bundle.eval_transform, exp.recipe.eval.batch_size, exp.recipe.data.num_workers
-    train_x, train_y = image_features(classifier.model, eval_loader(ImageDataset(exp.benchmark.train, transform), bs, workers), "probe train")
-    val_x, val_y = image_features(classifier.model, eval_loader(ImageDataset(exp.benchmark.val, transform), bs, workers), "probe val")
+    transform, bs, workers = (
+        exp.bundle.eval_transform,
+        exp.recipe.eval.batch_size,
+        exp.recipe.data.num_workers,
+    )
+    train_x, train_y = image_features(
+        classifier.model,
+        eval_loader(ImageDataset(exp.benchmark.train, transform), bs, workers),
+        "probe train",
+    )
+    val_x, val_y = image_features(
+        classifier.model,
+        eval_loader(ImageDataset(exp.benchmark.val, transform), bs, workers),
+        "probe val",
+    )
     probe, scores = choose_c(train_x, train_y, val_x, val_y)
     classifier.head = probe_to_linear(probe, len(exp.benchmark.class_names))
-    atomic_write_json(run_dir / "probe.json", {"chosen_C": probe.C, "val_accuracy_by_C": {str(c): a for c, a in scores.items()}})
+    atomic_write_json(
+        run_dir / "probe.json",
+        {"chosen_C": probe.C, "val_accuracy_by_C": {str(c): a for c, a in scores.items()}},
+    )
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:
@@ -383,7 +414,9 @@ def finetune(
                 gather=gather_batch if env.enabled else None,
             )
             if env.enabled:
-                average_gradients([p for p in classifier.parameters() if p.requires_grad], env.world)
+                average_gradients(
+                    [p for p in classifier.parameters() if p.requires_grad], env.world
+                )
                 if cfg.batchnorm == "train":
                     broadcast_module(classifier)  # rank 0's BN statistics, as DDP does
             if cfg.grad_clip:

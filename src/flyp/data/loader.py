@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from flyp.data.folders import Sample, load_rgb
 
@@ -97,3 +97,13 @@ def train_loader(
 
 def eval_loader(dataset: ImageDataset, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def materialize(dataset: ImageDataset, batch_size: int, num_workers: int) -> TensorDataset:
+    """Every (image, label) of an evaluation dataset, decoded and transformed once, in memory."""
+    images, labels = [], []
+    for batch_images, batch_labels, _ in eval_loader(dataset, batch_size, num_workers):
+        images.append(batch_images)
+        labels.append(batch_labels)
+    labels_t = torch.cat(labels)
+    return TensorDataset(torch.cat(images), labels_t, torch.full_like(labels_t, -1))

@@ -37,3 +37,21 @@ def make_domains(
                 pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     return root
+
+
+def tiny_overrides(root: Path, *extra: str) -> list[str]:
+    """Recipe overrides for the tiny model on a fake tree made by make_domains (photo ID)."""
+    return [
+        "model.spec=tiny",
+        "data.benchmark=folders",
+        f"data.root={root}",
+        "data.id_domain=photo",
+        "data.ood_domains=[art, sketch]",
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.25",
+        "train.batch_size=6",
+        "train.epochs=3",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        *extra,
+    ]

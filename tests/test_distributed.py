@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from fakes import tiny_overrides as shared_overrides
 from flyp.recipe import load_recipe
 from flyp.train import finetune
 
@@ -20,21 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(root: Path, *extra: str) -> list[str]:
-    return [
-        "model.spec=tiny",
-        "data.benchmark=folders",
-        f"data.root={root}",
-        "data.id_domain=photo",
+    # one OOD set, one epoch, a large lr so that a wrong gradient shows after one step
+    return shared_overrides(
+        root,
         "data.ood_domains=[art]",
-        "data.val_fraction=0.25",
-        "data.test_fraction=0.25",
-        "train.batch_size=6",
         "train.epochs=1",
-        "train.lr=3e-2",  # large, so a wrong gradient shows in the weights after one step
+        "train.lr=3e-2",
         "train.warmup_steps=1",
         "train.device=cpu",
         *extra,
-    ]
+    )
 
 
 def _worker(rank: int, world: int, init_file: str, overrides: list[str], run_dir: str) -> None:
@@ -71,7 +67,9 @@ def test_two_processes_step_like_one(extra, fake_pacs, tmp_path):
         join=True,
     )
     before = load_file(str(tmp_path / "one" / "last.safetensors"))
-    assert_same_weights(tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors")
+    assert_same_weights(
+        tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors"
+    )
     # only rank 0 wrote, and the step changed the weights
     log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert len(log) == 1

@@ -21,18 +21,35 @@ def _save_tokenizer(folder: Path) -> None:
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
+    )
     fast.save_pretrained(folder)
 
 
 def _tiny(kind: str, folder: Path) -> Path:
-    text = dict(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=12, pad_token_id=0)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
     torch.manual_seed(0)
     if kind == "clip":
-        config = transformers.CLIPConfig(text_config=text | {"eos_token_id": 2}, vision_config=vision, projection_dim=8)
+        config = transformers.CLIPConfig(
+            text_config=text | {"eos_token_id": 2}, vision_config=vision, projection_dim=8
+        )
         model = transformers.CLIPModel(config)
     else:
         config = transformers.SiglipConfig(text_config=text, vision_config=vision)
@@ -79,7 +96,9 @@ def test_gradients_reach_both_towers(bundle):
     _, b = bundle
     images = torch.randn(2, 3, b.image_size, b.image_size)
     img = torch.nn.functional.normalize(b.model.encode_image(images), dim=-1)
-    txt = torch.nn.functional.normalize(b.model.encode_text(b.tokenizer(["a dog", "a cat"])), dim=-1)
+    txt = torch.nn.functional.normalize(
+        b.model.encode_text(b.tokenizer(["a dog", "a cat"])), dim=-1
+    )
     (b.model.logit_scale.exp() * img @ txt.t()).sum().backward()
     assert next(b.model.visual.parameters()).grad is not None
     assert b.model.logit_scale.grad is not None
@@ -99,10 +118,21 @@ def test_two_flyp_steps_with_an_hf_model(kind, tmp_path):
     from flyp.train import finetune
 
     folder = _tiny(kind, tmp_path / kind)
-    root = make_domains(tmp_path / "data", ["photo", "sketch"], ["dog", "cat"], per_class=4, size=16)
-    recipe = load_recipe(None, [
-        f"model.spec=hf:{folder}", f"data.root={root}", "data.benchmark=folders", "data.id_domain=photo",
-        "data.ood_domains=[sketch]", "train.batch_size=2", "train.stop_after_steps=2", "data.val_fraction=0.25",
-        "data.test_fraction=0.25",
-    ])
+    root = make_domains(
+        tmp_path / "data", ["photo", "sketch"], ["dog", "cat"], per_class=4, size=16
+    )
+    recipe = load_recipe(
+        None,
+        [
+            f"model.spec=hf:{folder}",
+            f"data.root={root}",
+            "data.benchmark=folders",
+            "data.id_domain=photo",
+            "data.ood_domains=[sketch]",
+            "train.batch_size=2",
+            "train.stop_after_steps=2",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0.25",
+        ],
+    )
     assert finetune(recipe, tmp_path / "run") == {"stopped_at_step": 2}

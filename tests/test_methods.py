@@ -15,7 +15,10 @@ from test_train import tiny_recipe
 
 
 def test_wise_endpoints_equal_the_two_models_weight_for_weight():
-    zs, ft = TinyCLIP().state_dict(), {k: v + 1 if v.is_floating_point() else v + 3 for k, v in TinyCLIP().state_dict().items()}
+    zs, ft = (
+        TinyCLIP().state_dict(),
+        {k: v + 1 if v.is_floating_point() else v + 3 for k, v in TinyCLIP().state_dict().items()},
+    )
     at0, at1 = interpolate(zs, ft, 0.0), interpolate(zs, ft, 1.0)
     for key in zs:
         if zs[key].is_floating_point():
@@ -79,7 +82,13 @@ def test_compare_and_report(fake_pacs, tmp_path):
     recipe = tiny_recipe(fake_pacs, "train.epochs=1", "eval.wise_alphas=[0, 0.5, 1]")
     out = tmp_path / "cmp"
     results = compare(recipe, ["zeroshot", "lp", "flyp"], [0, 1], out, soups=True)
-    assert set(results["methods"]) == {"zeroshot", "lp", "flyp", "flyp soup (uniform)", "flyp soup (greedy)"}
+    assert set(results["methods"]) == {
+        "zeroshot",
+        "lp",
+        "flyp",
+        "flyp soup (uniform)",
+        "flyp soup (greedy)",
+    }
     flyp = results["methods"]["flyp"]
     assert flyp["id"]["n"] == 2 and flyp["seeds"] == [0, 1]
     # WiSE at alpha 0 is the zero-shot model, at alpha 1 the finetuned one
@@ -101,8 +110,13 @@ def test_compare_and_report(fake_pacs, tmp_path):
     for line in table[1:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         m = saved["methods"][cells[0]]
-        assert cells[header.index("OOD mean")].split(" ± ")[0] == f"{100 * m['ood_mean']['mean']:.1f}"
-        assert cells[header.index("photo (ID)")].split(" ± ")[0] == f"{100 * m['sets']['photo']['mean']:.1f}"
+        assert (
+            cells[header.index("OOD mean")].split(" ± ")[0] == f"{100 * m['ood_mean']['mean']:.1f}"
+        )
+        assert (
+            cells[header.index("photo (ID)")].split(" ± ")[0]
+            == f"{100 * m['sets']['photo']['mean']:.1f}"
+        )
 
     # flyp report rebuilds the same numbers from the run directories alone
     assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0

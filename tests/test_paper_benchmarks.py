@@ -38,7 +38,9 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 IN_R_AND_A = ["n01498041", "n01531178", "n01534433"]  # three classes in ImageNet, -R and -A
 
 
-def _images(folder: Path, n: int, suffix: str = ".png", start: int = 0, names: list[str] | None = None) -> None:
+def _images(
+    folder: Path, n: int, suffix: str = ".png", start: int = 0, names: list[str] | None = None
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(len(str(folder)))
     for name in names or [f"{start + j:05d}{suffix}" for j in range(n)]:
@@ -65,8 +67,19 @@ def fake_imagenet(root: Path) -> Path:
 
 def fake_iwildcam(root: Path) -> Path:
     folder = root / "iwildcam_v2.0"
-    rows = [("train", 0), ("train", 1), ("train", 0), ("train", 1), ("id_val", 0), ("id_val", 1),
-            ("id_test", 0), ("id_test", 181), ("val", 1), ("test", 0), ("test", 52)]
+    rows = [
+        ("train", 0),
+        ("train", 1),
+        ("train", 0),
+        ("train", 1),
+        ("id_val", 0),
+        ("id_val", 1),
+        ("id_test", 0),
+        ("id_test", 181),
+        ("val", 1),
+        ("test", 0),
+        ("test", 52),
+    ]
     names = [f"{i:04x}.jpg" for i in range(len(rows))]
     _images(folder / "train", 0, names=names)
     with open(folder / "metadata.csv", "w", newline="") as f:
@@ -100,13 +113,33 @@ def fake_fmow(root: Path) -> Path:
     _images(folder / "images", 0, names=[f"rgb_img_{i}.png" for i in range(len(FMOW_ROWS))])
     with open(folder / "rgb_metadata.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["split", "img_filename", "img_path", "spatial_reso", "gsd", "cloud_cover", "timestamp", "country_code", "category"])
+        w.writerow(
+            [
+                "split",
+                "img_filename",
+                "img_path",
+                "spatial_reso",
+                "gsd",
+                "cloud_cover",
+                "timestamp",
+                "country_code",
+                "category",
+            ]
+        )
         for split, year, country, category in FMOW_ROWS:
-            w.writerow([split, "x.jpg", "x/x.jpg", 1, 1.0, 0, f"{year}-03-01T10:00:00Z", country, category])
+            w.writerow(
+                [split, "x.jpg", "x/x.jpg", 1, 1.0, 0, f"{year}-03-01T10:00:00Z", country, category]
+            )
     with open(folder / "country_code_mapping.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "alpha-2", "alpha-3", "region"])
-        w.writerows([["US", "US", "USA", "Americas"], ["FR", "FR", "FRA", "Europe"], ["KE", "KE", "KEN", "Africa"]])
+        w.writerows(
+            [
+                ["US", "US", "USA", "Americas"],
+                ["FR", "FR", "FRA", "Europe"],
+                ["KE", "KE", "KEN", "Africa"],
+            ]
+        )
     return root
 
 
@@ -132,13 +165,25 @@ def _annotations(names: list[str], classes: list[int]) -> np.ndarray:
 
 def fake_stanford_cars(root: Path) -> Path:
     folder = root / "stanford_cars"
-    _savemat(folder / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer SUV 2000", "Acura RL Sedan 2012"], dtype=object)})
+    _savemat(
+        folder / "devkit" / "cars_meta.mat",
+        {
+            "class_names": np.array(
+                ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"], dtype=object
+            )
+        },
+    )
     train = [f"{i:05d}.jpg" for i in range(1, 7)]
     test = [f"{i:05d}.jpg" for i in range(1, 5)]
     _images(folder / "cars_train", 0, names=train)
     _images(folder / "cars_test", 0, names=test)
-    _savemat(folder / "devkit" / "cars_train_annos.mat", {"annotations": _annotations(train, [1, 2, 1, 2, 1, 2])})
-    _savemat(folder / "cars_test_annos_withlabels.mat", {"annotations": _annotations(test, [2, 1, 2, 1])})
+    _savemat(
+        folder / "devkit" / "cars_train_annos.mat",
+        {"annotations": _annotations(train, [1, 2, 1, 2, 1, 2])},
+    )
+    _savemat(
+        folder / "cars_test_annos_withlabels.mat", {"annotations": _annotations(test, [2, 1, 2, 1])}
+    )
     return root
 
 
@@ -146,7 +191,14 @@ def fake_flowers102(root: Path) -> Path:
     folder = root / "flowers-102"
     _images(folder / "jpg", 0, names=[f"image_{i:05d}.jpg" for i in range(1, 11)])
     _savemat(folder / "imagelabels.mat", {"labels": np.array([1, 2, 3, 1, 2, 3, 1, 2, 3, 102])})
-    _savemat(folder / "setid.mat", {"trnid": np.array([1, 2, 4, 5]), "valid": np.array([3, 6]), "tstid": np.array([7, 8, 9, 10])})
+    _savemat(
+        folder / "setid.mat",
+        {
+            "trnid": np.array([1, 2, 4, 5]),
+            "valid": np.array([3, 6]),
+            "tstid": np.array([7, 8, 9, 10]),
+        },
+    )
     return root
 
 
@@ -181,7 +233,9 @@ def fake_sst2(root: Path) -> Path:
 
 
 def fake_pacs(root: Path) -> Path:
-    return make_domains(root, ["photo", "art_painting", "cartoon", "sketch"], ["dog", "horse"], per_class=5, size=12)
+    return make_domains(
+        root, ["photo", "art_painting", "cartoon", "sketch"], ["dog", "horse"], per_class=5, size=12
+    )
 
 
 FAKES = {
@@ -228,7 +282,9 @@ def test_imagenet_reads_every_set(tmp_path):
     b = build_benchmark(_cfg("imagenet", root, ood_domains=shifts, val_fraction=0.34))
     index = class_index()
     expected = {index[w] for w in IN_R_AND_A}
-    assert list(b.tests) == ["imagenet", *shifts] and b.id_name == "imagenet" and b.ood_names == shifts
+    assert (
+        list(b.tests) == ["imagenet", *shifts] and b.id_name == "imagenet" and b.ood_names == shifts
+    )
     assert len(b.class_names) == 1000 and len(b.templates) == 80
     assert len(b.train) == 6 and len(b.val) == 3 and {s.label for s in b.val} == expected
     assert not {s.path for s in b.train} & {s.path for s in b.val}
@@ -250,8 +306,15 @@ def test_imagenet_reads_every_set(tmp_path):
 def test_imagenet_missing_shift_is_left_out_with_a_warning(tmp_path):
     root = fake_imagenet(tmp_path)
     with pytest.warns(UserWarning, match="imagenet-v2"):
-        b = build_benchmark(_cfg("imagenet", root, ood_domains=["imagenet-r", "imagenet-v2"], val_fraction=0.34,
-                                 roots={"imagenet-v2": str(tmp_path / "nowhere")}))
+        b = build_benchmark(
+            _cfg(
+                "imagenet",
+                root,
+                ood_domains=["imagenet-r", "imagenet-v2"],
+                val_fraction=0.34,
+                roots={"imagenet-v2": str(tmp_path / "nowhere")},
+            )
+        )
     assert b.ood_names == ["imagenet-r"]
     with pytest.raises(DataError, match="not an ImageNet shift"):
         build_benchmark(_cfg("imagenet", root, ood_domains=["pets"]))
@@ -271,7 +334,11 @@ def test_r_and_a_logit_restriction_matches_hand_built_case():
 
 
 def test_objectnet_mapping_matches_hand_built_case():
-    assert OBJECTNET_TO_IMAGENET["chair"] == ["n02791124", "n03376595", "n04099969"]  # barber, folding, rocking
+    assert OBJECTNET_TO_IMAGENET["chair"] == [
+        "n02791124",
+        "n03376595",
+        "n04099969",
+    ]  # barber, folding, rocking
     assert [class_index()[w] for w in OBJECTNET_TO_IMAGENET["chair"]] == [423, 559, 765]
     logits = torch.zeros(1, 1000)
     logits[0, 559] = 5.0  # folding chair
@@ -294,7 +361,14 @@ def test_objectnet_border_crop():
 
 
 def test_iwildcam_splits_and_metric(tmp_path):
-    b = build_benchmark(_cfg("iwildcam", fake_iwildcam(tmp_path), id_domain="id_test", ood_domains=["ood_test", "ood_val"]))
+    b = build_benchmark(
+        _cfg(
+            "iwildcam",
+            fake_iwildcam(tmp_path),
+            id_domain="id_test",
+            ood_domains=["ood_test", "ood_val"],
+        )
+    )
     assert b.metric == "macro_f1" and len(b.class_names) == 182
     assert [s.label for s in b.train] == [0, 1, 0, 1] and len(b.val) == 2
     assert sorted(s.label for s in b.tests["id_test"]) == [0, 181]
@@ -304,7 +378,9 @@ def test_iwildcam_splits_and_metric(tmp_path):
 
 
 def test_fmow_time_splits_and_region_groups(tmp_path):
-    b = build_benchmark(_cfg("fmow", fake_fmow(tmp_path), id_domain="id_test", ood_domains=["ood_test", "ood_val"]))
+    b = build_benchmark(
+        _cfg("fmow", fake_fmow(tmp_path), id_domain="id_test", ood_domains=["ood_test", "ood_val"])
+    )
     rows = lambda samples: sorted(int(Path(s.path).stem.split("_")[-1]) for s in samples)  # noqa: E731
     assert b.metric == "worst_group_accuracy" and len(b.class_names) == 62
     assert rows(b.train) == [1, 2, 3] and rows(b.val) == [5, 6]
@@ -312,7 +388,10 @@ def test_fmow_time_splits_and_region_groups(tmp_path):
     assert rows(b.tests["ood_val"]) == [7] and rows(b.tests["ood_test"]) == [11, 12]
     assert {s.label for s in b.train} == {FMOW_CLASSES.index("airport"), FMOW_CLASSES.index("zoo")}
     # groups: Asia 0, Europe 1, Africa 2, Americas 3, Oceania 4, aligned with the samples
-    by_row = {int(Path(s.path).stem.split("_")[-1]): g for s, g in zip(b.tests["ood_test"], b.groups["ood_test"], strict=True)}
+    by_row = {
+        int(Path(s.path).stem.split("_")[-1]): g
+        for s, g in zip(b.tests["ood_test"], b.groups["ood_test"], strict=True)
+    }
     assert by_row == {11: 1, 12: 2}
     assert set(b.groups) == {"val", "id_test", "ood_test", "ood_val"}
     assert fmow_split("seq", 2010) is None and fmow_split("test", 2015) is None
@@ -322,7 +401,9 @@ def test_fmow_time_splits_and_region_groups(tmp_path):
 
 
 def test_caltech101_leaves_out_background(tmp_path):
-    b = build_benchmark(_cfg("caltech101", fake_caltech101(tmp_path), val_fraction=0.2, test_fraction=0.2))
+    b = build_benchmark(
+        _cfg("caltech101", fake_caltech101(tmp_path), val_fraction=0.2, test_fraction=0.2)
+    )
     assert b.class_names == ["centered face", "accordion", "airplane"]
     assert len(b.train) == 9 and len(b.val) == 3 and len(b.tests["test"]) == 3
     assert not any("BACKGROUND" in s.path for s in b.train + b.val + b.tests["test"])
@@ -332,20 +413,33 @@ def test_stanford_cars_reads_mat_annotations(tmp_path):
     b = build_benchmark(_cfg("stanford_cars", fake_stanford_cars(tmp_path), val_fraction=0.34))
     assert b.class_names == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
     assert len(b.train) == 4 and len(b.val) == 2
-    assert [(Path(s.path).name, s.label) for s in b.tests["test"]] == [("00001.jpg", 1), ("00002.jpg", 0), ("00003.jpg", 1), ("00004.jpg", 0)]
+    assert [(Path(s.path).name, s.label) for s in b.tests["test"]] == [
+        ("00001.jpg", 1),
+        ("00002.jpg", 0),
+        ("00003.jpg", 1),
+        ("00004.jpg", 0),
+    ]
 
 
 def test_flowers102_official_split(tmp_path):
     b = build_benchmark(_cfg("flowers102", fake_flowers102(tmp_path)))
     assert len(b.class_names) == 102 and b.class_names[0] == "pink primrose"
     assert [(Path(s.path).name, s.label) for s in b.train] == [
-        ("image_00001.jpg", 0), ("image_00002.jpg", 1), ("image_00004.jpg", 0), ("image_00005.jpg", 1)]
+        ("image_00001.jpg", 0),
+        ("image_00002.jpg", 1),
+        ("image_00004.jpg", 0),
+        ("image_00005.jpg", 1),
+    ]
     assert sorted(s.label for s in b.tests["test"]) == [0, 1, 2, 101]
 
 
 def test_pcam_and_sst2(tmp_path):
     b = build_benchmark(_cfg("pcam", fake_pcam(tmp_path / "p")))
-    assert [s.label for s in b.train] == [0, 1, 0, 1, 0, 1] and len(b.val) == 2 and len(b.tests["test"]) == 3
+    assert (
+        [s.label for s in b.train] == [0, 1, 0, 1, 0, 1]
+        and len(b.val) == 2
+        and len(b.tests["test"]) == 3
+    )
     s = build_benchmark(_cfg("sst2", fake_sst2(tmp_path / "s")))
     assert s.class_names == ["negative", "positive"] and len(s.train) == 6 and len(s.val) == 6
 
@@ -400,8 +494,14 @@ def test_recipe_dry_runs_two_steps(recipe, tmp_path):
         pytest.skip(f"no fake layout for benchmark '{base.data.benchmark}'")
     root = FAKES[base.data.benchmark](tmp_path / "data")
     overrides = [
-        "model.spec=tiny", "model.image_size=32", "train.stop_after_steps=2", "train.batch_size=2",
-        f"data.root={root}", "data.num_workers=0", "data.val_fraction=0.34", "data.test_fraction=0.2",
+        "model.spec=tiny",
+        "model.image_size=32",
+        "train.stop_after_steps=2",
+        "train.batch_size=2",
+        f"data.root={root}",
+        "data.num_workers=0",
+        "data.val_fraction=0.34",
+        "data.test_fraction=0.2",
     ]
     if base.data.k_shot is not None:
         overrides.append("data.k_shot=2")

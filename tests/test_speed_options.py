@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fakes import tiny_overrides
 from flyp.models import load_model
 from flyp.models.openclip import TrimmedTokenizer, trim_text_context
 from flyp.recipe import load_recipe
@@ -45,20 +46,14 @@ def test_trimmed_open_clip_text_gives_the_full_context_features(tmp_path):
 def tiny(root, *extra):
     return load_recipe(
         None,
-        [
-            "model.spec=tiny",
-            "data.benchmark=folders",
-            f"data.root={root}",
-            "data.id_domain=photo",
+        tiny_overrides(
+            root,
             "data.ood_domains=[art]",
-            "data.val_fraction=0.25",
-            "data.test_fraction=0.25",
-            "train.batch_size=6",
             "train.epochs=1",
             "train.lr=3e-2",
             "train.stop_after_steps=1",
             *extra,
-        ],
+        ),
     )
 
 

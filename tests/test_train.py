@@ -4,29 +4,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fakes import tiny_overrides
 from flyp.methods import METHODS
 from flyp.recipe import load_recipe
 from flyp.train import RunError, finetune
 
 
 def tiny_recipe(root, *overrides):
-    return load_recipe(
-        None,
-        [
-            "model.spec=tiny",
-            "data.benchmark=folders",
-            f"data.root={root}",
-            "data.id_domain=photo",
-            "data.ood_domains=[art, sketch]",
-            "data.val_fraction=0.25",
-            "data.test_fraction=0.25",
-            "train.batch_size=6",
-            "train.epochs=3",
-            "train.lr=3e-3",
-            "train.warmup_steps=2",
-            *overrides,
-        ],
-    )
+    return load_recipe(None, tiny_overrides(root, *overrides))
 
 
 def losses(run_dir):
@@ -127,6 +112,10 @@ def test_evaluation_images_are_decoded_once_and_reused(fake_pacs, tmp_path):
     assert set(exp.eval_cache) == {"val", "photo", "art", "sketch"}
     shutil.rmtree(fake_pacs)  # a second pass must not touch the files
     assert evaluate_classifier(clf, exp) == first
-    uncached = prepare(tiny_recipe(tmp_path / "gone", "eval.cache_gb=0"), bundle=exp.bundle, benchmark=exp.benchmark)
+    uncached = prepare(
+        tiny_recipe(tmp_path / "gone", "eval.cache_gb=0"),
+        bundle=exp.bundle,
+        benchmark=exp.benchmark,
+    )
     with pytest.raises(Exception, match="cannot read image"):
         evaluate_classifier(clf, uncached)

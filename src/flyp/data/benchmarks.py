@@ -15,14 +15,13 @@ from flyp.data import templates as tpl
 from flyp.data.folders import (
     DataError,
     Sample,
-    check_images,
     check_same_classes,
     list_domain,
     read_csv,
     require_dir,
 )
 from flyp.data.lazy import lazy_builder
-from flyp.data.splits import stratified_split, stratified_subsample
+from flyp.data.splits import stratified_split
 from flyp.recipe import DataConfig
 
 PACS_DEFAULT_ROOT = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "pacs"
@@ -54,32 +53,6 @@ class Benchmark:
         return {"val": self.val, **self.tests}
 
 
-def _split_domains(
-    cfg: DataConfig, domains: dict[str, list[Sample]]
-) -> tuple[list[Sample], list[Sample], dict[str, list[Sample]]]:
-    train, val, test = stratified_split(
-        domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
-    )
-    train = stratified_subsample(train, cfg.max_train, cfg.split_seed)
-    if cfg.k_shot is not None:
-        from flyp.data.paper import k_shot
-
-        train = k_shot(train, cfg.k_shot, cfg.split_seed)
-    tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
-    val = stratified_subsample(val, cfg.max_eval, cfg.split_seed)
-    tests = {k: stratified_subsample(v, cfg.max_eval, cfg.split_seed) for k, v in tests.items()}
-    return train, val, tests
-
-
-def _check_all(cfg: DataConfig, parts: list[list[Sample]]) -> tuple[list[list[Sample]], int]:
-    checked, bad = [], 0
-    for part in parts:
-        kept, n = check_images(part, cfg.on_bad_image)
-        checked.append(kept)
-        bad += n
-    return checked, bad
-
-
 def _assemble(
     cfg: DataConfig,
     name: str,
@@ -87,23 +60,15 @@ def _assemble(
     templates: list[str],
     domains: dict[str, list[Sample]],
 ) -> Benchmark:
-    train, val, tests = _split_domains(cfg, domains)
-    names = list(tests)
-    (train, val, *test_parts), bad = _check_all(cfg, [train, val, *tests.values()])
-    if not train:
-        raise DataError(f"the ID domain '{cfg.id_domain}' left no training images after the split")
-    display = [c.replace("_", " ") for c in classes]
-    return Benchmark(
-        name=name,
-        class_names=display,
-        templates=tpl.get_templates(cfg.templates) if cfg.templates else templates,
-        train=train,
-        val=val,
-        tests=dict(zip(names, test_parts, strict=True)),
-        id_name=cfg.id_domain,
-        ood_names=list(cfg.ood_domains),
-        skipped_images=bad,
+    """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole."""
+    from flyp.data.paper import finish  # paper imports this module
+
+    train, val, test = stratified_split(
+        domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
     )
+    tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
+    display = [c.replace("_", " ") for c in classes]
+    return finish(cfg, name, display, templates, train, val, tests, id_name=cfg.id_domain)
 
 
 def _check_domain_names(root: Path, cfg: DataConfig, available: list[str]) -> None:

@@ -34,6 +34,10 @@ def test_wrong_type_is_named():
         from_dict({"train": {"epochs": "five"}})
     with pytest.raises(RecipeError, match=r"data.ood_domains: expected a list"):
         from_dict({"data": {"ood_domains": "sketch"}})
+    with pytest.raises(RecipeError, match=r"data.roots: expected a mapping"):
+        from_dict({"data": {"roots": "/data"}})
+    with pytest.raises(RecipeError, match=r"data.roots.imagenet-r: expected str"):
+        from_dict({"data": {"roots": {"imagenet-r": 3}}})
     with pytest.raises(RecipeError, match=r"eval.every_epoch: expected true or false"):
         from_dict({"eval": {"every_epoch": 1}})
 

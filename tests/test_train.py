@@ -119,3 +119,11 @@ def test_evaluation_images_are_decoded_once_and_reused(fake_pacs, tmp_path):
     )
     with pytest.raises(Exception, match="cannot read image"):
         evaluate_classifier(clf, uncached)
+
+
+def test_sigmoid_loss_needs_a_sigmoid_model(fake_pacs, tmp_path):
+    with pytest.raises(RunError, match="needs a model with a logit_bias"):
+        finetune(tiny_recipe(fake_pacs, "train.contrastive_loss=siglip"), tmp_path / "run")
+    with pytest.raises(RunError, match="auto, clip or siglip"):
+        finetune(tiny_recipe(fake_pacs, "train.contrastive_loss=hinge"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -64,6 +64,7 @@ class TrainConfig:
     max_logit_scale: float = 100.0
     l2sp_weight: float = 0.1  # lambda of the l2sp method
     collisions: str = "none"  # "none", "mask" or "soft": same-class captions in a FLYP batch
+    contrastive_loss: str = "auto"  # "auto" (the model's pretraining loss), "clip" or "siglip"
     checkpoint_every: int = 0  # also save resumable state every N steps (0: at epoch ends only)
     stop_after_steps: int | None = None  # end the process after N steps, as if killed (tests)
     select_on: str = "val"  # epoch selection: "val" (ID validation accuracy) or "last"
@@ -120,6 +121,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_hint, where): _coerce(v, value_hint, f"{where}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):

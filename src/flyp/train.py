@@ -166,13 +166,25 @@ def _eval_loaders(
     }
 
 
+def _loss_kind(exp: Experiment) -> str:
+    """The contrastive loss to finetune with: by default the one the model was pretrained with."""
+    choice = exp.recipe.train.contrastive_loss
+    if choice == "auto":
+        return exp.bundle.loss
+    if choice not in ("clip", "siglip"):
+        raise RunError(f"train.contrastive_loss must be auto, clip or siglip, got '{choice}'")
+    if choice == "siglip" and getattr(exp.bundle.model, "logit_bias", None) is None:
+        raise RunError(f"train.contrastive_loss=siglip needs a model with a logit_bias (a SigLIP model); {exp.bundle.spec} has none")
+    return choice
+
+
 def loss_context(exp: Experiment) -> LossContext:
     train = exp.recipe.train
     return LossContext(
         tokenizer=exp.bundle.tokenizer,
         class_names=exp.benchmark.class_names,
         templates=exp.benchmark.templates,
-        loss_kind=exp.bundle.loss,
+        loss_kind=_loss_kind(exp),
         collisions=train.collisions,
         l2sp_weight=train.l2sp_weight,
     )
@@ -289,12 +301,12 @@ def finetune(
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
+    method = get_method(cfg.method)
+    ctx = loss_context(exp)
     barrier()  # every rank has checked the run directory before rank 0 writes into it
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-    method = get_method(cfg.method)
-    ctx = loss_context(exp)
     model = exp.bundle.model
     channels_last = prefers_channels_last(model)
     if channels_last:

@@ -83,3 +83,9 @@ def test_cli_resume_of_a_killed_run(pacs_root, tmp_path):
     assert not (run / "metrics.json").exists()
     assert main(["finetune", "--resume", str(run)]) == 0
     assert json.loads((run / "metrics.json").read_text())["selected_epoch"] in (1, 2)
+
+
+def test_cli_unknown_method_is_named(tmp_path, capsys):
+    assert main(["finetune", str(RECIPE), "--set", "model.spec=tiny", "--set", "train.method=flip", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown method 'flip'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

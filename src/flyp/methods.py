@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from flyp.heads import zeroshot_weights
 from flyp.losses import clip_loss, siglip_loss
 from flyp.models.base import prefers_channels_last, to_model_layout
+from flyp.recipe import RecipeError
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
+        raise RecipeError(f"unknown method '{name}' (train.method / --methods); known: {', '.join(METHODS)}")
     return METHODS[name]
 
 

@@ -44,6 +44,7 @@ from flyp.distributed import (
 )
 from flyp.evaluate import evaluate_sets, summarise
 from flyp.gradcache import PRECISIONS, forward_backward
+from flyp.losses import COLLISIONS
 from flyp.methods import (
     Classifier,
     LossContext,
@@ -168,6 +169,8 @@ def _eval_loaders(
 
 def _loss_kind(exp: Experiment) -> str:
     """The contrastive loss to finetune with: by default the one the model was pretrained with."""
+    if exp.recipe.train.collisions not in COLLISIONS:
+        raise RunError(f"train.collisions must be one of {COLLISIONS}, got '{exp.recipe.train.collisions}'")
     choice = exp.recipe.train.contrastive_loss
     if choice == "auto":
         return exp.bundle.loss
@@ -300,8 +303,8 @@ def finetune(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
     method = get_method(cfg.method)
+    exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
     ctx = loss_context(exp)
     barrier()  # every rank has checked the run directory before rank 0 writes into it
     if env.is_main:

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from fakes import make_domains
+from flyp.data.benchmarks import pacs_default_root
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-PACS_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pacs"
+PACS_ROOT = pacs_default_root()
 
 
 @pytest.fixture

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from flyp.data.benchmarks import pacs_default_root
 from flyp.models.default import MiniLMTokenizer, load_default
 
-PACS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pacs"
+PACS = pacs_default_root()
 ELEPHANT_PHOTO = PACS / "photo" / "elephant" / "064_0004.jpg"
 IMAGENET_ELEPHANTS = {101, 385, 386}  # tusker, Indian elephant, African bush elephant
 

@@ -7,6 +7,7 @@ stratified split; every other listed domain is an OOD test set used whole.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,17 @@ from flyp.data.lazy import lazy_builder
 from flyp.data.splits import stratified_split
 from flyp.recipe import DataConfig
 
-PACS_DEFAULT_ROOT = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "pacs"
+
+def pacs_default_root() -> Path:
+    """Where PACS is looked for when data.root is null: $FLYP_PACS_ROOT, then ../shared/data/pacs
+    next to the project, then the workplace's shared folder."""
+    candidates = [
+        os.environ.get("FLYP_PACS_ROOT"),
+        Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pacs",
+        "/work/shared/data/pacs",
+    ]
+    found = [Path(c) for c in candidates if c and Path(c).is_dir()]
+    return (found[0] if found else Path(candidates[1])).resolve()
 
 
 @dataclass
@@ -104,7 +115,7 @@ def build_folders(
 
 def build_pacs(cfg: DataConfig) -> Benchmark:
     return build_folders(
-        cfg, name="pacs", templates=tpl.PACS, default_root=PACS_DEFAULT_ROOT.resolve()
+        cfg, name="pacs", templates=tpl.PACS, default_root=pacs_default_root()
     )
 
 

@@ -36,13 +36,22 @@ def _load_runs(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     return runs
 
 
+def _method_order(name: str) -> tuple[int, bool, str]:
+    """The methods table's order (zero-shot first), each method's soups right after it."""
+    from flyp.methods import METHODS
+
+    order = list(METHODS)
+    base = name.split(" soup")[0]
+    return (order.index(base) if base in order else len(order), name != base, name)
+
+
 def aggregate(run_dirs: Sequence[Path]) -> dict[str, Any]:
     """Group runs by method; mean and std over seeds of every number; WiSE chosen per seed on val."""
     runs = _load_runs(run_dirs)
     first = runs[0]
     set_names = [s for s in first["sets"] if s != "val"]
     methods: dict[str, Any] = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
+    for method in sorted(dict.fromkeys(r["method"] for r in runs), key=_method_order):
         group = [r for r in runs if r["method"] == method]
         entry: dict[str, Any] = {
             "runs": [r["run_dir"] for r in group],
@@ -119,28 +128,41 @@ def write_csv(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path, title: str) -> None:
+    """Two panels: every method with its WiSE-FT line from the zero-shot star (left), and a zoom
+    on the finetuned models with error bars over seeds and the soups (right). A method and its
+    soups share a colour; soups are squares (uniform) and triangles (greedy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=150)
-    colours = plt.get_cmap("tab10")
-    for i, (name, m) in enumerate(results["methods"].items()):
-        x, y = 100 * m["id"]["mean"], 100 * m["ood_mean"]["mean"]
-        if name == "zeroshot":
-            ax.scatter([x], [y], marker="*", s=400, color="gold", edgecolor="black", zorder=5, label="zero-shot")
-            continue
-        colour = colours(i % 10)
-        ax.errorbar([x], [y], xerr=[100 * m["id"]["std"]], yerr=[100 * m["ood_mean"]["std"]], fmt="o", ms=10, color=colour, label=name, zorder=4)
-        if "wise" in m:
-            ax.plot([100 * v for v in m["wise"]["id"]], [100 * v for v in m["wise"]["ood_mean"]], "-", color=colour, alpha=0.6, lw=2)
-            ax.scatter([100 * m["wise"]["best"]["id"]["mean"]], [100 * m["wise"]["best"]["ood_mean"]["mean"]], marker="D", s=60, color=colour, edgecolor="black", zorder=4)
-    ax.set_xlabel(f"ID {results['metric']} ({results['id_name']}), %", fontsize=14)
-    ax.set_ylabel(f"OOD mean {results['metric']} ({', '.join(results['ood_names'])}), %", fontsize=12)
-    ax.set_title(title + "\nlines: WiSE-FT α from 0 to 1; diamonds: α chosen on ID val", fontsize=12)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=11, loc="best")
+    methods = results["methods"]
+    bases = list(dict.fromkeys(name.split(" soup")[0] for name in methods if name != "zeroshot"))
+    colour = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=120)
+    for panel, ax in enumerate(axes):
+        for name, m in methods.items():
+            x, y = 100 * m["id"]["mean"], 100 * m["ood_mean"]["mean"]
+            if name == "zeroshot":
+                if panel == 0:
+                    ax.scatter([x], [y], marker="*", s=500, color="gold", edgecolor="black", zorder=5, label="zero-shot")
+                continue
+            base = name.split(" soup")[0]
+            marker = "s" if "uniform" in name else "^" if "greedy" in name else "o"
+            ax.errorbar([x], [y], xerr=[100 * m["id"]["std"]], yerr=[100 * m["ood_mean"]["std"]], fmt=marker, ms=11, color=colour[base], mec="black", label=name, zorder=4, capsize=3)
+            if "wise" in m and panel == 0:
+                ax.plot([100 * v for v in m["wise"]["id"]], [100 * v for v in m["wise"]["ood_mean"]], "-", color=colour[base], alpha=0.7, lw=2.5)
+            if "wise" in m:
+                best = m["wise"]["best"]
+                ax.scatter([100 * best["id"]["mean"]], [100 * best["ood_mean"]["mean"]], marker="D", s=50, color=colour[base], edgecolor="black", zorder=4)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(f"ID {results['metric']} ({results['id_name']}), %", fontsize=14)
+        ax.tick_params(labelsize=12)
+    axes[0].set_ylabel(f"OOD mean {results['metric']} ({', '.join(results['ood_names'])}), %", fontsize=12)
+    axes[0].set_title("all methods; lines: WiSE-FT from α=0 (star) to α=1", fontsize=13)
+    axes[1].set_title("finetuned models (± std over seeds); diamonds: WiSE α chosen on ID val", fontsize=13)
+    axes[1].legend(fontsize=10, loc="best", ncol=2)
+    fig.suptitle(title, fontsize=16, fontweight="bold")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

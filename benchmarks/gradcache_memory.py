@@ -1,17 +1,19 @@
 """Peak memory of one FLYP step: the micro-batch alone, 8x it through the gradient cache, 8x plain.
 
-CPU: each case runs in a fresh child process; the figure is the peak RSS during its first step
-minus the RSS just before it.
+CPU: live heap bytes (glibc mallinfo2: in-use arena blocks + mmapped blocks, which are returned to
+the system when freed) sampled at every autograd save and unpack during the step, minus the live
+bytes before the batch was made; so the input batch counts. (RSS is no measure: freed memory stays
+in it and model loading sets the process peak.)
 CUDA: torch.cuda.max_memory_allocated over the step, minus the memory allocated before it.
 
-  .venv/bin/python benchmarks/gradcache_memory.py                   # ~1 minute on 2 cores
+  .venv/bin/python benchmarks/gradcache_memory.py --micro 32        # ~1 minute on 2 cores
   .venv/bin/python benchmarks/gradcache_memory.py --micro 32 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +22,18 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "configs" / "flyp-bench-vit.json"
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def live_heap_bytes() -> int:
+    """Bytes malloc has handed out and not taken back (glibc only)."""
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def child(args: argparse.Namespace) -> None:
@@ -39,6 +50,10 @@ def child(args: argparse.Namespace) -> None:
     classifier.train()
     ctx = LossContext(bundle.tokenizer, ["dog", "horse", "house"], ["a photo of a {}."])
     size = bundle.image_size
+    if device.type == "cpu":
+        for p in classifier.parameters():  # gradient buffers exist after a run's first step
+            p.grad = torch.zeros_like(p)
+    before_batch = live_heap_bytes() if device.type == "cpu" else 0
     images = torch.randn(args.batch, 3, size, size, device=device)
     labels = torch.randint(0, 3, (args.batch,), device=device)
     seeds = torch.arange(args.batch)
@@ -47,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
         classifier.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
         forward_backward(
             get_method("flyp"), classifier, images, labels, seeds, 0, ctx,
-            micro_batch=args.micro, precision=args.precision,
+            micro_batch=args.micro or None, precision=args.precision,
         )  # fmt: skip
 
     if device.type == "cuda":
@@ -58,13 +73,16 @@ def child(args: argparse.Namespace) -> None:
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:  # the first step (no warm-up: freed CPU memory stays in RSS and would hide the peak),
-        # with the gradient buffers made beforehand, as they are after a run's first step
-        for p in classifier.parameters():
-            p.grad = torch.zeros_like(p)
-        before = rss_mb()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    else:
+        peak_bytes = [live_heap_bytes()]
+
+        def sample(tensor):
+            peak_bytes[0] = max(peak_bytes[0], live_heap_bytes())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(sample, sample):
+            step()
+        peak = (peak_bytes[0] - before_batch) / 2**20
     print(f"PEAK {peak:.1f}")
 
 
@@ -85,7 +103,7 @@ def main() -> None:
     def run(batch: int, micro: int | None) -> float:
         argv = [sys.executable, __file__, "--child", "--model", args.model, "--batch", str(batch),
                 "--device", args.device, "--precision", args.precision]  # fmt: skip
-        argv += ["--micro", str(micro)] if micro else []
+        argv += ["--micro", str(micro or 0)]  # 0: no gradient cache (the default would be 8)
         argv += ["--trim"] if args.trim else []
         out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1200)
         return float(out.stdout.split("PEAK ")[-1])

@@ -61,7 +61,8 @@ def image_tower_names(model: nn.Module, image_size: int) -> set[str]:
     for _, p in named:
         p.requires_grad_(True)
     with torch.enable_grad():
-        out = model.encode_image(torch.zeros(1, 3, image_size, image_size)).float().sum()
+        probe = torch.zeros(1, 3, image_size, image_size, device=model.logit_scale.device)
+        out = model.encode_image(probe).float().sum()
         grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
     for (_, p), flag in zip(named, flags, strict=True):
         p.requires_grad_(flag)
@@ -90,7 +91,7 @@ class Classifier(nn.Module):
         self.text_head = zeroshot_weights(self.model, tokenizer, class_names, templates)
 
     def forward(self, images: Tensor) -> Tensor:
-        images = to_model_layout(images, self.channels_last)
+        images = to_model_layout(images.to(self.model.logit_scale.device, non_blocking=True), self.channels_last)
         features = F.normalize(self.model.encode_image(images), dim=-1)
         if self.head is not None:
             return self.head(features)

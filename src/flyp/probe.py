@@ -22,9 +22,10 @@ C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 def image_features(model: nn.Module, loader: DataLoader, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     channels_last = prefers_channels_last(model)
+    device = next(model.parameters()).device
     feats, labels = [], []
     for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        images = to_model_layout(images, channels_last)
+        images = to_model_layout(images.to(device, non_blocking=True), channels_last)
         feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
         labels.append(batch_labels)
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()

@@ -271,10 +271,6 @@ def _place_model(classifier: Classifier, ctx: LossContext, cfg, env: DistEnv) ->
     """Move the model to this process's device, give every rank rank 0's weights, compile."""
     classifier.to(env.device)
     ctx.theta0 = {name: p.to(env.device) for name, p in ctx.theta0.items()}
-    if env.device.type != "cpu":  # evaluation loaders yield CPU tensors
-        classifier.register_forward_pre_hook(
-            lambda _module, args: tuple(a.to(env.device, non_blocking=True) for a in args)
-        )
     if env.enabled:
         broadcast_module(classifier)
     if cfg.compile:

@@ -44,3 +44,14 @@ def prefers_channels_last(model: nn.Module) -> bool:
 
 def to_model_layout(images: Tensor, channels_last: bool) -> Tensor:
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def image_transforms(size: int, mean, std, crop_scale: tuple[float, float] = (0.5, 1.0)):
+    """(train, eval) transforms: random resized crop + flip for training; resize + centre crop
+    for evaluation; both end in the normalisation the image tower's weights expect."""
+    from torchvision import transforms as T
+
+    normalize = T.Normalize(mean, std)
+    train = T.Compose([T.RandomResizedCrop(size, scale=crop_scale), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    evaluation = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), normalize])
+    return train, evaluation

@@ -25,9 +25,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import transforms as T
 
-from flyp.models.base import ModelBundle
+from flyp.models.base import ModelBundle, image_transforms
 
 TEMPERATURE = 2.0  # softmax temperature of the ImageNet logits inside the bridge
 BRIDGE_TEMPLATES = ("a photo of a {}.",)  # captions whose MiniLM embeddings start the bridge rows
@@ -173,16 +172,7 @@ def load_default(image_size: int | None = None, context_length: int | None = Non
         _cached_class_embeddings(model, tokenizer, BRIDGE_TEMPLATES, path / "model.safetensors")
     )
 
-    normalize = T.Normalize(MEAN, STD)
-    train_tf = T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.5, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            normalize,
-        ]
-    )
-    eval_tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), normalize])
+    train_tf, eval_tf = image_transforms(size, MEAN, STD, crop_scale=(0.5, 1.0))
     return ModelBundle(
         model, tokenizer, train_tf, eval_tf, spec="default", image_size=size, loss="clip"
     )

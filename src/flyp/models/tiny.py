@@ -8,9 +8,8 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import transforms as T
 
-from flyp.models.base import ModelBundle
+from flyp.models.base import ModelBundle, image_transforms
 
 
 class WordHashTokenizer:
@@ -67,14 +66,5 @@ def load_tiny(image_size: int | None = None, seed: int = 0) -> ModelBundle:
     size = image_size or 32
     torch.manual_seed(seed)
     model = TinyCLIP()
-    normalize = T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    train_tf = T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.7, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            normalize,
-        ]
-    )
-    eval_tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), normalize])
+    train_tf, eval_tf = image_transforms(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_scale=(0.7, 1.0))
     return ModelBundle(model, WordHashTokenizer(), train_tf, eval_tf, spec="tiny", image_size=size)

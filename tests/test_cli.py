@@ -89,3 +89,14 @@ def test_cli_unknown_method_is_named(tmp_path, capsys):
     assert main(["finetune", str(RECIPE), "--set", "model.spec=tiny", "--set", "train.method=flip", "--out", str(tmp_path / "r")]) == 2
     assert "unknown method 'flip'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_data_shows_splits_and_counts(fake_pacs, capsys):
+    args = ["data", str(RECIPE), "--set", "data.benchmark=folders", "--set", f"data.root={fake_pacs}",
+            "--set", "data.ood_domains=[art, sketch]", "--set", "data.val_fraction=0.25", "--set", "data.test_fraction=0.25"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "3 classes" in out and "OOD art, sketch" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert rows["dog"] == ["6", "3", "3", "12", "12"]  # train, val, photo test, art, sketch
+    assert rows["total"] == ["18", "9", "9", "36", "36"]

@@ -12,7 +12,12 @@ from flyp.recipe import load_recipe
 DEFAULT_METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 # The quick comparison (the README's main command) that fits in 15 minutes on 2 CPU cores;
 # --full drops these and uses the recipe as written.
-QUICK_OVERRIDES = ["data.max_train=640", "data.max_eval=300", "train.epochs=3", "eval.wise_alphas=[0, 0.25, 0.5, 0.75, 1.0]"]
+QUICK_OVERRIDES = [
+    "data.max_train=640",
+    "data.max_eval=300",
+    "train.epochs=3",
+    "eval.wise_alphas=[0, 0.25, 0.5, 0.75, 1.0]",
+]
 
 
 def _default_run_dir(recipe_name: str, method: str, seed: int) -> Path:
@@ -78,9 +83,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         overrides = [*QUICK_OVERRIDES, *overrides]
     recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}-compare"
-    results = compare(recipe, args.methods, args.seeds, out, wise=not args.no_wise, soups=args.soups)
+    results = compare(
+        recipe, args.methods, args.seeds, out, wise=not args.no_wise, soups=args.soups
+    )
     print((out / "report.md").read_text())
-    print(f"report: {out / 'report.md'}  figure: {out / 'figure.png'}  ({len(results['methods'])} methods)")
+    print(
+        f"report: {out / 'report.md'}  figure: {out / 'figure.png'}  ({len(results['methods'])} methods)"
+    )
     return 0
 
 
@@ -88,7 +97,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from flyp.report import write_report
 
     dirs = [Path(d) for d in args.run_dirs]
-    expanded = [r for d in dirs for r in ([d] if (d / "metrics.json").exists() else sorted(p.parent for p in d.glob("**/metrics.json")))]
+    expanded = [
+        r
+        for d in dirs
+        for r in (
+            [d]
+            if (d / "metrics.json").exists()
+            else sorted(p.parent for p in d.glob("**/metrics.json"))
+        )
+    ]
     if not expanded:
         print("error: no finished runs (metrics.json) under the given directories", file=sys.stderr)
         return 2
@@ -110,8 +127,34 @@ def cmd_wise(args: argparse.Namespace) -> int:
     alphas = args.alphas or recipe.eval.wise_alphas
     result = wise_sweep(exp, run_dir, alphas, copy.deepcopy(exp.bundle.model.state_dict()))
     for p in result["points"]:
-        print(f"alpha {p['alpha']:.2f}  val {100 * p['val']:.1f}  ID {100 * p['id']:.1f}  OOD mean {100 * p['ood_mean']:.1f}")
+        print(
+            f"alpha {p['alpha']:.2f}  val {100 * p['val']:.1f}  ID {100 * p['id']:.1f}  OOD mean {100 * p['ood_mean']:.1f}"
+        )
     print(f"best alpha on ID validation: {result['best_alpha']}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Build a recipe's benchmark and show what a run would see: classes, splits, counts."""
+    from collections import Counter
+
+    from flyp.data import build_benchmark
+
+    recipe = load_recipe(args.recipe, args.set)
+    bench = build_benchmark(recipe.data)
+    print(
+        f"benchmark {bench.name}: {len(bench.class_names)} classes, {len(bench.templates)} templates, "
+        f"metric {bench.metric}; ID {bench.id_name}, OOD {', '.join(bench.ood_names) or 'none'}"
+    )
+    sets = {"train": bench.train, **bench.eval_sets()}
+    width = max(len(c) for c in bench.class_names)
+    print(f"{'class':<{width}}" + "".join(f"{name:>14}" for name in sets))
+    counts = {name: Counter(s.label for s in samples) for name, samples in sets.items()}
+    for label, cls in enumerate(bench.class_names):
+        print(f"{cls:<{width}}" + "".join(f"{counts[name][label]:>14}" for name in sets))
+    print(f"{'total':<{width}}" + "".join(f"{len(samples):>14}" for samples in sets.values()))
+    if bench.skipped_images:
+        print(f"{bench.skipped_images} unreadable images left out (data.on_bad_image=skip)")
     return 0
 
 
@@ -161,20 +204,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("compare", help="run several methods on the same splits and seeds, then report")
+    p = sub.add_parser(
+        "compare", help="run several methods on the same splits and seeds, then report"
+    )
     p.add_argument("recipe")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"default: {' '.join(DEFAULT_METHODS)}")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help=f"default: {' '.join(DEFAULT_METHODS)}",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="output folder (default runs/<recipe>-compare)")
-    p.add_argument("--full", action="store_true", help="all the data and the recipe's epochs (no quick settings)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="all the data and the recipe's epochs (no quick settings)",
+    )
     p.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT sweeps")
-    p.add_argument("--soups", action="store_true", help="also uniform and greedy soups over the seeds")
+    p.add_argument(
+        "--soups", action="store_true", help="also uniform and greedy soups over the seeds"
+    )
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("data", help="check a recipe's data and show its splits and class counts")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("report", help="rebuild the report from finished run directories")
     p.add_argument("run_dirs", nargs="+", help="run directories, or folders holding them")
-    p.add_argument("--out", required=True, help="folder for report.md, results.json, results.csv, figure.png")
+    p.add_argument(
+        "--out", required=True, help="folder for report.md, results.json, results.csv, figure.png"
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("wise", help="WiSE-FT sweep of one finished run")

@@ -127,3 +127,19 @@ def test_sigmoid_loss_needs_a_sigmoid_model(fake_pacs, tmp_path):
     with pytest.raises(RunError, match="auto, clip or siglip"):
         finetune(tiny_recipe(fake_pacs, "train.contrastive_loss=hinge"), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_a_run_does_not_depend_on_who_loaded_the_model(fake_pacs, tmp_path):
+    """flyp compare loads the model once and passes it in; the tiny model has dropout, so the
+    random stream at the first step must not depend on what was drawn before finetune()."""
+    from flyp.train import prepare
+
+    recipe = tiny_recipe(fake_pacs, "train.epochs=1", "model.spec=tiny:0.5")
+    finetune(recipe, tmp_path / "alone")
+    exp = prepare(recipe)
+    torch.rand(1000)  # draws made by the caller before the run
+    finetune(recipe, tmp_path / "shared", exp=exp)
+    a = load_file(str(tmp_path / "alone" / "model.safetensors"))
+    b = load_file(str(tmp_path / "shared" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -296,11 +296,14 @@ def finetune(
         )
     cfg = recipe.train
     _check_speed_options(cfg, env)  # before the run directory exists
+    method = get_method(cfg.method)
+    exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
+    # Seeded after the model is built: loading a model draws random numbers (initialisation
+    # before the weights arrive), and dropout must not depend on whether it was loaded here or
+    # by the caller (flyp compare shares one loaded model across runs).
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    method = get_method(cfg.method)
-    exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
     ctx = loss_context(exp)
     barrier()  # every rank has checked the run directory before rank 0 writes into it
     if env.is_main:

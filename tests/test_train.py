@@ -54,10 +54,11 @@ def test_flyp_lowers_loss_and_raises_training_accuracy(fake_pacs, tmp_path):
 
 
 def test_resume_equals_uninterrupted(fake_pacs, tmp_path):
-    recipe = tiny_recipe(fake_pacs, "train.checkpoint_every=2")
+    # text dropout on: the resumed run must also replay the random stream
+    recipe = tiny_recipe(fake_pacs, "train.checkpoint_every=2", "model.spec=tiny:0.5")
     full = finetune(recipe, tmp_path / "full")
     stopped = finetune(
-        tiny_recipe(fake_pacs, "train.checkpoint_every=2", "train.stop_after_steps=4"),
+        tiny_recipe(fake_pacs, "train.checkpoint_every=2", "model.spec=tiny:0.5", "train.stop_after_steps=4"),
         tmp_path / "resumed",
     )
     assert stopped == {"stopped_at_step": 4}

@@ -92,11 +92,19 @@ def train_loader(
         drop_last=True,
         persistent_workers=False,
         pin_memory=pin_memory,  # page-locked batches: faster, asynchronous copies to a GPU
+        generator=_own_generator(),
     )
 
 
 def eval_loader(dataset: ImageDataset, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=_own_generator())
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws a seed for its workers each time it is iterated; drawn from the global
+    generator, that draw would shift the model's dropout stream (and a resumed run would draw it
+    at a different point than the uninterrupted one). Our samples carry their own seeds."""
+    return torch.Generator().manual_seed(0)
 
 
 def materialize(dataset: ImageDataset, batch_size: int, num_workers: int) -> TensorDataset:

@@ -23,7 +23,14 @@ from flyp.evaluate import summarise
 from flyp.methods import Classifier, build_classifier, get_method
 from flyp.recipe import Recipe
 from flyp.report import write_report
-from flyp.train import Experiment, evaluate_classifier, finetune, loss_context, prepare
+from flyp.train import (
+    Experiment,
+    evaluate_classifier,
+    finetune,
+    loss_context,
+    prepare,
+    validation_score,
+)
 
 
 def _reset(exp: Experiment, pretrained: dict[str, torch.Tensor]) -> None:
@@ -82,9 +89,9 @@ def make_soups(exp: Experiment, run_dirs: Sequence[Path], out_dir: Path, pretrai
         load_weights(classifier, run_dir / "model.safetensors")
         states.append(copy.deepcopy(classifier.state_dict()))
 
-    def val_score(state) -> float:
+    def val_score(state) -> float:  # the headline metric on ID validation
         classifier.load_state_dict(state)
-        return evaluate_classifier(classifier, exp, ["val"])["val"]["accuracy"]
+        return validation_score(classifier, exp)
 
     greedy, kept = greedy_soup(states, val_score)
     written = []

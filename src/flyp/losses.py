@@ -56,9 +56,28 @@ def siglip_loss(
     text_features: Tensor,
     logit_scale: Tensor | float,
     logit_bias: Tensor | float,
+    labels: Tensor | None = None,
+    collisions: str = "none",
 ) -> Tensor:
-    """SigLIP's pairwise sigmoid loss: +1 on the diagonal, -1 elsewhere, summed over pairs / n."""
+    """SigLIP's pairwise sigmoid loss: +1 on the diagonal, -1 elsewhere, summed over pairs / n.
+
+    collisions (pairs of an image and a caption of its class that is not its own):
+      "none": negatives, as in SigLIP;
+      "mask": left out of the sum;
+      "soft": positives (+1), like the diagonal.
+    """
     logits = logit_scale * image_features @ text_features.t() + logit_bias
     n = logits.shape[0]
-    signs = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(signs * logits).sum() / n
+    eye = torch.eye(n, device=logits.device, dtype=torch.bool)
+    if collisions == "none":
+        positive, counted = eye, torch.ones_like(eye)
+    elif collisions in ("mask", "soft"):
+        if labels is None:
+            raise ValueError(f"collisions='{collisions}' needs the class labels of the batch")
+        same = labels[:, None] == labels[None, :]
+        positive = eye | same if collisions == "soft" else eye
+        counted = torch.ones_like(eye) if collisions == "soft" else eye | ~same
+    else:
+        raise ValueError(f"unknown collisions option '{collisions}'; choose one of {COLLISIONS}")
+    signs = 2 * positive.to(logits.dtype) - 1
+    return -(F.logsigmoid(signs * logits) * counted).sum() / n

@@ -92,14 +92,18 @@ class Classifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         images = to_model_layout(images.to(self.model.logit_scale.device, non_blocking=True), self.channels_last)
-        features = F.normalize(self.model.encode_image(images), dim=-1)
-        if self.head is not None:
-            return self.head(features)
-        if self.text_head is None:
-            raise RuntimeError(
-                "call refresh_text_head() before classifying with the zero-shot head"
-            )
-        return self.model.logit_scale.exp() * features @ self.text_head.t()
+        features = self.model.encode_image(images)
+        # The logits in fp32 even under bf16 autocast: cross-entropy and argmax over classes
+        # whose scores differ in the third decimal need the precision.
+        with torch.autocast(features.device.type, enabled=False):
+            features = F.normalize(features.float(), dim=-1)
+            if self.head is not None:
+                return self.head(features)
+            if self.text_head is None:
+                raise RuntimeError(
+                    "call refresh_text_head() before classifying with the zero-shot head"
+                )
+            return self.model.logit_scale.float().exp() * features @ self.text_head.float().t()
 
 
 @dataclass
@@ -117,7 +121,7 @@ def build_classifier(method: Method, model: nn.Module, ctx: LossContext) -> Clas
     head = None
     if method.linear_head:
         weights = zeroshot_weights(model, ctx.tokenizer, ctx.class_names, ctx.templates)
-        head = nn.Linear(weights.shape[1], weights.shape[0])
+        head = nn.Linear(weights.shape[1], weights.shape[0], device=weights.device)
         with torch.no_grad():
             head.weight.copy_(weights * model.logit_scale.exp().detach())
             head.bias.zero_()
@@ -156,16 +160,20 @@ def contrastive_loss(
         image_features, text_features, labels = gather(image_features, text_features, labels)
     scale = model.logit_scale.exp()
     if ctx.loss_kind == "siglip":
-        return siglip_loss(image_features, text_features, scale, model.logit_bias)
+        return siglip_loss(
+            image_features, text_features, scale, model.logit_bias, labels, ctx.collisions
+        )
     return clip_loss(image_features, text_features, scale, labels, ctx.collisions)
 
 
 def l2sp_penalty(model: nn.Module, theta0: dict[str, Tensor]) -> Tensor:
-    total = torch.zeros(())
-    for name, p in model.named_parameters():
-        if p.requires_grad and name in theta0:
-            total = total + (p - theta0[name]).pow(2).sum()
-    return total
+    """Squared distance of the trained weights from ``theta0`` (the pretrained ones)."""
+    terms = [
+        (p - theta0[name]).pow(2).sum()
+        for name, p in model.named_parameters()
+        if p.requires_grad and name in theta0
+    ]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def compute_loss(
@@ -192,7 +200,9 @@ def compute_loss(
         g = torch.Generator().manual_seed(step)
         picks = torch.randint(0, len(ctx.templates), (len(ctx.class_names),), generator=g).tolist()
         prompts = [ctx.templates[t].format(c) for t, c in zip(picks, ctx.class_names, strict=True)]
-        text = F.normalize(model.encode_text(ctx.tokenizer(prompts).to(images.device)), dim=-1)
-        image = F.normalize(model.encode_image(images), dim=-1)
-        return F.cross_entropy(model.logit_scale.exp() * image @ text.t(), labels)
+        text = model.encode_text(ctx.tokenizer(prompts).to(images.device))
+        image = model.encode_image(images)
+        with torch.autocast(images.device.type, enabled=False):  # the logits in fp32
+            text, image = F.normalize(text.float(), dim=-1), F.normalize(image.float(), dim=-1)
+            return F.cross_entropy(model.logit_scale.float().exp() * image @ text.t(), labels)
     raise ValueError(f"method '{method.name}' does not train")

@@ -3,7 +3,7 @@ regularisation strength chosen on the ID validation split."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,19 +28,29 @@ def image_features(model: nn.Module, loader: DataLoader, desc: str = "features")
         images = to_model_layout(images.to(device, non_blocking=True), channels_last)
         feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
         labels.append(batch_labels)
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    # scikit-learn works on the CPU: features come back from whatever device the model is on
+    return torch.cat(feats).cpu().numpy(), torch.cat(labels).cpu().numpy()
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float((predictions == labels).mean())
 
 
 def choose_c(
-    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, grid: Sequence[float] = C_GRID
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    grid: Sequence[float] = C_GRID,
+    score: Callable[[np.ndarray, np.ndarray], float] = accuracy,
 ) -> tuple[LogisticRegression, dict[float, float]]:
-    """Fit one probe per C; keep the one with the best validation accuracy (ties: smaller C)."""
+    """Fit one probe per C; keep the one with the best validation ``score`` (ties: smaller C)."""
     scores: dict[float, float] = {}
     best: LogisticRegression | None = None
     for c in grid:
         probe = LogisticRegression(C=c, max_iter=1000)
         probe.fit(train_x, train_y)
-        scores[c] = float((probe.predict(val_x) == val_y).mean())
+        scores[c] = float(score(probe.predict(val_x), val_y))
         if best is None or scores[c] > scores[best.C]:
             best = probe
     assert best is not None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from flyp.distributed import (
     gather_batch,
     init_distributed,
 )
-from flyp.evaluate import evaluate_sets, summarise
+from flyp.evaluate import evaluate_sets, metrics_from_predictions, summarise
 from flyp.gradcache import PRECISIONS, forward_backward
 from flyp.losses import COLLISIONS
 from flyp.methods import (
@@ -97,7 +98,8 @@ def freeze_batchnorm_stats(model: nn.Module) -> None:
 
 
 def param_groups(classifier: Classifier, cfg) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on >=2-D weights only; none on norms, biases and the scale."""
+    """AdamW groups, each named: "decay" (>=2-D weights), "no_decay" (norms, biases: no weight
+    decay) and "scale" (temperature and bias: no decay, their own learning rate)."""
     decay, no_decay, scale = [], [], []
     for name, p in classifier.named_parameters():
         if not p.requires_grad:
@@ -108,10 +110,11 @@ def param_groups(classifier: Classifier, cfg) -> list[dict[str, Any]]:
             decay.append(p)
         else:
             no_decay.append(p)
+    scale_lr = cfg.lr if cfg.logit_scale_lr is None else cfg.logit_scale_lr  # 0 freezes it
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": scale, "weight_decay": 0.0, "lr": cfg.logit_scale_lr or cfg.lr},
+        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "scale", "params": scale, "weight_decay": 0.0, "lr": scale_lr},
     ]
     return [g for g in groups if g["params"]]
 
@@ -126,18 +129,29 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator a step draws from, as tensors and plain lists (state.pt loads with
+    ``weights_only=True``: nothing in it can run code)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
         "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
     }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _eval_dataset(exp: Experiment, name: str, samples: list) -> torch.utils.data.Dataset:
@@ -210,8 +224,15 @@ def evaluate_classifier(
     )
 
 
+def validation_score(classifier: Classifier, exp: Experiment) -> float:
+    """The benchmark's headline metric on ID validation: what every choice is made on (the
+    epoch, the probe's C, WiSE-FT's alpha, the greedy soup)."""
+    return evaluate_classifier(classifier, exp, ["val"])["val"][exp.benchmark.metric]
+
+
 def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
-    """Replace the classifier's head by a logistic-regression probe, C chosen on ID validation."""
+    """Replace the classifier's head by a logistic-regression probe, C chosen on ID validation
+    with the benchmark's headline metric."""
     transform, bs, workers = (
         exp.bundle.eval_transform,
         exp.recipe.eval.batch_size,
@@ -227,11 +248,18 @@ def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
         eval_loader(ImageDataset(exp.benchmark.val, transform), bs, workers),
         "probe val",
     )
-    probe, scores = choose_c(train_x, train_y, val_x, val_y)
-    classifier.head = probe_to_linear(probe, len(exp.benchmark.class_names))
+    metric, groups = exp.benchmark.metric, exp.benchmark.groups.get("val")
+
+    def score(predictions, labels) -> float:
+        group = None if groups is None else np.asarray(groups)
+        return metrics_from_predictions(predictions, labels, group)[metric]
+
+    probe, scores = choose_c(train_x, train_y, val_x, val_y, score=score)
+    device = classifier.model.logit_scale.device
+    classifier.head = probe_to_linear(probe, len(exp.benchmark.class_names)).to(device)
     atomic_write_json(
         run_dir / "probe.json",
-        {"chosen_C": probe.C, "val_accuracy_by_C": {str(c): a for c, a in scores.items()}},
+        {"chosen_C": probe.C, "metric": metric, f"val_{metric}_by_C": {str(c): a for c, a in scores.items()}},
     )
 
 
@@ -268,8 +296,7 @@ def _check_speed_options(cfg, env: DistEnv) -> None:
 
 
 def _place_model(classifier: Classifier, ctx: LossContext, cfg, env: DistEnv) -> None:
-    """Move the model to this process's device, give every rank rank 0's weights, compile."""
-    classifier.to(env.device)
+    """Give every rank rank 0's weights (the model is already on this process's device)."""
     ctx.theta0 = {name: p.to(env.device) for name, p in ctx.theta0.items()}
     if env.enabled:
         broadcast_module(classifier)
@@ -279,25 +306,91 @@ def _place_model(classifier: Classifier, ctx: LossContext, cfg, env: DistEnv) ->
         model.encode_text = torch.compile(model.encode_text, dynamic=True)
 
 
+LOCK_NAME = ".flyp.lock"
+
+
+def _claim(run_dir: Path, resume: bool) -> Any:
+    """Claim ``run_dir`` for this process (an exclusive lock held until the process ends, so a
+    killed run frees it) and check it can be used as asked. Returns the open lock file."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the emptiness check below still applies
+        fcntl = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / LOCK_NAME, "a+")
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RunError(
+                f"run directory {run_dir} is in use by another flyp process; wait for it to "
+                "finish, or pick another --out"
+            ) from None
+    if not resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        lock.close()
+        raise RunError(
+            f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it"
+        )
+    return lock
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Remove what a run that never reached its first checkpoint wrote (the lock stays)."""
+    for path in run_dir.iterdir():
+        if path.name != LOCK_NAME:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def finetune(
     recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Experiment | None = None
 ) -> dict[str, Any]:
-    """Train ``recipe`` into ``run_dir`` and evaluate the selected weights on every set."""
+    """Train ``recipe`` into ``run_dir`` and evaluate the selected weights on every set.
+
+    The run directory is claimed first (two runs can never share one). A run that fails before
+    its first checkpoint leaves no directory behind (or, if the directory was there before, an
+    empty one); after that, ``resume=True`` continues from the last checkpoint. Resuming a run
+    that never reached a checkpoint starts it again.
+    """
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
     env = init_distributed(recipe.train.device)  # one process unless started by torchrun
     if resume and not state_path.exists():
         if (run_dir / "metrics.json").exists():
             return json.loads((run_dir / "metrics.json").read_text())
-        raise RunError(f"nothing to resume in {run_dir}: no state.pt; start it without --resume")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise RunError(
-            f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it"
-        )
+        if not (run_dir / "recipe.yaml").exists():
+            raise RunError(f"nothing to resume in {run_dir}: no state.pt; start it without --resume")
     cfg = recipe.train
     _check_speed_options(cfg, env)  # before the run directory exists
     method = get_method(cfg.method)
     exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
+    existed = run_dir.exists()
+    lock = _claim(run_dir, resume) if env.is_main else None
+    barrier()  # every rank has waited for rank 0's claim
+    try:
+        if resume and not state_path.exists():  # killed before its first checkpoint: restart
+            resume = False
+            if env.is_main:
+                _clear_run_dir(run_dir)
+        return _train(recipe, run_dir, resume, exp, env, method)
+    except BaseException:
+        # Nothing resumable was written: leave the directory as it was found.
+        if env.is_main and not state_path.exists() and not (run_dir / "metrics.json").exists():
+            if existed:
+                _clear_run_dir(run_dir)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(
+    recipe: Recipe, run_dir: Path, resume: bool, exp: Experiment, env: DistEnv, method
+) -> dict[str, Any]:
+    cfg = recipe.train
+    state_path = run_dir / "state.pt"
     # Seeded after the model is built: loading a model draws random numbers (initialisation
     # before the weights arrive), and dropout must not depend on whether it was loaded here or
     # by the caller (flyp compare shares one loaded model across runs).
@@ -305,17 +398,20 @@ def finetune(
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     ctx = loss_context(exp)
-    barrier()  # every rank has checked the run directory before rank 0 writes into it
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
     model = exp.bundle.model
+    # Everything the method builds (heads, probe, zero-shot head) is made on the run's device.
+    model.to(env.device)
     channels_last = prefers_channels_last(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.init_logit_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
+    # The temperature may not exceed 1/100 (CLIP's clamp), or the model's own start if lower
+    # (SigLIP starts near 1/112): a bound that never moves a pretrained model at step 0.
+    max_log_scale = max(math.log(cfg.max_logit_scale), float(model.logit_scale.detach()))
     classifier = build_classifier(method, model, ctx)
     if method.probe:
         fit_probe(classifier, exp, run_dir)
@@ -352,7 +448,9 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.warmup_steps, total_steps)
     )
-    step, best = 0, {"val": -1.0, "epoch": 0}
+    scale_trains = model.logit_scale.requires_grad
+    select = cfg.select_on == "val" and exp.recipe.eval.every_epoch
+    step, best, validated = 0, {"val": -1.0, "epoch": 0}, 0
     train_seconds, images_seen = 0.0, 0
     log_path = run_dir / "log.jsonl"
     if resume:
@@ -360,8 +458,9 @@ def finetune(
         load_weights(classifier, run_dir / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rng"], env.device)
         step, best = state["step"], state["best"]
+        validated = state.get("validated", step // steps_per_epoch)
         train_seconds, images_seen = state["train_seconds"], state["images_seen"]
         if env.is_main:
             _truncate_log(log_path, step)
@@ -375,18 +474,37 @@ def finetune(
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
+                "rng": _rng_state(env.device),
                 "step": step,
                 "best": best,
+                "validated": validated,
                 "train_seconds": train_seconds,
                 "images_seen": images_seen,
             },
             state_path,
         )
 
-    max_log_scale = math.log(cfg.max_logit_scale)
-    while step < total_steps:
+    while True:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        if done_in_epoch == 0 and epoch > validated:
+            # The end of an epoch: validate (also when the run stopped right after its last
+            # step and resumes here), keep the best weights, then checkpoint.
+            if env.is_main and select:
+                val = validation_score(classifier, exp)
+                _append_log(
+                    log_path,
+                    {"step": step, "epoch": epoch, "val": val, "val_metric": exp.benchmark.metric},
+                )
+                if val > best["val"]:
+                    best = {"val": val, "epoch": epoch}
+                    save_weights(classifier, run_dir / "model.safetensors")
+            validated = epoch
+            checkpoint()
+        if step >= total_steps:
+            break
+        if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
+            checkpoint()
+            return {"stopped_at_step": step}
         local_batch = cfg.batch_size // env.world  # batch_size is the global batch
         sampler = EpochSampler(
             len(dataset), local_batch, cfg.seed, epoch, done_in_epoch, env.rank, env.world
@@ -427,6 +545,12 @@ def finetune(
                 precision=cfg.precision,
                 gather=gather_batch if env.enabled else None,
             )
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise RunError(
+                    f"the loss is {value} at step {step + 1}: training diverged and nothing was "
+                    f"recorded as finished; lower train.lr (now {cfg.lr:g}) and start again"
+                )
             if env.enabled:
                 average_gradients(
                     [p for p in classifier.parameters() if p.requires_grad], env.world
@@ -439,45 +563,36 @@ def finetune(
                 )
             optimizer.step()
             scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, max_log_scale)
+            if scale_trains:  # a frozen scale is the model's own and stays as it is
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, max_log_scale)
             step += 1
             images_seen += len(labels)
             record = {
                 "step": step,
                 "epoch": epoch + 1,
-                "loss": round(loss.detach().item(), 6),
+                "loss": round(value, 6),
                 "lr": scheduler.get_last_lr()[0],
                 "temperature": float(1 / model.logit_scale.detach().exp()),
             }
             if env.is_main:
                 _append_log(log_path, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+            at_epoch_end = step % steps_per_epoch == 0
+            stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or stopping) and not at_epoch_end:
                 train_seconds += time.time() - tick
                 tick = time.time()
                 checkpoint()
-            if (
-                cfg.stop_after_steps is not None
-                and step >= cfg.stop_after_steps
-                and step < total_steps
-            ):
-                train_seconds += time.time() - tick
-                checkpoint()
+            if stopping and not at_epoch_end:
                 return {"stopped_at_step": step}
+            if at_epoch_end:
+                break  # the epoch-end work (validation, checkpoint) runs at the top of the loop
         train_seconds += time.time() - tick
-        epoch_done = step // steps_per_epoch
-        if env.is_main and cfg.select_on == "val" and exp.recipe.eval.every_epoch:
-            val = evaluate_classifier(classifier, exp, ["val"])["val"]["accuracy"]
-            _append_log(log_path, {"step": step, "epoch": epoch_done, "val_accuracy": val})
-            if val > best["val"]:
-                best = {"val": val, "epoch": epoch_done}
-                save_weights(classifier, run_dir / "model.safetensors")
-        checkpoint()
 
     if not env.is_main:  # rank 0 selects, evaluates and writes; the others are done
         return {"rank": env.rank, "steps": step}
-    if cfg.select_on == "val" and exp.recipe.eval.every_epoch:
+    if select:
         load_weights(classifier, run_dir / "model.safetensors")
     else:
         save_weights(classifier, run_dir / "model.safetensors")

@@ -6,6 +6,7 @@ and how its classifier head is made. The loop in :mod:`flyp.train` does the rest
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +71,13 @@ def image_tower_names(model: nn.Module, image_size: int) -> set[str]:
     return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
 
 
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region where autocast is off (logits and losses in fp32)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def is_scale_param(name: str) -> bool:
     return name in ("logit_scale", "logit_bias")
 
@@ -95,7 +103,7 @@ class Classifier(nn.Module):
         features = self.model.encode_image(images)
         # The logits in fp32 even under bf16 autocast: cross-entropy and argmax over classes
         # whose scores differ in the third decimal need the precision.
-        with torch.autocast(features.device.type, enabled=False):
+        with full_precision(features.device):
             features = F.normalize(features.float(), dim=-1)
             if self.head is not None:
                 return self.head(features)
@@ -202,7 +210,7 @@ def compute_loss(
         prompts = [ctx.templates[t].format(c) for t, c in zip(picks, ctx.class_names, strict=True)]
         text = model.encode_text(ctx.tokenizer(prompts).to(images.device))
         image = model.encode_image(images)
-        with torch.autocast(images.device.type, enabled=False):  # the logits in fp32
+        with full_precision(images.device):  # the logits in fp32
             text, image = F.normalize(text.float(), dim=-1), F.normalize(image.float(), dim=-1)
             return F.cross_entropy(model.logit_scale.float().exp() * image @ text.t(), labels)
     raise ValueError(f"method '{method.name}' does not train")

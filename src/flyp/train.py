@@ -409,9 +409,6 @@ def _train(
     if cfg.init_logit_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
-    # The temperature may not exceed 1/100 (CLIP's clamp), or the model's own start if lower
-    # (SigLIP starts near 1/112): a bound that never moves a pretrained model at step 0.
-    max_log_scale = max(math.log(cfg.max_logit_scale), float(model.logit_scale.detach()))
     classifier = build_classifier(method, model, ctx)
     if method.probe:
         fit_probe(classifier, exp, run_dir)
@@ -449,6 +446,9 @@ def _train(
         optimizer, warmup_cosine(cfg.warmup_steps, total_steps)
     )
     scale_trains = model.logit_scale.requires_grad
+    # The temperature may not go below 1/100 (CLIP's clamp), or the model's own start if that
+    # is lower (SigLIP starts near 1/112): a bound that never moves a pretrained model at step 0.
+    max_log_scale = max(math.log(cfg.max_logit_scale), float(model.logit_scale.detach()))
     select = cfg.select_on == "val" and exp.recipe.eval.every_epoch
     step, best, validated = 0, {"val": -1.0, "epoch": 0}, 0
     train_seconds, images_seen = 0.0, 0

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from fakes import make_domains
+from flyp.data import templates as tpl
 from flyp.data.benchmarks import build_benchmark
 from flyp.data.folders import DataError, Sample
 from flyp.data.imagenet import (
@@ -101,10 +102,11 @@ FMOW_ROWS = [  # split, year, country, category
     ("val", 2014, "KEN", "airport"),  # OOD val
     ("test", 2012, "USA", "zoo"),
     ("test", 2012, "KEN", "airport"),
-    ("test", 2012, "XXX", "zoo"),  # region Other: left out of evaluation
+    ("test", 2012, "XXX", "zoo"),  # region Other: in the ID test set, in no region group
     ("test", 2017, "FRA", "airport"),  # OOD test
     ("test", 2017, "KEN", "zoo"),
     ("test", 2014, "USA", "zoo"),  # between the ID and OOD test years: not used
+    ("test", 2016, "XXX", "airport"),  # OOD test, region Other
 ]
 
 
@@ -144,7 +146,7 @@ def fake_fmow(root: Path) -> Path:
 
 
 def fake_caltech101(root: Path) -> Path:
-    for name in ("BACKGROUND_Google", "Faces_easy", "accordion", "airplanes"):
+    for name in ("BACKGROUND_Google", "Faces_easy", "accordion", "airplanes", "car_side"):
         _images(root / "caltech101" / "101_ObjectCategories" / name, 5, ".jpg")
     return root
 
@@ -169,7 +171,7 @@ def fake_stanford_cars(root: Path) -> Path:
         folder / "devkit" / "cars_meta.mat",
         {
             "class_names": np.array(
-                ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"], dtype=object
+                ["AM General Hummer SUV 2000", "Ram C/V Cargo Van Minivan 2012"], dtype=object
             )
         },
     )
@@ -370,6 +372,7 @@ def test_iwildcam_splits_and_metric(tmp_path):
         )
     )
     assert b.metric == "macro_f1" and len(b.class_names) == 182
+    assert b.templates == ["a photo of {}.", "{} in the wild."]
     assert [s.label for s in b.train] == [0, 1, 0, 1] and len(b.val) == 2
     assert sorted(s.label for s in b.tests["id_test"]) == [0, 181]
     assert sorted(s.label for s in b.tests["ood_test"]) == [0, 52] and len(b.tests["ood_val"]) == 1
@@ -381,20 +384,70 @@ def test_fmow_time_splits_and_region_groups(tmp_path):
     b = build_benchmark(
         _cfg("fmow", fake_fmow(tmp_path), id_domain="id_test", ood_domains=["ood_test", "ood_val"])
     )
-    rows = lambda samples: sorted(int(Path(s.path).stem.split("_")[-1]) for s in samples)  # noqa: E731
+    row = lambda s: int(Path(s.path).stem.split("_")[-1])  # noqa: E731
     assert b.metric == "worst_group_accuracy" and len(b.class_names) == 62
-    assert rows(b.train) == [1, 2, 3] and rows(b.val) == [5, 6]
-    assert rows(b.tests["id_test"]) == [8, 9]  # row 10 is region Other
-    assert rows(b.tests["ood_val"]) == [7] and rows(b.tests["ood_test"]) == [11, 12]
+    assert sorted(map(row, b.train)) == [1, 2, 3] and sorted(map(row, b.val)) == [5, 6]
+    assert sorted(map(row, b.tests["id_test"])) == [8, 9, 10]  # 10: region Other, kept
+    assert sorted(map(row, b.tests["ood_val"])) == [7]
+    assert sorted(map(row, b.tests["ood_test"])) == [11, 12, 14]  # 14: region Other, kept
     assert {s.label for s in b.train} == {FMOW_CLASSES.index("airport"), FMOW_CLASSES.index("zoo")}
-    # groups: Asia 0, Europe 1, Africa 2, Americas 3, Oceania 4, aligned with the samples
+    # groups: Asia 0, Europe 1, Africa 2, Americas 3, Oceania 4, Other -1; aligned with samples
     by_row = {
-        int(Path(s.path).stem.split("_")[-1]): g
-        for s, g in zip(b.tests["ood_test"], b.groups["ood_test"], strict=True)
+        name: {row(s): g for s, g in zip(b.eval_sets()[name], b.groups[name], strict=True)}
+        for name in ("val", "id_test", "ood_test", "ood_val")
     }
-    assert by_row == {11: 1, 12: 2}
-    assert set(b.groups) == {"val", "id_test", "ood_test", "ood_val"}
+    assert by_row == {
+        "val": {5: 3, 6: 1},
+        "id_test": {8: 3, 9: 2, 10: -1},
+        "ood_test": {11: 1, 12: 2, 14: -1},
+        "ood_val": {7: 2},
+    }
     assert fmow_split("seq", 2010) is None and fmow_split("test", 2015) is None
+
+
+def test_fmow_average_counts_other_and_worst_region_leaves_it_out(tmp_path):
+    from flyp.evaluate import metrics_from_predictions
+
+    b = build_benchmark(_cfg("fmow", fake_fmow(tmp_path), id_domain="id_test", ood_domains=[]))
+    samples = b.tests["id_test"]
+    labels = np.array([s.label for s in samples])
+    other = np.array(b.groups["id_test"]) == -1
+    assert other.sum() == 1 and len(samples) == 3
+    preds = np.where(other, labels + 1, labels)  # every region right, the Other image wrong
+    m = metrics_from_predictions(preds, labels, np.array(b.groups["id_test"]))
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["worst_group_accuracy"] == 1.0
+    assert m["n"] == 3
+
+
+def test_fmow_templates_are_the_references_sixteen(tmp_path):
+    b = build_benchmark(_cfg("fmow", fake_fmow(tmp_path), id_domain="id_test", ood_domains=[]))
+    assert len(b.templates) == 16
+    airport = [t.format("airport") for t in b.templates]
+    assert airport[:4] == [
+        "satellite photo of a airport.",
+        "aerial photo of a airport.",
+        "satellite photo of an airport.",
+        "aerial photo of an airport.",
+    ]
+    assert b.templates[3].format("barn") == "aerial photo of a barn."
+    assert airport[4] == "satellite photo of a airport in asia." and airport[-1] == "airport."
+
+
+def test_zero_shot_head_captions_use_the_article_templates():
+    from flyp.heads import zeroshot_weights
+    from flyp.models import load_model
+
+    bundle = load_model("tiny")
+    seen: list[str] = []
+
+    def tokenizer(captions: list[str]) -> torch.Tensor:
+        seen.extend(captions)
+        return bundle.tokenizer(captions)
+
+    zeroshot_weights(bundle.model, tokenizer, ["airport", "barn"], tpl.FMOW)
+    assert len(seen) == 32
+    assert seen[2:4] == ["satellite photo of an airport.", "aerial photo of an airport."]
+    assert seen[18:20] == ["satellite photo of a barn.", "aerial photo of a barn."]
 
 
 # --- transfer and few-shot --------------------------------------------------------------------
@@ -404,14 +457,16 @@ def test_caltech101_leaves_out_background(tmp_path):
     b = build_benchmark(
         _cfg("caltech101", fake_caltech101(tmp_path), val_fraction=0.2, test_fraction=0.2)
     )
-    assert b.class_names == ["centered face", "accordion", "airplane"]
-    assert len(b.train) == 9 and len(b.val) == 3 and len(b.tests["test"]) == 3
+    assert b.class_names == ["centered face", "accordion", "airplane", "side of a car"]
+    assert len(b.train) == 12 and len(b.val) == 4 and len(b.tests["test"]) == 4
+    assert len(b.templates) == 34 and b.templates[-1].format("ant") == "a doodle of the ant."
     assert not any("BACKGROUND" in s.path for s in b.train + b.val + b.tests["test"])
 
 
 def test_stanford_cars_reads_mat_annotations(tmp_path):
     b = build_benchmark(_cfg("stanford_cars", fake_stanford_cars(tmp_path), val_fraction=0.34))
-    assert b.class_names == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
+    assert b.class_names == ["AM General Hummer SUV 2000", "Ram C-V Cargo Van Minivan 2012"]
+    assert len(b.templates) == 8 and b.templates[3].format("Audi") == "i love my Audi!"
     assert len(b.train) == 4 and len(b.val) == 2
     assert [(Path(s.path).name, s.label) for s in b.tests["test"]] == [
         ("00001.jpg", 1),
@@ -424,6 +479,12 @@ def test_stanford_cars_reads_mat_annotations(tmp_path):
 def test_flowers102_official_split(tmp_path):
     b = build_benchmark(_cfg("flowers102", fake_flowers102(tmp_path)))
     assert len(b.class_names) == 102 and b.class_names[0] == "pink primrose"
+    assert (b.class_names[15], b.class_names[59], b.class_names[92]) == (
+        "globe flower",
+        "pink and yellow dahlia",
+        "air plant",
+    )
+    assert b.templates == ["a photo of a {}, a type of flower."]
     assert [(Path(s.path).name, s.label) for s in b.train] == [
         ("image_00001.jpg", 0),
         ("image_00002.jpg", 1),
@@ -440,8 +501,10 @@ def test_pcam_and_sst2(tmp_path):
         and len(b.val) == 2
         and len(b.tests["test"]) == 3
     )
+    assert b.templates == ["this is a photo of {}"]
     s = build_benchmark(_cfg("sst2", fake_sst2(tmp_path / "s")))
     assert s.class_names == ["negative", "positive"] and len(s.train) == 6 and len(s.val) == 6
+    assert s.templates == ["a {} review of a movie."]
 
 
 def test_pcam_without_h5py_says_how_to_fix(tmp_path, monkeypatch):
@@ -482,6 +545,48 @@ def test_k_shot_differs_across_seeds_and_refuses_small_classes():
 def test_k_shot_from_the_recipe(tmp_path):
     b = build_benchmark(_cfg("sst2", fake_sst2(tmp_path), k_shot=2))
     assert sorted(s.label for s in b.train) == [0, 0, 1, 1]
+
+
+# --- the paper recipes pin what the reference pins -----------------------------------------
+
+# epochs, batch size, lr, weight decay, warmup steps of locuslab/FLYP's README commands (warmup
+# 500 where a command leaves --warmup_length at its default). Few-shot: the reference trains on
+# all 2k shots as one batch; the recipes' k = 16 gives 32.
+PINNED = {
+    "imagenet": (10, 512, 1e-5, 0.1, 500),
+    "iwildcam": (20, 256, 1e-5, 0.2, 500),
+    "fmow": (20, 256, 1e-5, 0.2, 500),
+    "caltech101": (100, 256, 1e-5, 0.0, 500),
+    "stanford_cars": (100, 256, 1e-5, 0.0, 500),
+    "pcam_fewshot": (20, 32, 1e-6, 0.0, 0),
+    "sst2_fewshot": (20, 32, 1e-5, 0.2, 0),
+}
+PAPER_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if p.stem != "pacs")
+
+
+def test_every_paper_recipe_is_pinned_or_documented():
+    names = {p.stem for p in PAPER_RECIPES}
+    assert names == set(PINNED) | {"flowers102"}  # flowers102: no reference command
+    doc = (RECIPES.parent / "docs" / "paper_recipes.md").read_text()
+    assert all(f"`{name}.yaml`" in doc for name in names)
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=lambda p: p.stem)
+def test_paper_recipe_has_no_clipping_and_the_reference_values(recipe):
+    r = load_recipe(recipe)
+    assert r.train.grad_clip is None and r.train.method == "flyp"
+    if recipe.stem in PINNED:
+        t = r.train
+        assert (t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps) == PINNED[recipe.stem]
+    if r.data.k_shot is not None:
+        assert r.train.batch_size == 2 * r.data.k_shot
+
+
+def test_reference_splits_of_caltech101_and_stanford_cars():
+    caltech = load_recipe(RECIPES / "caltech101.yaml").data
+    cars = load_recipe(RECIPES / "stanford_cars.yaml").data
+    assert (caltech.val_fraction, caltech.test_fraction) == (0.2, 0.2)  # 60/20/20
+    assert cars.val_fraction == 0.2  # 20% of the official train split
 
 
 # --- every recipe dry-runs two steps ------------------------------------------------------------

@@ -15,30 +15,52 @@ from tqdm.auto import tqdm
 def metrics_from_predictions(
     predictions: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None
 ) -> dict[str, float]:
-    """Accuracy; macro-F1 over the classes that occur in labels or predictions; balanced and
-    worst-class accuracy over the classes present in the set; worst-group accuracy when each
-    sample has a group; the count."""
+    """The metrics of one evaluation set, each as its benchmark defines it.
+
+    - ``accuracy`` over every sample.
+    - ``macro_f1``: the mean F1 over the classes present in ``labels`` (WILDS's definition,
+      iWildCam's headline metric: sklearn's ``f1_score(..., labels=np.unique(labels))``). A
+      class that is only predicted lowers the precision of the classes it was predicted for,
+      but adds no F1 of 0 of its own.
+    - ``balanced_accuracy`` and ``worst_class_accuracy`` over the classes present in the set.
+    - ``worst_group_accuracy`` when ``groups`` (one group id per sample) is given: the lowest
+      accuracy over the groups with an id >= 0. A negative id (-1) marks a sample that belongs
+      to no group: it counts in every other metric, in no group. This is how FMoW's "Other"
+      region is scored (WILDS: average accuracy over every image, worst-region accuracy over
+      the five real regions). NaN when no sample has a group.
+    - ``n``, the number of samples.
+    """
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
     correct = predictions == labels
     present = np.unique(labels)
     per_class = np.array([correct[labels == c].mean() for c in present])
-    f1_labels = np.union1d(present, np.unique(predictions))
     out = {
         "accuracy": float(correct.mean()),
         "macro_f1": float(
-            f1_score(labels, predictions, average="macro", labels=f1_labels, zero_division=0)
+            f1_score(labels, predictions, average="macro", labels=present, zero_division=0)
         ),
         "balanced_accuracy": float(per_class.mean()),
         "worst_class_accuracy": float(per_class.min()),
         "n": int(len(labels)),
     }
     if groups is not None:
-        out["worst_group_accuracy"] = float(
-            min(correct[groups == g].mean() for g in np.unique(groups))
+        groups = np.asarray(groups)
+        if groups.shape != labels.shape:
+            raise ValueError(
+                f"{len(groups)} group ids for {len(labels)} samples; give one per sample"
+            )
+        counted = np.unique(groups[groups >= 0])
+        out["worst_group_accuracy"] = (
+            float(min(correct[groups == g].mean() for g in counted))
+            if len(counted)
+            else float("nan")
         )
     return out
 
 
-def to_groups(classes: np.ndarray, label_groups: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+def to_groups(
+    classes: np.ndarray, label_groups: Sequence[Sequence[int]], num_classes: int
+) -> np.ndarray:
     """Model classes to group ids (-1 for a class in no group)."""
     lookup = np.full(num_classes, -1)
     for g, members in enumerate(label_groups):
@@ -85,7 +107,10 @@ def evaluate_sets(
     for name, loader in loaders.items():
         preds, labels = predict(classifier, loader, class_subsets.get(name), desc=f"eval {name}")
         if name in label_groups:
-            preds, labels = to_groups(preds, label_groups[name], num_classes), to_groups(labels, label_groups[name], num_classes)
+            preds, labels = (
+                to_groups(preds, label_groups[name], num_classes),
+                to_groups(labels, label_groups[name], num_classes),
+            )
         group = np.asarray(groups[name]) if name in groups else None
         results[name] = metrics_from_predictions(preds, labels, group)
     return results

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flyp.data import templates as tpl
 from flyp.data.benchmarks import Benchmark
 from flyp.data.folders import DataError, Sample, class_folders, require_dir
 from flyp.data.paper import finish, images_in, k_shot, labelled_folders
@@ -26,13 +27,27 @@ from flyp.recipe import DataConfig
 
 __all__ = ["build_caltech101", "build_flowers102", "build_pcam", "build_stanford_cars", "build_sst2", "k_shot"]
 
-# Folder names whose CLIP prompt reads better under another name.
+# Caltech101 folders named as the reference names their classes (locuslab/FLYP,
+# src/datasets/caltech101.py); every other folder: underscores as spaces, lower case.
 CALTECH_NAMES = {
-    "Faces": "face",
+    "Faces": "off-center face",
     "Faces_easy": "centered face",
     "Leopards": "leopard",
     "Motorbikes": "motorbike",
     "airplanes": "airplane",
+    "car_side": "side of a car",
+    "cougar_body": "body of a cougar cat",
+    "cougar_face": "face of a cougar cat",
+    "crocodile_head": "head of a crocodile",
+    "flamingo_head": "head of a flamingo",
+    "snoopy": "snoopy (cartoon beagle)",
+    "yin_yang": "yin and yang symbol",
+}
+# torchvision's Flowers102 names that the reference (OpenAI's CLIP list) spells otherwise.
+FLOWERS_NAMES = {
+    "globe-flower": "globe flower",
+    "pink-yellow dahlia?": "pink and yellow dahlia",
+    "ball moss": "air plant",
 }
 PCAM_CLASSES = ["lymph node", "lymph node containing metastatic tumor tissue"]
 SST2_CLASSES = ["negative", "positive"]
@@ -68,19 +83,25 @@ def build_caltech101(cfg: DataConfig) -> Benchmark:
     samples = [Sample(str(p), label) for label, c in enumerate(folders) for p in images_in(folder / c)]
     train, val, test = stratified_split(samples, [cfg.val_fraction, cfg.test_fraction], cfg.split_seed)
     names = [CALTECH_NAMES.get(c, c.replace("_", " ").lower()) for c in folders]
-    return finish(cfg, "caltech101", names, ["a photo of a {}."], train, val, {"test": test}, id_name="test")
+    return finish(
+        cfg, "caltech101", names, tpl.CALTECH101, train, val, {"test": test}, id_name="test"
+    )
 
 
 def build_stanford_cars(cfg: DataConfig) -> Benchmark:
     folder = _folder(cfg, "stanford_cars", "devkit")
-    names = [str(n) for n in _loadmat(folder / "devkit" / "cars_meta.mat")["class_names"].tolist()]
+    # "Ram C/V Cargo Van Minivan 2012" is "Ram C-V ..." in the reference's class list.
+    meta = _loadmat(folder / "devkit" / "cars_meta.mat")["class_names"].tolist()
+    names = [str(n).replace("/", "-") for n in meta]
 
     def read(annotations: Path, images: Path) -> list[Sample]:
         return [Sample(str(images / str(a["fname"])), int(a["class"]) - 1) for a in _loadmat(annotations)["annotations"]]
 
     train, val = _split_train(cfg, read(folder / "devkit" / "cars_train_annos.mat", folder / "cars_train"))
     test = read(folder / "cars_test_annos_withlabels.mat", folder / "cars_test")
-    return finish(cfg, "stanford_cars", names, ["a photo of a {}, a type of car."], train, val, {"test": test}, id_name="test")
+    return finish(
+        cfg, "stanford_cars", names, tpl.STANFORD_CARS, train, val, {"test": test}, id_name="test"
+    )
 
 
 def build_flowers102(cfg: DataConfig) -> Benchmark:
@@ -94,7 +115,7 @@ def build_flowers102(cfg: DataConfig) -> Benchmark:
         return [Sample(str(folder / "jpg" / f"image_{i:05d}.jpg"), int(labels[i - 1]) - 1) for i in ids[key].tolist()]
 
     return finish(
-        cfg, "flowers102", list(Flowers102.classes), ["a photo of a {}, a type of flower."],
+        cfg, "flowers102", [FLOWERS_NAMES.get(c, c) for c in Flowers102.classes], tpl.FLOWERS102,
         part("trnid"), part("valid"), {"test": part("tstid")}, id_name="test",
     )
 
@@ -139,7 +160,7 @@ def build_pcam(cfg: DataConfig) -> Benchmark:
     except DataError:
         folder = _folder(cfg, "pcam", "png/train/.complete")  # already exported, h5 files gone
     return finish(
-        cfg, "pcam", PCAM_CLASSES, ["this is a photo of {}."],
+        cfg, "pcam", PCAM_CLASSES, tpl.PCAM,
         _pcam_split(folder, "train"), _pcam_split(folder, "valid"), {"test": _pcam_split(folder, "test")}, id_name="test",
     )
 
@@ -152,6 +173,6 @@ def build_sst2(cfg: DataConfig) -> Benchmark:
         return labelled_folders(require_dir(folder / split, "rendered SST2 split", "expected train/, valid/, test/"), index, "rendered SST2")
 
     return finish(
-        cfg, "sst2", SST2_CLASSES, ["a {} review of a movie."], part("train"), part("valid"), {"test": part("test")}, id_name="test",
+        cfg, "sst2", SST2_CLASSES, tpl.SST2, part("train"), part("valid"), {"test": part("test")}, id_name="test",
     )
 

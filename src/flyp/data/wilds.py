@@ -21,32 +21,18 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
+from flyp.data import templates as tpl
 from flyp.data.benchmarks import Benchmark
 from flyp.data.folders import DataError, Sample, require_dir
 from flyp.data.paper import finish, set_root
 from flyp.data.wilds_meta import FMOW_CLASSES, IWILDCAM_CLASSES
 from flyp.recipe import DataConfig
 
-IWILDCAM_TEMPLATES = ["a photo of {}.", "{} in the wild."]
-FMOW_TEMPLATES = [
-    "satellite photo of a {}.",
-    "aerial photo of a {}.",
-    "satellite photo of a {} in asia.",
-    "aerial photo of a {} in asia.",
-    "satellite photo of a {} in africa.",
-    "aerial photo of a {} in africa.",
-    "satellite photo of a {} in the americas.",
-    "aerial photo of a {} in the americas.",
-    "satellite photo of a {} in europe.",
-    "aerial photo of a {} in europe.",
-    "satellite photo of a {} in oceania.",
-    "aerial photo of a {} in oceania.",
-    "a photo of a {}.",
-    "{}.",
-]
-# WILDS's region groups; images from countries outside the mapping are "Other", which WILDS
-# leaves out of worst-region accuracy, so they are left out of the evaluation sets here.
+# WILDS's region groups, numbered 0..4. Images from countries outside the region mapping are
+# WILDS's "Other" region: they count in every metric but worst-region accuracy, so they get the
+# group id that metrics_from_predictions leaves out of worst-group accuracy.
 FMOW_REGIONS = ["Asia", "Europe", "Africa", "Americas", "Oceania"]
+OTHER_REGION = -1
 OOD_SETS = {"ood_test": "test", "ood_val": "val"}
 
 
@@ -87,7 +73,7 @@ def build_iwildcam(cfg: DataConfig) -> Benchmark:
         splits.setdefault(row["split"], []).append(Sample(str(folder / "train" / row["filename"]), label))
     tests = {"id_test": splits.get("id_test", [])} | {n: splits.get(OOD_SETS[n], []) for n in cfg.ood_domains}
     return finish(
-        cfg, "iwildcam", list(IWILDCAM_CLASSES), IWILDCAM_TEMPLATES,
+        cfg, "iwildcam", list(IWILDCAM_CLASSES), tpl.IWILDCAM,
         splits.get("train", []), splits.get("id_val", []), tests, id_name="id_test", metric="macro_f1",
     )
 
@@ -104,7 +90,9 @@ def fmow_split(split: str, year: int) -> str | None:
 
 
 def build_fmow(cfg: DataConfig) -> Benchmark:
-    """FMoW (62 classes); headline metric worst-region accuracy."""
+    """FMoW (62 classes); headline metric worst-region accuracy. Every set keeps its "Other"
+    images (group ``OTHER_REGION``): WILDS's average accuracy counts them, its worst-region
+    accuracy does not."""
     _check_ood(cfg)
     folder = _dataset_dir(cfg, "fmow", "fmow_v1.1", "rgb_metadata.csv")
     regions = {r["alpha-3"]: r["region"] for r in _rows(folder / "country_code_mapping.csv", ["alpha-3", "region"])}
@@ -118,15 +106,12 @@ def build_fmow(cfg: DataConfig) -> Benchmark:
         if row["category"] not in index:
             raise DataError(f"{folder / 'rgb_metadata.csv'}, row {i}: unknown category '{row['category']}'")
         region = regions.get(row["country_code"], "Other")
-        if region not in FMOW_REGIONS and split != "train":
-            continue
         path = str(folder / "images" / f"rgb_img_{i}.png")
         splits.setdefault(split, []).append(Sample(path, index[row["category"]]))
-        if region in FMOW_REGIONS:
-            group_of[path] = FMOW_REGIONS.index(region)
+        group_of[path] = FMOW_REGIONS.index(region) if region in FMOW_REGIONS else OTHER_REGION
     tests = {"id_test": splits.get("id_test", [])} | {n: splits.get(OOD_SETS[n], []) for n in cfg.ood_domains}
     names = [c.replace("_", " ") for c in FMOW_CLASSES]
     return finish(
-        cfg, "fmow", names, FMOW_TEMPLATES, splits.get("train", []), splits.get("id_val", []),
+        cfg, "fmow", names, tpl.FMOW, splits.get("train", []), splits.get("id_val", []),
         tests, id_name="id_test", metric="worst_group_accuracy", group_of=group_of,
     )

@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flyp.data import templates as tpl
+from flyp.data.check import CheckReport
 from flyp.data.folders import (
     DataError,
     Sample,
     check_same_classes,
     list_domain,
+    near_hint,
+    nfc,
     read_csv,
     require_dir,
+    subfolders,
 )
 from flyp.data.lazy import lazy_builder
 from flyp.data.splits import stratified_split
@@ -27,15 +31,12 @@ from flyp.recipe import DataConfig
 
 
 def pacs_default_root() -> Path:
-    """Where PACS is looked for when data.root is null: $FLYP_PACS_ROOT, then ../shared/data/pacs
-    next to the project, then the workplace's shared folder."""
-    candidates = [
-        os.environ.get("FLYP_PACS_ROOT"),
-        Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pacs",
-        "/work/shared/data/pacs",
-    ]
-    found = [Path(c) for c in candidates if c and Path(c).is_dir()]
-    return (found[0] if found else Path(candidates[1])).resolve()
+    """Where PACS is looked for when data.root is null: $FLYP_PACS_ROOT if set, else
+    ../shared/data/pacs next to the checkout. Nothing machine-specific: anywhere else, set one."""
+    env = os.environ.get("FLYP_PACS_ROOT")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pacs"
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Benchmark:
     label_groups: dict[str, list[list[int]]] = field(default_factory=dict)
     # A per-set step on the PIL image before the model's transform (ObjectNet's border crop).
     preprocess: dict[str, Callable] = field(default_factory=dict)
+    # What the image check did (how many images, from the manifest, bad, time): `flyp data`.
+    image_check: CheckReport | None = None
 
     def eval_sets(self) -> dict[str, list[Sample]]:
         return {"val": self.val, **self.tests}
@@ -82,14 +85,22 @@ def _assemble(
     return finish(cfg, name, display, templates, train, val, tests, id_name=cfg.id_domain)
 
 
-def _check_domain_names(root: Path, cfg: DataConfig, available: list[str]) -> None:
+def _domain_folders(root: Path, cfg: DataConfig) -> dict[str, str]:
+    """{recipe domain name: its folder under root}, matched in Unicode NFC; a name with no
+    folder is an error suggesting the nearest one."""
+    available = subfolders(root)
+    folders = {}
     for domain in [cfg.id_domain, *cfg.ood_domains]:
-        if domain not in available:
-            near = [a for a in available if a.startswith(domain[:3])]
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
+        if nfc(domain) not in available:
+            near = near_hint(nfc(domain), list(available))
+            prefix = [a for a in available if a.startswith(nfc(domain)[:3])]
+            hint = near or (f" (did you mean '{prefix[0]}'?)" if prefix else "")
             raise DataError(
-                f"domain '{domain}' is not in {root}{hint}; domains found: {', '.join(available)}"
+                f"domain '{domain}' is not in {root}{hint}; domains found: "
+                f"{', '.join(available.values())}; fix data.id_domain / data.ood_domains"
             )
+        folders[domain] = available[nfc(domain)]
+    return folders
 
 
 def build_folders(
@@ -105,18 +116,25 @@ def build_folders(
     root = require_dir(
         Path(root_text), "data root", "set data.root to the dataset folder (--set data.root=/path)"
     )
-    available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    _check_domain_names(root, cfg, available)
-    used = [cfg.id_domain, *cfg.ood_domains]
-    classes = check_same_classes(root, used)
-    domains = {d: list_domain(root, d, classes) for d in used}
+    folders = _domain_folders(root, cfg)
+    classes = check_same_classes(root, list(folders.values()))
+    domains = {d: list_domain(root, folder, classes) for d, folder in folders.items()}
     return _assemble(cfg, name, classes, templates or tpl.SIMPLE, domains)
 
 
 def build_pacs(cfg: DataConfig) -> Benchmark:
-    return build_folders(
-        cfg, name="pacs", templates=tpl.PACS, default_root=pacs_default_root()
-    )
+    default = pacs_default_root()
+    if cfg.root is None and not default.is_dir():
+        where = (
+            f"FLYP_PACS_ROOT={os.environ['FLYP_PACS_ROOT']} is not a folder"
+            if os.environ.get("FLYP_PACS_ROOT")
+            else f"data.root is null and {default} (../shared/data/pacs next to the checkout) "
+            "does not exist"
+        )
+        raise DataError(
+            f"PACS not found: {where}; set data.root=/path/to/pacs (--set) or FLYP_PACS_ROOT"
+        )
+    return build_folders(cfg, name="pacs", templates=tpl.PACS, default_root=default)
 
 
 def build_csv(cfg: DataConfig) -> Benchmark:
@@ -125,25 +143,24 @@ def build_csv(cfg: DataConfig) -> Benchmark:
         raise DataError("data.root is not set; point it at a folder holding <domain>.csv files")
     root = require_dir(Path(cfg.root), "data root", "set data.root to the folder of CSV files")
     rows = {d: read_csv(root / f"{d}.csv") for d in [cfg.id_domain, *cfg.ood_domains]}
-    classes = sorted({label for (label,) in ((r[1],) for r in rows[cfg.id_domain])})
+    classes = sorted({label for _, label in rows[cfg.id_domain]})
+    if len(classes) < 2:
+        raise DataError(
+            f"{root / (cfg.id_domain + '.csv')} uses only one label ('{classes[0]}'); a classifier "
+            "needs at least two classes: add rows of other classes"
+        )
     index = {c: i for i, c in enumerate(classes)}
     domains = {}
     for domain, domain_rows in rows.items():
         unknown = sorted({lab for _, lab in domain_rows} - set(index))
         if unknown:
             raise DataError(
-                f"{root / (domain + '.csv')} has label '{unknown[0]}' that {cfg.id_domain}.csv never uses"
-                f"{_near_label(unknown[0], classes)}; every label must occur in the ID domain"
+                f"{root / (domain + '.csv')} has label '{unknown[0]}' that {cfg.id_domain}.csv "
+                f"never uses{near_hint(unknown[0], classes)}; fix the label (every label must "
+                "occur in the ID domain)"
             )
         domains[domain] = [Sample(p, index[lab]) for p, lab in domain_rows]
     return _assemble(cfg, "csv", classes, tpl.SIMPLE, domains)
-
-
-def _near_label(label: str, classes: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(label, classes, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {

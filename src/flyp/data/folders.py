@@ -1,21 +1,37 @@
 """Reading labelled images from disk: domain/class folders and CSV files, with checks that name
-the file or folder at fault and the fix."""
+the file or folder at fault and the fix.
+
+Names are compared in Unicode NFC: macOS writes folder names decomposed (NFD), so 'café' from a
+Mac and 'café' typed in a recipe or a CSV are different strings until normalised.
+"""
 
 from __future__ import annotations
 
 import csv
 import difflib
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+SKIP_HINT = "set data.on_bad_image=skip to leave bad images out"
 
 
 class DataError(ValueError):
     """Data that cannot be used as given; the message names the file or folder and the fix."""
+
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker's DataError is raised again in the main process as
+        # DataError("Caught DataError in DataLoader worker ...\n<traceback>\n...DataError: <ours>");
+        # keep our one line.
+        if message.startswith("Caught DataError") and "DataError: " in message:
+            message = message.rsplit("DataError: ", 1)[1].strip()
+        super().__init__(message)
 
 
 class Sample(NamedTuple):
@@ -23,7 +39,11 @@ class Sample(NamedTuple):
     label: int
 
 
-def _near(name: str, options: Sequence[str]) -> str:
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def near_hint(name: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -35,37 +55,65 @@ def require_dir(path: Path, what: str, fix: str) -> Path:
     return path
 
 
+def subfolders(folder: Path) -> dict[str, str]:
+    """Visible sub-folders of ``folder`` as {NFC name: name on disk}, sorted by NFC name."""
+    found: dict[str, str] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        key = nfc(p.name)
+        if key in found:
+            raise DataError(
+                f"folders '{found[key]}' and '{p.name}' in {folder} are the same name in two "
+                "Unicode forms; merge them into one folder"
+            )
+        found[key] = p.name
+    return dict(sorted(found.items()))
+
+
 def class_folders(domain_dir: Path) -> list[str]:
-    return sorted(p.name for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Class folder names of one domain folder as on disk, sorted by their NFC form."""
+    return list(subfolders(domain_dir).values())
 
 
 def check_same_classes(root: Path, domains: Sequence[str]) -> list[str]:
-    """All domains must have the same class folders; the first domain is the reference."""
-    reference = class_folders(root / domains[0])
+    """All domains must have the same class folders (compared in NFC); the first is the reference.
+
+    ``domains`` are folder names under ``root``. Returns the NFC class names, sorted.
+    """
+    reference = list(subfolders(root / domains[0]))
     if not reference:
         raise DataError(
             f"{root / domains[0]} has no class folders; expected <domain>/<class>/<image>"
         )
+    if len(reference) == 1:
+        raise DataError(
+            f"{root / domains[0]} has only one class folder ('{reference[0]}'); a classifier "
+            "needs at least two classes: add a folder per class"
+        )
     for domain in domains[1:]:
-        classes = class_folders(root / domain)
+        classes = list(subfolders(root / domain))
+        unmatched = sorted(set(reference) - set(classes))  # what a misspelt folder could be
         for extra in sorted(set(classes) - set(reference)):
             raise DataError(
-                f"class folder '{extra}' in {domain} has no match in {domains[0]}{_near(extra, reference)}; "
+                f"class folder '{extra}' in {domain} has no match in {domains[0]}"
+                f"{near_hint(extra, unmatched)}; "
                 "rename it so every domain has the same class folders"
             )
         for missing in sorted(set(reference) - set(classes)):
             raise DataError(
                 f"class folder '{missing}' of {domains[0]} is missing from {domain}"
-                f"{_near(missing, classes)}; every domain needs the same class folders"
+                f"{near_hint(missing, classes)}; every domain needs the same class folders"
             )
     return reference
 
 
 def list_domain(root: Path, domain: str, classes: Sequence[str]) -> list[Sample]:
-    """Every image of one domain folder, labelled by its class folder's index in ``classes``."""
+    """Every image of one domain folder, labelled by its class's index in ``classes`` (NFC)."""
+    on_disk = subfolders(root / domain)
     samples = []
     for label, name in enumerate(classes):
-        folder = root / domain / name
+        folder = root / domain / on_disk[nfc(name)]
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(
@@ -76,68 +124,85 @@ def list_domain(root: Path, domain: str, classes: Sequence[str]) -> list[Sample]
 
 
 def read_csv(path: Path) -> list[tuple[str, str]]:
-    """Rows of (image path, class name) from a CSV with a header naming 'path' and 'label'.
+    """Rows of (image path, class name in NFC) from a CSV with a header naming 'path' and 'label'.
 
     Relative image paths are resolved against the CSV file's folder.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"CSV file {path} does not exist")
+        raise DataError(
+            f"CSV file {path} does not exist; write it or fix data.root / the domain name"
+        )
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         if "path" not in fields or "label" not in fields:
             raise DataError(
-                f"{path} needs a header with columns 'path' and 'label', found {fields}"
+                f"{path} needs a header with columns 'path' and 'label', found {fields}; "
+                "add the header line 'path,label'"
             )
         rows = []
         for line, row in enumerate(reader, start=2):
             if not row["path"] or not row["label"]:
-                raise DataError(f"{path}, line {line}: empty path or label")
+                raise DataError(
+                    f"{path}, line {line}: empty path or label; fill it in or delete the line"
+                )
             image = Path(row["path"])
             rows.append(
-                (str(image if image.is_absolute() else path.parent / image), row["label"].strip())
+                (
+                    str(image if image.is_absolute() else path.parent / image),
+                    nfc(row["label"].strip()),
+                )
             )
     if not rows:
-        raise DataError(f"{path} has a header but no rows")
+        raise DataError(f"{path} has a header but no rows; add one 'path,label' line per image")
     return rows
 
 
-def check_images(
-    samples: Sequence[Sample], on_bad_image: str = "error", full_decode: bool = False
-) -> tuple[list[Sample], int]:
-    """Open every image; a bad one is an error naming it, or (``skip``) is dropped and counted.
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB the way a person would see the image.
 
-    ``verify()`` reads headers and checksums cheaply; ``full_decode`` also decodes the pixels,
-    which catches truncated files (used when skipping, since a skip cannot happen mid-batch).
+    PIL's ``convert("RGB")`` clips wider modes instead of scaling them: a 16-bit grey image
+    becomes white. So:
+
+    - 16-bit grey (``I;16*``, and ``I``, as older Pillows open 16-bit PNGs; wider values
+      are clipped to 16 bits) is scaled by 1/257, so 65535 -> 255 and 32896 -> 128;
+    - float (``F``) is taken as 0..1 when its maximum is at most 1, else as 0..255;
+    - transparency (RGBA, LA, PA, or a palette/grey/RGB image with a transparent colour) is
+      composited on white: transparent pixels often store black, and a sketch drawn in black
+      on them would otherwise vanish;
+    - everything else (L, P, 1, CMYK, YCbCr...) goes through PIL's own conversion.
     """
-    if on_bad_image not in ("error", "skip"):
-        raise DataError(f"data.on_bad_image must be 'error' or 'skip', got '{on_bad_image}'")
-    kept, bad = [], 0
-    for sample in samples:
-        try:
-            with Image.open(sample.path) as img:
-                if full_decode or on_bad_image == "skip":
-                    img.load()
-                else:
-                    img.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-            if on_bad_image == "skip":
-                bad += 1
-                continue
-            raise DataError(
-                f"cannot read image {sample.path} ({err}); remove or replace it, or set "
-                "data.on_bad_image=skip to leave bad images out"
-            ) from err
-        kept.append(sample)
-    return kept, bad
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((wide + 128) // 257).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        grey = np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(path: str) -> Image.Image:
+    """Open, decode every pixel and convert to RGB; any failure raises (PIL's own exception)."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
 
 
 def load_rgb(path: str) -> Image.Image:
+    """The loader's read: the same decode the image check ran, so a checked image loads (a
+    failure here means the file changed after the check)."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
+        return decode_rgb(path)
+    except Exception as err:  # noqa: BLE001 - any decode failure is this file's fault
         raise DataError(
-            f"cannot read image {path} ({err}); remove it or set data.on_bad_image=skip"
+            f"cannot read image {path} ({type(err).__name__}: {err}); remove or replace it, "
+            f"or {SKIP_HINT}"
         ) from err

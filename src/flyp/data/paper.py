@@ -3,6 +3,7 @@ sampling, and the last step that turns labelled splits into a :class:`Benchmark`
 
 from __future__ import annotations
 
+import os
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from flyp.data import templates as tpl
 from flyp.data.benchmarks import Benchmark
-from flyp.data.folders import IMAGE_SUFFIXES, DataError, Sample, check_images
+from flyp.data.check import check_samples
+from flyp.data.folders import IMAGE_SUFFIXES, DataError, Sample, nfc
 from flyp.data.splits import stratified_subsample
 from flyp.recipe import DataConfig
 
@@ -43,9 +45,11 @@ def labelled_folders(folder: Path, index: Mapping[str, int], what: str) -> list[
     """``folder/<name>/<image>`` labelled by ``index[name]``; unknown sub-folders are an error."""
     samples = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if sub.name not in index:
-            raise DataError(f"folder {sub} is not a class of {what}; remove it or point the root elsewhere")
-        samples.extend(Sample(str(p), index[sub.name]) for p in images_in(sub))
+        if nfc(sub.name) not in index:
+            raise DataError(
+                f"folder {sub} is not a class of {what}; remove it or point the root elsewhere"
+            )
+        samples.extend(Sample(str(p), index[nfc(sub.name)]) for p in images_in(sub))
     if not samples:
         raise DataError(f"{folder} holds no <class>/<image> files for {what}")
     return samples
@@ -76,7 +80,7 @@ def finish(
     class_subsets: dict[str, list[int]] | None = None,
     group_of: Mapping[str, int] | None = None,
 ) -> Benchmark:
-    """k-shot and size limits, image checks, then the :class:`Benchmark`.
+    """k-shot and size limits, the image check (:mod:`flyp.data.check`), then the Benchmark.
 
     ``group_of`` maps an image path to its group (FMoW region); every evaluation set then
     gets its per-sample group list, computed after subsampling so the two stay aligned.
@@ -86,18 +90,28 @@ def finish(
     train = stratified_subsample(train, cfg.max_train, cfg.split_seed)
     val = stratified_subsample(val, cfg.max_eval, cfg.split_seed)
     tests = {k: stratified_subsample(v, cfg.max_eval, cfg.split_seed) for k, v in tests.items()}
-    bad = 0
-    checked = []
-    for part in [train, val, *tests.values()]:
-        kept, n = check_images(part, cfg.on_bad_image)
-        checked.append(kept)
-        bad += n
-    train, val, *test_parts = checked
+    if len(class_names) < 2:
+        raise DataError(
+            f"{name}: only one class ({class_names[0] if class_names else 'none'}); a classifier "
+            "needs at least two classes: point the data at a folder or CSV with more"
+        )
+    # One check over every set: each image decoded once, by parallel workers, and remembered.
+    parts = [train, val, *tests.values()]
+    _, report = check_samples([s for part in parts for s in part], cfg.on_bad_image)
+    kept = [[s for s in part if os.path.abspath(s.path) not in report.bad] for part in parts]
+    train, val, *test_parts = kept
+    bad = sum(map(len, parts)) - sum(map(len, kept))
     if not train:
-        raise DataError(f"{name}: no training images left after the split")
+        raise DataError(
+            f"{name}: no training images left after the split and the image check; add images "
+            "or lower data.val_fraction / data.test_fraction"
+        )
     for set_name, part in {"val": val, **dict(zip(tests, test_parts, strict=True))}.items():
         if not part:
-            raise DataError(f"{name}: evaluation set '{set_name}' is empty; check the data folder")
+            raise DataError(
+                f"{name}: evaluation set '{set_name}' is empty (too few images, or all bad); add "
+                "images, or raise data.val_fraction / data.test_fraction for the ID sets"
+            )
     tests = dict(zip(tests, test_parts, strict=True))
     groups = {}
     if group_of is not None:
@@ -113,6 +127,7 @@ def finish(
         ood_names=[k for k in tests if k != id_name],
         metric=metric,
         skipped_images=bad,
+        image_check=report,
         class_subsets={k: v for k, v in (class_subsets or {}).items() if k in tests},
         groups=groups,
     )

@@ -12,8 +12,6 @@ from flyp.data.benchmarks import pacs_default_root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-PACS_ROOT = pacs_default_root()
-
 
 @pytest.fixture
 def fake_pacs(tmp_path: Path) -> Path:
@@ -24,6 +22,20 @@ def fake_pacs(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def pacs_root() -> Path:
-    if not PACS_ROOT.is_dir():
-        pytest.skip(f"PACS is not at {PACS_ROOT}")
-    return PACS_ROOT.resolve()
+    """The real PACS. Missing, it fails the test: a skip would let CI pass without ever
+    reading real images."""
+    root = pacs_default_root()
+    if not root.is_dir():
+        pytest.fail(
+            f"PACS is not at {root} (looked for $FLYP_PACS_ROOT, else ../shared/data/pacs next "
+            "to the checkout): put it there, or set FLYP_PACS_ROOT=/path/to/pacs",
+            pytrace=False,
+        )
+    return root
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reads real PACS is slow (`-m "not slow"` for a quick loop)."""
+    for item in items:
+        if "pacs_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

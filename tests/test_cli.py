@@ -1,8 +1,10 @@
+import dataclasses
 import json
 from pathlib import Path
 
 import yaml
 
+from fakes import tiny_overrides
 from flyp.cli import main
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pacs.yaml"
@@ -87,7 +89,7 @@ def test_cli_resume_of_a_killed_run(pacs_root, tmp_path):
 
 def test_cli_unknown_method_is_named(tmp_path, capsys):
     assert main(["finetune", str(RECIPE), "--set", "model.spec=tiny", "--set", "train.method=flip", "--out", str(tmp_path / "r")]) == 2
-    assert "unknown method 'flip'" in capsys.readouterr().err
+    assert "train.method: 'flip' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
@@ -100,3 +102,43 @@ def test_cli_data_shows_splits_and_counts(fake_pacs, capsys):
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
     assert rows["dog"] == ["6", "3", "3", "12", "12"]  # train, val, photo test, art, sketch
     assert rows["total"] == ["18", "9", "9", "36", "36"]
+
+
+def _sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def test_cli_evaluate_reports_the_benchmarks_headline_metric(fake_pacs, tmp_path, monkeypatch, capsys):
+    """A benchmark scored by macro-F1 (iWildCam) is reported by macro-F1, as finetune does."""
+    import flyp.train
+
+    build = flyp.train.build_benchmark
+    monkeypatch.setattr(
+        flyp.train, "build_benchmark", lambda cfg: dataclasses.replace(build(cfg), metric="macro_f1")
+    )
+    run, out = tmp_path / "run", tmp_path / "eval.json"
+    sets = _sets(*tiny_overrides(fake_pacs, "train.method=zeroshot"))
+    assert main(["finetune", str(RECIPE), "--out", str(run), *sets]) == 0
+    assert main(["evaluate", str(run), "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["metric"] == "macro_f1"
+    assert metrics["id"] == metrics["sets"]["photo"]["macro_f1"]
+    ood = [metrics["sets"][d]["macro_f1"] for d in ("art", "sketch")]
+    assert metrics["ood_mean"] == sum(ood) / 2
+    assert metrics["id"] != metrics["sets"]["photo"]["accuracy"]  # the two differ on this run
+    assert "(macro_f1)" in capsys.readouterr().out
+
+
+def test_cli_resume_applies_settable_overrides_and_refuses_the_rest(fake_pacs, tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = _sets(*tiny_overrides(fake_pacs, "train.stop_after_steps=2", "train.epochs=1"))
+    assert main(["finetune", str(RECIPE), "--out", str(run), *sets]) == 0
+    saved = (run / "recipe.yaml").read_text()
+    assert main(["finetune", "--resume", str(run), *_sets("train.lr=0.5")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change train.lr (0.003 -> 0.5)" in err and "eval.batch_size" in err
+    assert (run / "recipe.yaml").read_text() == saved and (run / "state.pt").exists()
+    assert main(["finetune", "--resume", str(run), *_sets("eval.batch_size=5", "train.lr=3e-3")]) == 0
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["eval"]["batch_size"] == 5 and recipe["train"]["lr"] == 0.003
+    assert json.loads((run / "metrics.json").read_text())["selected_epoch"] == 1

@@ -49,6 +49,7 @@ def assert_same_weights(a_path: Path, b_path: Path, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [
@@ -79,6 +80,7 @@ def test_two_processes_step_like_one(extra, fake_pacs, tmp_path):
     assert not torch.allclose(before["model.visual.0.weight"], initial["visual.0.weight"])
 
 
+@pytest.mark.slow
 def test_torchrun_resumes_a_stopped_run_like_one_process(fake_pacs, tmp_path):
     """The real entry point: a run stopped after 2 steps, resumed by torchrun with 2 processes,
     ends with the weights of an uninterrupted single-process run (one launch keeps this quick;

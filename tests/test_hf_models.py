@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -136,3 +137,42 @@ def test_two_flyp_steps_with_an_hf_model(kind, tmp_path):
         ],
     )
     assert finetune(recipe, tmp_path / "run") == {"stopped_at_step": 2}
+
+
+def _broken(kind: str, folder: Path) -> Path:
+    """A CLIP folder broken one way: weights cut short, weights missing a tensor, weights of
+    another size, or a config.json that is not JSON."""
+    from safetensors.torch import load_file, save_file
+
+    _tiny("clip", folder)
+    weights = folder / "model.safetensors"
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif kind == "missing_tensor":
+        state = load_file(weights)
+        state.pop("logit_scale")
+        save_file(state, weights, metadata={"format": "pt"})
+    elif kind == "other_size":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"projection_dim": 12}))
+    else:
+        (folder / "config.json").write_text("not json")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("truncated", "do not load (Error while deserializing header"),
+        ("missing_tensor", "do not fit its config.json (1 missing or misshapen, e.g. logit_scale)"),
+        ("other_size", "do not load (some weights have other shapes than config.json gives)"),
+        ("config", "config.json is not a model config"),
+    ],
+)
+def test_a_folder_whose_weights_do_not_fit_is_refused(kind, message, tmp_path):
+    """transformers would fill missing or misshapen weights with random ones and only warn."""
+    folder = _broken(kind, tmp_path / kind)
+    with pytest.raises(ModelSpecError) as err:
+        load_model(f"hf:{folder}")
+    assert str(err.value).startswith(f"hf:{folder}: ") and message in str(err.value)
+    assert "\n" not in str(err.value)

@@ -10,7 +10,7 @@ from flyp.compare import compare
 from flyp.ensemble import greedy_soup, interpolate, uniform_soup
 from flyp.methods import l2sp_penalty
 from flyp.models.tiny import TinyCLIP
-from flyp.probe import choose_c, probe_to_linear
+from flyp.probe import C_GRID, choose_c, probe_to_linear
 from test_train import tiny_recipe
 
 
@@ -78,6 +78,7 @@ def test_lp_chooses_c_on_validation_not_test():
     assert (logits.argmax(1) == probe.predict(val_x)).all()
 
 
+@pytest.mark.slow
 def test_compare_and_report(fake_pacs, tmp_path):
     recipe = tiny_recipe(fake_pacs, "train.epochs=1", "eval.wise_alphas=[0, 0.5, 1]")
     out = tmp_path / "cmp"
@@ -99,7 +100,11 @@ def test_compare_and_report(fake_pacs, tmp_path):
     wise = json.loads((out / "flyp-s0" / "wise.json").read_text())
     best = max(wise["points"], key=lambda p: p["val"])
     assert best["val"] == next(p for p in wise["points"] if p["alpha"] == wise["best_alpha"])["val"]
-    assert json.loads((out / "lp-s0" / "probe.json").read_text())["chosen_C"] > 0
+    # the probe keeps the C with the best validation score (ties: the smaller C)
+    probe = json.loads((out / "lp-s0" / "probe.json").read_text())
+    by_c = {float(c): v for c, v in probe["val_accuracy_by_C"].items()}
+    assert sorted(by_c) == sorted(C_GRID)
+    assert probe["chosen_C"] == min(c for c in by_c if by_c[c] == max(by_c.values()))
 
     # figure is a real PNG; the Markdown table matches results.json
     with Image.open(out / "figure.png") as img:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from fakes import tiny_overrides
 from flyp.models import load_model
 from flyp.models.openclip import TrimmedTokenizer, trim_text_context
-from flyp.recipe import load_recipe
+from flyp.recipe import RecipeError, load_recipe
 from flyp.train import RunError, finetune
 
 TINY_VIT = {
@@ -84,13 +85,16 @@ def test_bf16_and_compile_runs_train(fake_pacs, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.precision=fp16", "precision 'fp16' is unknown"),
-        ("train.micro_batch=0", "micro_batch must be a positive"),
-        ("train.batchnorm=train", "use train.batchnorm=frozen"),
+        ("train.precision=fp16", "train.precision: 'fp16' is not one of fp32, bf16"),
+        ("train.micro_batch=0", "train.micro_batch: 0 is out of range; it must be >= 1"),
     ],
 )
-def test_bad_speed_options_are_explained(override, message, fake_pacs, tmp_path):
-    extra = [override] + (["train.micro_batch=2"] if "batchnorm" in override else [])
-    with pytest.raises(RunError, match=message):
-        finetune(tiny(fake_pacs, *extra), tmp_path / "run")
+def test_bad_speed_values_are_refused_with_the_recipe(override, message, fake_pacs):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        tiny(fake_pacs, override)
+
+
+def test_micro_batches_with_training_batchnorm_are_refused(fake_pacs, tmp_path):
+    with pytest.raises(RunError, match="use train.batchnorm=frozen"):
+        finetune(tiny(fake_pacs, "train.batchnorm=train", "train.micro_batch=2"), tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -1,20 +1,37 @@
 """Weights as safetensors, resumable training state as a torch file; every write is atomic.
 
 A write goes to a temporary file in the same folder and is renamed over the target, so a
-killed process leaves either the old file or the new one, never half of one.
+killed process (or a full disk) leaves either the old file or the new one, never half of one.
+Files get the permissions the user's umask gives (as ``open`` would), not mkstemp's 0600, so
+a team can read a shared run directory. Nothing runs code on load: weights are safetensors and
+the training state is read with ``torch.load(weights_only=True)`` (tensors, numbers, strings,
+lists and dicts only).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A weights or state file that cannot be read or written; the message names the file."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -24,23 +41,37 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after the write: some writers recreate the file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"no space left on device while writing {path}; free space or choose another --out"
+            ) from err
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
+def _write_text(tmp: str, text: str) -> None:
+    with open(tmp, "w") as f:
+        f.write(text)
 
-    _atomic(path, write)
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: _write_text(tmp, text))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, write)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -49,14 +80,31 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     _atomic(path, lambda tmp: save_file(state, tmp))
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is not one is named, not a traceback."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({str(err).splitlines()[0]}); "
+            "pass the model.safetensors of a finished run"
+        ) from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    state = read_weights(path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes: another size of the architecture
+        raise CheckpointError(
+            f"{path} does not fit this model ({str(err).splitlines()[-1].strip()}); "
+            "load it with the model spec it was trained with (see the run's recipe.yaml)"
+        ) from None
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
             "load it with the model spec it was trained with (see the run's recipe.yaml)"
         )
@@ -67,4 +115,20 @@ def save_state(state: dict[str, Any], path: Path) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The resumable state, read without running code (``weights_only=True``)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a flyp training state ({str(err).splitlines()[0]}); "
+            f"the run cannot be resumed: start it again in a new run directory"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(
+            f"{path} is not a flyp training state (no step); "
+            "the run cannot be resumed: start it again in a new run directory"
+        )
+    return state

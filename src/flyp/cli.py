@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -24,18 +25,93 @@ def _default_run_dir(recipe_name: str, method: str, seed: int) -> Path:
     return Path("runs") / f"{recipe_name}-{method}-s{seed}"
 
 
+# Keys a resumed run may change: where the data lives, how fast and on which device it runs,
+# how often it checkpoints. Anything else would make the rest of the run a different run.
+RESUME_SETTABLE = (
+    "data.root",
+    "data.roots",
+    "data.num_workers",
+    "train.device",
+    "train.micro_batch",
+    "train.compile",
+    "train.checkpoint_every",
+    "train.stop_after_steps",
+    "eval.batch_size",
+    "eval.cache_gb",
+)
+
+
+def _flat(node: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path != "data.roots":
+            out.update(_flat(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _run_recipe_path(run_dir: Path, what: str) -> Path:
+    """``run_dir``/recipe.yaml, or a one-line error saying what the folder is not."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist; pass {what}")
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no recipe.yaml, so it is not a flyp run; pass {what}"
+        )
+    return path
+
+
+def _out_folder(out: str | None) -> Path | None:
+    """An --out folder; a file of that name is refused before anything runs."""
+    if out is None:
+        return None
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out} is a file; pass a folder (new or empty)")
+    return Path(out)
+
+
+def resume_recipe(run_dir: Path, overrides: list[str]):
+    """The recipe of a killed run, with the ``--set`` overrides that leave the run the same run
+    applied; one that would change it (train.lr, data.max_train, ...) is refused by name."""
+    from flyp.recipe import RecipeError
+
+    path = _run_recipe_path(run_dir, "the run directory of a killed run")
+    saved = load_recipe(path, ["train.stop_after_steps="])
+    recipe = load_recipe(path, ["train.stop_after_steps=", *overrides])
+    before, after = _flat(saved.to_dict()), _flat(recipe.to_dict())
+    changed = [k for k in after if after[k] != before.get(k)]
+    refused = [k for k in changed if not k.startswith(RESUME_SETTABLE)]
+    if refused:
+        key = refused[0]
+        raise RecipeError(
+            f"--resume {run_dir} cannot change {key} ({before.get(key)!r} -> {after[key]!r}): "
+            f"the rest of the run would differ from its start; start a new run with --out, "
+            f"or change only {', '.join(RESUME_SETTABLE)}"
+        )
+    return recipe, changed
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from flyp.recipe import RecipeError, save_recipe
     from flyp.train import finetune
 
     if args.resume:
+        if args.recipe or args.out:
+            raise RecipeError(
+                "--resume continues a run with its own recipe.yaml in its own folder; "
+                "drop the RECIPE and --out arguments (or drop --resume to start a new run)"
+            )
         run_dir = Path(args.resume)
-        recipe = load_recipe(run_dir / "recipe.yaml", ["train.stop_after_steps=", *args.set])
+        recipe, changed = resume_recipe(run_dir, args.set)
+        if changed and (run_dir / "state.pt").exists():
+            save_recipe(recipe, run_dir / "recipe.yaml")  # the applied overrides are kept
     else:
         recipe = load_recipe(args.recipe, args.set)
-        run_dir = (
-            Path(args.out)
-            if args.out
-            else _default_run_dir(recipe.name, recipe.train.method, recipe.train.seed)
+        run_dir = _out_folder(args.out) or _default_run_dir(
+            recipe.name, recipe.train.method, recipe.train.seed
         )
     metrics = finetune(recipe, run_dir, resume=bool(args.resume))
     _print_metrics(metrics, run_dir)
@@ -46,26 +122,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flyp.checkpoint import atomic_write_json, load_weights
     from flyp.evaluate import summarise
     from flyp.methods import LossContext, build_classifier, get_method
+    from flyp.recipe import RecipeError
     from flyp.train import evaluate_classifier, prepare
 
     target = Path(args.target)
-    recipe_path = args.recipe or (target / "recipe.yaml" if target.is_dir() else None)
-    if recipe_path is None:
-        print(
-            "error: evaluating a checkpoint file needs --recipe (the recipe it was trained with)",
-            file=sys.stderr,
+    if not target.exists():
+        raise FileNotFoundError(
+            f"{target} does not exist; pass a run directory or a .safetensors file"
         )
-        return 2
+    if target.is_dir():
+        recipe_path = (
+            Path(args.recipe)
+            if args.recipe
+            else _run_recipe_path(target, "a run directory or a .safetensors file")
+        )
+        weights = target / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{target} has no model.safetensors: is the run finished? "
+                f"(resume it with flyp finetune --resume {target})"
+            )
+    else:
+        if not args.recipe:
+            raise RecipeError(
+                f"evaluating the weights file {target} needs --recipe "
+                "(the recipe.yaml of the run that wrote it)"
+            )
+        recipe_path, weights = Path(args.recipe), target
     recipe = load_recipe(recipe_path, args.set)
     exp = prepare(recipe)
     method = get_method(recipe.train.method)
     ctx = LossContext(exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates)
     classifier = build_classifier(method, exp.bundle.model, ctx)
-    weights = target / "model.safetensors" if target.is_dir() else target
     load_weights(classifier, weights)
     sets = evaluate_classifier(classifier, exp)
+    bench = exp.benchmark
     metrics = {
-        **summarise(sets, exp.benchmark.id_name, exp.benchmark.ood_names),
+        **summarise(sets, bench.id_name, bench.ood_names, bench.metric),
         "sets": sets,
         "weights": str(weights),
     }
@@ -77,12 +170,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from flyp.compare import compare
+    from flyp.methods import get_method
+    from flyp.recipe import RecipeError
 
+    for name in args.methods:
+        get_method(name)  # a typo fails before the first method trains
+    for flag, values in (("--methods", args.methods), ("--seeds", args.seeds)):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise RecipeError(f"{flag} lists {twice[0]} twice; list each once")
     overrides = list(args.set)
     if not args.full:
         overrides = [*QUICK_OVERRIDES, *overrides]
     recipe = load_recipe(args.recipe, overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}-compare"
+    out = _out_folder(args.out) or Path("runs") / f"{recipe.name}-compare"
     results = compare(
         recipe, args.methods, args.seeds, out, wise=not args.no_wise, soups=args.soups
     )
@@ -94,9 +195,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flyp.report import write_report
+    from flyp.report import ReportError, write_report
 
     dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(
+                f"{d} does not exist; pass run directories or folders holding them"
+            )
     expanded = [
         r
         for d in dirs
@@ -107,9 +213,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     ]
     if not expanded:
-        print("error: no finished runs (metrics.json) under the given directories", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+        raise ReportError(
+            f"no finished runs (metrics.json) under {', '.join(map(str, dirs))}; "
+            "finish or resume them with flyp finetune --resume RUN_DIR"
+        )
+    out = _out_folder(args.out)
     write_report(expanded, out)
     print((out / "report.md").read_text())
     return 0
@@ -119,12 +227,21 @@ def cmd_wise(args: argparse.Namespace) -> int:
     import copy
 
     from flyp.compare import wise_sweep
+    from flyp.recipe import RecipeError
     from flyp.train import prepare
 
     run_dir = Path(args.run_dir)
-    recipe = load_recipe(run_dir / "recipe.yaml", args.set)
-    exp = prepare(recipe)
+    recipe = load_recipe(_run_recipe_path(run_dir, "a finished run directory"), args.set)
+    if not (run_dir / "metrics.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no metrics.json: is the run finished? "
+            f"(resume it with flyp finetune --resume {run_dir})"
+        )
     alphas = args.alphas or recipe.eval.wise_alphas
+    bad = [a for a in alphas if not 0 <= a <= 1]
+    if bad:
+        raise RecipeError(f"--alphas: {bad[0]} is out of range; each alpha must be in [0, 1]")
+    exp = prepare(recipe)
     result = wise_sweep(exp, run_dir, alphas, copy.deepcopy(exp.bundle.model.state_dict()))
     for p in result["points"]:
         print(
@@ -169,17 +286,26 @@ def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
         )
     if metrics.get("ood_mean") is not None:
         print(
-            f"ID ({metrics['id_name']}) {100 * metrics['id']:.1f}   OOD mean {100 * metrics['ood_mean']:.1f}"
+            f"ID ({metrics['id_name']}) {100 * metrics['id']:.1f}   "
+            f"OOD mean {100 * metrics['ood_mean']:.1f}   ({metrics.get('metric', 'accuracy')})"
         )
     if run_dir is not None:
         print(f"run directory: {run_dir}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other flyp error."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flyp", description="Finetune CLIP-like models like they were pretrained."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("finetune", help="train one method of a recipe and evaluate it")
     p.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
@@ -192,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="run directory (default runs/<recipe>-<method>-s<seed>)")
     p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed run from its last checkpoint; --set may then change only "
+        + ", ".join(RESUME_SETTABLE),
     )
     p.set_defaults(func=cmd_finetune)
 
@@ -248,18 +377,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Bad input (a recipe, data, model, checkpoint, run directory or path
+    of the user's) ends with one line on stderr and exit status 2; anything else is a bug and
+    keeps its traceback."""
+    from flyp.checkpoint import CheckpointError
     from flyp.data.folders import DataError
     from flyp.models.base import ModelSpecError
     from flyp.recipe import RecipeError
+    from flyp.report import ReportError
     from flyp.train import RunError
 
     args = build_parser().parse_args(argv)
     if args.command == "finetune" and not args.recipe and not args.resume:
         print("error: flyp finetune needs a RECIPE (or --resume RUN_DIR)", file=sys.stderr)
         return 2
+    expected = (
+        RecipeError,
+        DataError,
+        ModelSpecError,
+        RunError,
+        CheckpointError,
+        ReportError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+    )
     try:
         return args.func(args)
-    except (RecipeError, DataError, ModelSpecError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except expected as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {err.filename}" if err.filename else ""
+        print(
+            f"error: no space left on device{where}; free space or choose another --out",
+            file=sys.stderr,
+        )
         return 2

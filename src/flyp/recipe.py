@@ -1,13 +1,18 @@
 """A recipe is the whole, typed description of one run: model, data, training, evaluation.
 
 YAML files and ``--set section.key=value`` flags are two spellings of the same dataclasses;
-both go through :func:`from_dict`, which refuses unknown keys and wrong types by name.
+both go through :func:`from_dict`, which refuses unknown keys and wrong types by name, then
+:func:`validate`, which refuses bad choices and out-of-range numbers by name. Every entry point
+(the CLI's subcommands, ``finetune``, ``compare``) loads recipes here, so a bad value is refused
+before anything is built or written, and nothing downstream re-checks or silently defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,7 +130,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         key_hint, value_hint = typing.get_args(hint)
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(k, key_hint, where): _coerce(v, value_hint, f"{where}.{k}") for k, v in value.items()}
+        return {
+            _coerce(k, key_hint, where): _coerce(v, value_hint, f"{where}.{k}")
+            for k, v in value.items()
+        }
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
@@ -156,7 +164,115 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 
 def from_dict(raw: dict[str, Any]) -> Recipe:
-    return _build(Recipe, raw, "")
+    return validate(_build(Recipe, raw, ""))
+
+
+# The allowed values of each choice key; train.method and train.device are checked apart.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.batchnorm": ("frozen", "train"),
+    "train.select_on": ("val", "last"),
+    "train.precision": ("fp32", "bf16"),
+    "train.collisions": ("none", "mask", "soft"),
+    "train.contrastive_loss": ("auto", "clip", "siglip"),
+    "data.on_bad_image": ("error", "skip"),
+}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Lower bounds of the numeric keys; a None value means "not set" and is not checked.
+AT_LEAST: dict[str, tuple[float, str]] = {
+    "model.image_size": (1, ">= 1"),
+    "model.context_length": (1, ">= 1"),
+    "data.max_train": (1, ">= 1"),
+    "data.max_eval": (1, ">= 1"),
+    "data.k_shot": (1, ">= 1"),
+    "data.num_workers": (0, ">= 0"),
+    "train.epochs": (1, ">= 1"),
+    "train.batch_size": (1, ">= 1"),
+    "train.micro_batch": (1, ">= 1"),
+    "train.stop_after_steps": (1, ">= 1"),
+    "train.lr": (0, ">= 0"),
+    "train.weight_decay": (0, ">= 0"),
+    "train.logit_scale_lr": (0, ">= 0"),
+    "train.l2sp_weight": (0, ">= 0"),
+    "train.warmup_steps": (0, ">= 0"),
+    "train.checkpoint_every": (0, ">= 0"),
+    "eval.batch_size": (1, ">= 1"),
+    "eval.cache_gb": (0, ">= 0"),
+}
+POSITIVE = ("train.grad_clip", "train.max_logit_scale", "train.init_logit_scale")
+
+
+def _get(recipe: Recipe, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def _check_finite(node: Any, where: str) -> None:
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{where}.{f.name}" if where else f.name)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_finite(v, f"{where}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise RecipeError(f"{where}: {node} is not a finite number; give a plain number")
+
+
+def _choice(key: str, value: str, allowed: typing.Sequence[str]) -> None:
+    if value not in allowed:
+        raise RecipeError(
+            f"{key}: '{value}' is not one of {', '.join(allowed)}{_suggest(value, allowed)}"
+        )
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Refuse choices, ranges and cross-field combinations that cannot run, naming the key."""
+    from flyp.methods import METHODS  # flyp.methods imports this module
+
+    _check_finite(recipe, "")
+    for key, allowed in CHOICES.items():
+        _choice(key, _get(recipe, key), allowed)
+    _choice("train.method", recipe.train.method, list(METHODS))
+    device = recipe.train.device
+    if not DEVICE.fullmatch(device):
+        hint = _suggest(device.replace("gpu", "cuda"), ["auto", "cpu", "cuda", "mps"])
+        raise RecipeError(
+            f"train.device: '{device}' is not a device; use auto, cpu, cuda, cuda:N or mps{hint}"
+        )
+    for key, (low, text) in AT_LEAST.items():
+        value = _get(recipe, key)
+        if value is not None and value < low:
+            raise RecipeError(f"{key}: {value} is out of range; it must be {text}")
+    for key in POSITIVE:
+        value = _get(recipe, key)
+        if value is not None and value <= 0:
+            raise RecipeError(f"{key}: {value} is out of range; it must be > 0")
+    data = recipe.data
+    for key in ("val_fraction", "test_fraction"):
+        value = getattr(data, key)
+        if not 0 < value < 1:
+            raise RecipeError(f"data.{key}: {value} is out of range; it must be between 0 and 1")
+    if data.val_fraction + data.test_fraction >= 1:
+        raise RecipeError(
+            f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} "
+            "leaves no training images; their sum must be below 1"
+        )
+    repeated = sorted({d for d in data.ood_domains if data.ood_domains.count(d) > 1})
+    if repeated:
+        raise RecipeError(f"data.ood_domains lists '{repeated[0]}' twice; list each domain once")
+    if data.id_domain in data.ood_domains:
+        raise RecipeError(
+            f"data.ood_domains holds the ID domain '{data.id_domain}' (data.id_domain); "
+            "its test split is evaluated already, remove it from data.ood_domains"
+        )
+    alphas = recipe.eval.wise_alphas
+    if not alphas:
+        raise RecipeError("eval.wise_alphas is empty; give at least one alpha, e.g. [0, 0.5, 1]")
+    for i, alpha in enumerate(alphas):
+        if not 0 <= alpha <= 1:
+            raise RecipeError(
+                f"eval.wise_alphas[{i}]: {alpha} is out of range; it must be in [0, 1]"
+            )
+    return recipe
 
 
 def _set(raw: dict[str, Any], assignment: str) -> None:
@@ -165,7 +281,13 @@ def _set(raw: dict[str, Any], assignment: str) -> None:
             f"--set expects key=value, got '{assignment}' (for example train.lr=1e-5)"
         )
     key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as err:
+        raise RecipeError(
+            f"--set {assignment}: the value is not valid YAML ({_problem(err)}); "
+            "quote it, e.g. --set 'data.ood_domains=[art, sketch]'"
+        ) from None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)  # YAML 1.1 reads "1e-5" as a string
     node = raw
@@ -195,15 +317,32 @@ def _fix_numbers(node: Any) -> Any:
     return node
 
 
+def _problem(err: yaml.YAMLError) -> str:
+    return str(getattr(err, "problem", None) or err).splitlines()[0]
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML in ``path``; a syntax error names the file and its line (1-based)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a text file; a recipe is YAML (see recipes/)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}" if mark is not None else str(path)
+        raise RecipeError(f"{where}: {_problem(err)}; fix the YAML syntax") from None
+
+
 def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe (or start from defaults) and apply ``key=value`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise RecipeError(f"recipe file {path} is a folder; pass a YAML file (see recipes/)")
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist (see recipes/ for examples)")
-        raw = yaml.safe_load(path.read_text()) or {}
-        raw = _fix_numbers(raw)
+        raw = _fix_numbers(_read_yaml(path)) or {}
         if not isinstance(raw, dict):
             raise RecipeError(
                 f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}"

@@ -12,7 +12,31 @@ from typing import Any
 
 import numpy as np
 
-from flyp.checkpoint import atomic_write_json, atomic_write_text
+from flyp.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+# What a finished run's metrics.json must hold for a report to use it.
+RUN_KEYS = ("method", "metric", "id_name", "ood_names", "id", "ood_mean", "sets")
+
+
+class ReportError(ValueError):
+    """A run directory whose results cannot go into a report; the message names the file."""
+
+
+def _read_json(path: Path, keys: Sequence[str]) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}), maybe cut short by a "
+            "killed process; rerun that run or leave its directory out"
+        ) from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ReportError(
+            f"{path} lacks '{missing[0]}', so it is not a flyp result; rerun that run or leave "
+            "its directory out"
+        )
+    return data
 
 
 def _stat(values: Sequence[float]) -> dict[str, float]:
@@ -26,13 +50,21 @@ def _load_runs(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
         path = run_dir / "metrics.json"
         if not path.exists():
             raise FileNotFoundError(f"{run_dir} has no metrics.json: is the run finished? (resume it with flyp finetune --resume {run_dir})")
-        run = json.loads(path.read_text())
+        run = _read_json(path, RUN_KEYS)
         run["run_dir"] = str(run_dir)
         wise = run_dir / "wise.json"
-        run["wise"] = json.loads(wise.read_text()) if wise.exists() else None
+        run["wise"] = _read_json(wise, ("points", "best_alpha")) if wise.exists() else None
         runs.append(run)
     if not runs:
-        raise ValueError("no run directories given")
+        raise ReportError("no run directories given")
+    first = runs[0]
+    for run in runs[1:]:
+        for key in ("metric", "id_name", "ood_names"):
+            if run[key] != first[key]:
+                raise ReportError(
+                    f"{run['run_dir']} has {key} {run[key]!r} but {first['run_dir']} has "
+                    f"{first[key]!r}; a report compares runs of one benchmark setup"
+                )
     return runs
 
 
@@ -167,9 +199,7 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_report(run_dirs: Sequence[Path], out_dir: Path, title: str | None = None) -> dict[str, Any]:

@@ -495,7 +495,7 @@ def _train(
                     log_path,
                     {"step": step, "epoch": epoch, "val": val, "val_metric": exp.benchmark.metric},
                 )
-                if val > best["val"]:
+                if best["epoch"] == 0 or val > best["val"]:  # NaN never wins, the first is kept
                     best = {"val": val, "epoch": epoch}
                     save_weights(classifier, run_dir / "model.safetensors")
             validated = epoch

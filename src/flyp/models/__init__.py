@@ -26,7 +26,15 @@ def load_model(
     if kind == "tiny":
         from flyp.models.tiny import load_tiny
 
-        return load_tiny(image_size=image_size, dropout=float(rest) if rest else 0.0)
+        try:
+            dropout = float(rest) if rest else 0.0
+        except ValueError:
+            dropout = -1.0
+        if not 0 <= dropout < 1:
+            raise ModelSpecError(
+                f"model spec '{spec}': the dropout after tiny: is a number in [0, 1), e.g. tiny:0.1"
+            )
+        return load_tiny(image_size=image_size, dropout=dropout)
     if kind == "open_clip":
         from flyp.models.openclip import load_open_clip
 

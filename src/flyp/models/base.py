@@ -52,6 +52,13 @@ def image_transforms(size: int, mean, std, crop_scale: tuple[float, float] = (0.
     from torchvision import transforms as T
 
     normalize = T.Normalize(mean, std)
-    train = T.Compose([T.RandomResizedCrop(size, scale=crop_scale), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    train = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=crop_scale),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize,
+        ]
+    )
     evaluation = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), normalize])
     return train, evaluation

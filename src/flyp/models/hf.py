@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torchvision import transforms as T
 
@@ -41,7 +42,9 @@ class HFTwoTower(nn.Module):
     def __init__(self, model: nn.Module, siglip: bool, interpolate: bool = False):
         super().__init__()
         extra = {"interpolate_pos_encoding": True} if interpolate else {}
-        self.visual = Tower(model.vision_model, getattr(model, "visual_projection", None), "pixel_values", **extra)
+        self.visual = Tower(
+            model.vision_model, getattr(model, "visual_projection", None), "pixel_values", **extra
+        )
         self.text = Tower(model.text_model, getattr(model, "text_projection", None), "input_ids")
         self.logit_scale = model.logit_scale
         if siglip:
@@ -89,33 +92,86 @@ def _image_settings(folder: Path, config_size: int, siglip: bool) -> tuple[int, 
     return int(size), tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
 
 
-def load_hf(path: str, image_size: int | None = None, context_length: int | None = None) -> ModelBundle:
+def _reason(err: Exception) -> str:
+    if "ignore_mismatched_sizes" in str(err):  # the details went to transformers' log
+        return "some weights have other shapes than config.json gives"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _key(entry) -> str:
+    """mismatched_keys holds (name, checkpoint shape, model shape) tuples, missing_keys names."""
+    return entry[0] if isinstance(entry, tuple | list) else str(entry)
+
+
+def load_hf(
+    path: str, image_size: int | None = None, context_length: int | None = None
+) -> ModelBundle:
     from transformers import AutoConfig, AutoTokenizer, CLIPModel, SiglipModel
 
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
-        raise ModelSpecError(f"hf:{path} needs a model folder with config.json (a save_pretrained output)")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        raise ModelSpecError(
+            f"hf:{path} needs a model folder with config.json (a save_pretrained output)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelSpecError(
+            f"hf:{path}: {folder / 'config.json'} is not a model config ({_reason(err)}); "
+            "pass a save_pretrained folder"
+        ) from None
     kinds = {"clip": CLIPModel, "siglip": SiglipModel}
     if config.model_type not in kinds:
-        raise ModelSpecError(f"hf:{path} is a '{config.model_type}' model; flyp loads CLIP and SigLIP folders")
+        raise ModelSpecError(
+            f"hf:{path} is a '{config.model_type}' model; flyp loads CLIP and SigLIP folders"
+        )
     siglip = config.model_type == "siglip"
-    model = kinds[config.model_type].from_pretrained(folder, local_files_only=True)
+    try:
+        model, info = kinds[config.model_type].from_pretrained(
+            folder, local_files_only=True, output_loading_info=True
+        )
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+        raise ModelSpecError(
+            f"hf:{path}: the weights in {folder} do not load ({_reason(err)}); pass the folder "
+            "save_pretrained wrote, weights and config.json of the same model"
+        ) from None
+    # transformers fills missing or misshapen weights with random ones and only warns
+    missing = [*info.get("missing_keys", []), *info.get("mismatched_keys", [])]
+    if missing:
+        raise ModelSpecError(
+            f"hf:{path}: the weights in {folder} do not fit its config.json "
+            f"({len(missing)} missing or misshapen, e.g. {_key(missing[0])}); pass the folder "
+            "save_pretrained wrote, weights and config.json of the same model"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ModelSpecError(f"hf:{path} has no tokenizer files flyp can load offline ({err})") from err
+        raise ModelSpecError(
+            f"hf:{path} has no tokenizer files flyp can load offline ({err})"
+        ) from err
     size, mean, std = _image_settings(folder, config.vision_config.image_size, siglip)
     native = config.vision_config.image_size
     size = image_size or size
     max_length = context_length or config.text_config.max_position_embeddings
     normalize = T.Normalize(mean, std)
     bicubic = T.InterpolationMode.BICUBIC
-    train_tf = T.Compose([T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=bicubic), T.ToTensor(), normalize])
+    train_tf = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=bicubic),
+            T.ToTensor(),
+            normalize,
+        ]
+    )
     if siglip:
-        eval_tf = T.Compose([T.Resize((size, size), interpolation=bicubic), T.ToTensor(), normalize])
+        eval_tf = T.Compose(
+            [T.Resize((size, size), interpolation=bicubic), T.ToTensor(), normalize]
+        )
     else:
-        eval_tf = T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(), normalize])
+        eval_tf = T.Compose(
+            [T.Resize(size, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(), normalize]
+        )
     return ModelBundle(
         HFTwoTower(model, siglip, interpolate=size != native),
         HFTokenizer(tokenizer, max_length, pad_to_max=siglip),

@@ -4,59 +4,124 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import types
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flyp.models.base import ModelBundle, ModelSpecError, trim_padding
 
+HUB_PROBE_SECONDS = 2.0  # the whole reachability check, name lookup included
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        return False
+
+def _offline_requested() -> bool:
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().lower() in ("1", "on", "yes", "true") for f in flags)
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub (or the HTTPS proxy in front of it) accepts a connection within
+    ``timeout`` seconds. The probe runs in a thread because a name lookup ignores socket
+    timeouts: without a network it may hang far longer than the hub client's own retries."""
+    from huggingface_hub import constants
+
+    url = urlparse(urllib.request.getproxies().get("https") or constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Answer every hub request from the local cache only, at once (no retries). The client
+    reads HF_HUB_OFFLINE when it is imported, so setting the variable now would do nothing."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
-def _resolve_pretrained(arch: str, weights: str | None) -> str | None:
-    """A local file is used as is; a tag must be in the local cache or the hub must answer."""
+def _is_cached(cfg: dict) -> bool:
+    """Whether open_clip finds the tag's weights without a network."""
     import open_clip
 
-    if weights is None or weights == "":
-        return None
-    if (
+    if cfg.get("hf_hub"):
+        with _hub_offline():
+            try:
+                return bool(open_clip.download_pretrained(cfg))
+            except Exception:  # the hub client's "not in the local cache" errors
+                return False
+    url = cfg.get("url", "")
+    return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file()
+
+
+def _is_file_spec(weights: str) -> bool:
+    return (
         Path(weights).expanduser().exists()
         or "/" in weights
-        or weights.endswith((".pt", ".bin", ".safetensors"))
-    ):
+        or weights.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))
+    )
+
+
+def _resolve_pretrained(arch: str, weights: str | None) -> tuple[str | None, bool]:
+    """(what open_clip should load, whether the hub may be used). A local file is used as is;
+    a tag must be in the local cache, or the hub must answer now: never a retry loop."""
+    import open_clip
+
+    if not weights:
+        return None, False
+    if _is_file_spec(weights):
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ModelSpecError(f"open_clip checkpoint file {path} does not exist")
-        return str(path)
+        return str(path), False
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if weights not in tags:
         raise ModelSpecError(
             f"open_clip has no pretrained tag '{weights}' for {arch}; known tags: {', '.join(tags) or 'none'}. "
             f"Or pass a local checkpoint: open_clip:{arch}:/path/to/checkpoint.pt"
         )
-    if not _hub_reachable():
-        cfg = open_clip.get_pretrained_cfg(arch, weights)
-        os.environ["HF_HUB_OFFLINE"] = "1"  # only answer from the local cache, never retry
-        try:
-            return open_clip.download_pretrained(cfg) or None
-        except Exception as err:
-            raise ModelSpecError(
-                f"open_clip:{arch}:{weights} needs a download and no model hub is reachable from here. "
-                f"Download the weights elsewhere and pass the file: open_clip:{arch}:/path/to/weights.pt "
-                f"(or a Hugging Face CLIP directory: hf:/path/to/dir)"
-            ) from err
-    return weights
+    if _is_cached(open_clip.get_pretrained_cfg(arch, weights)):
+        return weights, False
+    if _offline_requested() or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if _offline_requested() else "no model hub is reachable"
+        raise ModelSpecError(
+            f"open_clip:{arch}:{weights} is not in the local cache and {why}. "
+            f"Download the weights elsewhere and pass the file: open_clip:{arch}:/path/to/weights.pt "
+            f"(or a Hugging Face CLIP directory: hf:/path/to/dir)"
+        )
+    return weights, True
+
+
+def _reason(err: Exception) -> str:
+    """One line out of a loading error (load_state_dict lists every key on its own line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        lines = lines[1:]
+    text = lines[0] if lines else type(err).__name__
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return text if lines and not text[0].isdigit() else f"{type(err).__name__} {text}"
 
 
 def load_open_clip(
@@ -76,17 +141,39 @@ def load_open_clip(
         arch = config.stem
     if arch not in open_clip.list_models():
         raise ModelSpecError(f"open_clip has no architecture '{arch}'; see open_clip.list_models()")
-    pretrained = _resolve_pretrained(arch, weights)
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-        arch, pretrained=pretrained, force_image_size=image_size
-    )
-    tokenizer = open_clip.get_tokenizer(arch)
+    pretrained, online = _resolve_pretrained(arch, weights)
+    spec = f"open_clip:{arch}:{weights}" if weights else f"open_clip:{arch}"
+    with nullcontext() if online else _hub_offline():
+        try:
+            model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, force_image_size=image_size
+            )
+        except Exception as err:
+            if pretrained is None or online:
+                raise
+            what = (
+                Path(pretrained).name
+                if _is_file_spec(weights)
+                else f"the cached '{weights}' weights"
+            )
+            raise ModelSpecError(
+                f"{spec}: {what} is not a checkpoint of {arch} ({_reason(err)}); "
+                f"pass a file saved from {arch}, or the architecture the file was saved from"
+            ) from None
+        try:
+            tokenizer = open_clip.get_tokenizer(arch)
+        except Exception as err:
+            if online:
+                raise
+            raise ModelSpecError(
+                f"{spec}: the tokenizer of {arch} is not in the local cache ({_reason(err)}); "
+                "load the model once where the hub is reachable"
+            ) from None
     if trim_text:
         tokenizer = trim_text_context(model, tokenizer)
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
     loss = "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
-    spec = f"open_clip:{arch}:{weights}" if weights else f"open_clip:{arch}"
     return ModelBundle(
         model, tokenizer, train_tf, eval_tf, spec=spec, image_size=int(size), loss=loss
     )

@@ -36,7 +36,9 @@ class WordHashTokenizer:
 
 
 class TinyCLIP(nn.Module):
-    def __init__(self, embed_dim: int = 32, width: int = 16, vocab_size: int = 1000, dropout: float = 0.0):
+    def __init__(
+        self, embed_dim: int = 32, width: int = 16, vocab_size: int = 1000, dropout: float = 0.0
+    ):
         super().__init__()
         self.visual = nn.Sequential(
             nn.Conv2d(3, width, 3, stride=2, padding=1),
@@ -67,5 +69,7 @@ def load_tiny(image_size: int | None = None, seed: int = 0, dropout: float = 0.0
     size = image_size or 32
     torch.manual_seed(seed)
     model = TinyCLIP(dropout=dropout)
-    train_tf, eval_tf = image_transforms(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_scale=(0.7, 1.0))
+    train_tf, eval_tf = image_transforms(
+        size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_scale=(0.7, 1.0)
+    )
     return ModelBundle(model, WordHashTokenizer(), train_tf, eval_tf, spec="tiny", image_size=size)

@@ -3,6 +3,16 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# PACS is read in place: data.root, else $FLYP_PACS_ROOT, else ../shared/data/pacs next to the
+# checkout (the package knows no other place). A clone made elsewhere on this workplace's
+# machines finds the shared copy through this default.
+ifeq ($(origin FLYP_PACS_ROOT), undefined)
+ifeq ($(wildcard ../shared/data/pacs),)
+ifneq ($(wildcard /work/shared/data/pacs),)
+export FLYP_PACS_ROOT := /work/shared/data/pacs
+endif
+endif
+endif
 
 .PHONY: demo test lint install
 

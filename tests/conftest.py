@@ -13,6 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def image_check_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image check's manifests go to this session's temporary folder, not ~/.cache."""
+    monkeypatch.setenv("FLYP_CACHE", str(tmp_path_factory.getbasetemp() / "flyp-cache"))
+
+
 @pytest.fixture
 def fake_pacs(tmp_path: Path) -> Path:
     return make_domains(

@@ -6,11 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flyp.data.benchmarks import pacs_default_root
 from flyp.models.default import MiniLMTokenizer, load_default
 
-PACS = pacs_default_root()
-ELEPHANT_PHOTO = PACS / "photo" / "elephant" / "064_0004.jpg"
 IMAGENET_ELEPHANTS = {101, 385, 386}  # tusker, Indian elephant, African bush elephant
 
 
@@ -67,12 +64,11 @@ def test_gradients_reach_both_towers_and_bridge(bundle):
     model.zero_grad(set_to_none=True)
 
 
-def test_image_tower_recognises_an_elephant(bundle):
-    if not ELEPHANT_PHOTO.exists():
-        pytest.skip(f"PACS not found at {PACS}")
+def test_image_tower_recognises_an_elephant(bundle, pacs_root):
     from PIL import Image
 
-    image = bundle.eval_transform(Image.open(ELEPHANT_PHOTO).convert("RGB")).unsqueeze(0)
+    photo = pacs_root / "photo" / "elephant" / "064_0004.jpg"
+    image = bundle.eval_transform(Image.open(photo).convert("RGB")).unsqueeze(0)
     with torch.no_grad():
         top1 = bundle.model.eval().visual(image).argmax(-1).item()
     assert top1 in IMAGENET_ELEPHANTS

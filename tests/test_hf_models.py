@@ -100,9 +100,14 @@ def test_gradients_reach_both_towers(bundle):
     txt = torch.nn.functional.normalize(
         b.model.encode_text(b.tokenizer(["a dog", "a cat"])), dim=-1
     )
-    (b.model.logit_scale.exp() * img @ txt.t()).sum().backward()
-    assert next(b.model.visual.parameters()).grad is not None
-    assert b.model.logit_scale.grad is not None
+    labels = torch.arange(2)
+    logits = b.model.logit_scale.exp() * img @ txt.t()
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    for tower in (b.model.visual, b.model.text):
+        grads = [p.grad for p in tower.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads)
+        assert sum(g.abs().sum() for g in grads) > 0
+    assert b.model.logit_scale.grad is not None and b.model.logit_scale.grad != 0
 
 
 def test_bad_folder(tmp_path):

@@ -270,8 +270,18 @@ def cmd_data(args: argparse.Namespace) -> int:
     for label, cls in enumerate(bench.class_names):
         print(f"{cls:<{width}}" + "".join(f"{counts[name][label]:>14}" for name in sets))
     print(f"{'total':<{width}}" + "".join(f"{len(samples):>14}" for samples in sets.values()))
+    if bench.image_check is not None:
+        print(bench.image_check.summary())
     if bench.skipped_images:
         print(f"{bench.skipped_images} unreadable images left out (data.on_bad_image=skip)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flyp.export import export_run
+
+    out = export_run(Path(args.run_dir), args.format, Path(args.out))
+    print(f"exported {args.run_dir} as {args.format} to {out} (how to load it: {out / 'README.md'})")
     return 0
 
 
@@ -374,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", nargs="+", type=float)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_wise)
+
+    p = sub.add_parser(
+        "export",
+        help="write a finished run as an open_clip checkpoint, a Hugging Face folder or flyp's own format",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, help="open_clip, hf or flyp (docs/export.md)")
+    p.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -44,8 +44,7 @@ from flyp.distributed import (
     init_distributed,
 )
 from flyp.evaluate import evaluate_sets, metrics_from_predictions, summarise
-from flyp.gradcache import PRECISIONS, forward_backward
-from flyp.losses import COLLISIONS
+from flyp.gradcache import forward_backward
 from flyp.methods import (
     Classifier,
     LossContext,
@@ -58,7 +57,7 @@ from flyp.methods import (
 from flyp.models import ModelBundle, load_model
 from flyp.models.base import prefers_channels_last, to_model_layout
 from flyp.probe import choose_c, image_features, probe_to_linear
-from flyp.recipe import Recipe, save_recipe
+from flyp.recipe import Recipe, save_recipe, validate
 
 
 class RunError(RuntimeError):
@@ -183,13 +182,9 @@ def _eval_loaders(
 
 def _loss_kind(exp: Experiment) -> str:
     """The contrastive loss to finetune with: by default the one the model was pretrained with."""
-    if exp.recipe.train.collisions not in COLLISIONS:
-        raise RunError(f"train.collisions must be one of {COLLISIONS}, got '{exp.recipe.train.collisions}'")
-    choice = exp.recipe.train.contrastive_loss
+    choice = exp.recipe.train.contrastive_loss  # a valid choice: checked when the recipe loaded
     if choice == "auto":
         return exp.bundle.loss
-    if choice not in ("clip", "siglip"):
-        raise RunError(f"train.contrastive_loss must be auto, clip or siglip, got '{choice}'")
     if choice == "siglip" and getattr(exp.bundle.model, "logit_bias", None) is None:
         raise RunError(f"train.contrastive_loss=siglip needs a model with a logit_bias (a SigLIP model); {exp.bundle.spec} has none")
     return choice
@@ -279,15 +274,12 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _check_speed_options(cfg, env: DistEnv) -> None:
-    if cfg.precision not in PRECISIONS:
-        raise RunError(f"train.precision '{cfg.precision}' is unknown; choose one of {PRECISIONS}")
+    """What the recipe alone cannot tell: the number of processes, and option combinations."""
     if cfg.batch_size % env.world:
         raise RunError(
             f"train.batch_size {cfg.batch_size} (the global batch) does not split over {env.world} "
             f"processes; use a multiple of {env.world}"
         )
-    if cfg.micro_batch is not None and cfg.micro_batch < 1:
-        raise RunError("train.micro_batch must be a positive number of samples, or null")
     if cfg.micro_batch and cfg.batchnorm == "train":
         raise RunError(
             "train.micro_batch with train.batchnorm=train would normalise each chunk apart; "
@@ -352,6 +344,7 @@ def finetune(
     empty one); after that, ``resume=True`` continues from the last checkpoint. Resuming a run
     that never reached a checkpoint starts it again.
     """
+    validate(recipe)  # also a recipe changed after it was loaded (flyp compare sets method, seed)
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
     env = init_distributed(recipe.train.device)  # one process unless started by torchrun

@@ -11,14 +11,27 @@ from pathlib import Path
 from flyp.recipe import load_recipe
 
 DEFAULT_METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
-# The quick comparison (the README's main command) that fits in 15 minutes on 2 CPU cores;
-# --full drops these and uses the recipe as written.
-QUICK_OVERRIDES = [
-    "data.max_train=640",
-    "data.max_eval=300",
-    "train.epochs=3",
-    "eval.wise_alphas=[0, 0.25, 0.5, 0.75, 1.0]",
-]
+
+def _recipe(args: argparse.Namespace):
+    """The recipe of a subcommand: RECIPE (or the defaults), pointed at ``--data DIR`` and
+    ``--model SPEC`` when given, then the ``--set`` overrides."""
+    from flyp.recipe import RecipeError
+
+    data = getattr(args, "data", None)
+    if args.recipe is None and data is None:
+        raise RecipeError(f"flyp {args.command} needs a RECIPE or --data DIR (a folder of images)")
+    overrides = []
+    if data is not None:
+        from flyp.data.own import data_overrides
+
+        overrides = data_overrides(data, args.id_domain, args.ood_domains)
+        if args.recipe is not None:  # the recipe keeps its own name
+            overrides = [o for o in overrides if not o.startswith("name=")]
+    elif args.id_domain or args.ood_domains:
+        raise RecipeError("--id-domain and --ood-domains go with --data DIR; in a recipe, set data.id_domain / data.ood_domains")
+    if getattr(args, "model", None):
+        overrides.append(f"model.spec={json.dumps(args.model)}")
+    return load_recipe(args.recipe, [*overrides, *args.set])
 
 
 def _default_run_dir(recipe_name: str, method: str, seed: int) -> Path:
@@ -99,7 +112,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from flyp.train import finetune
 
     if args.resume:
-        if args.recipe or args.out:
+        if args.recipe or args.out or args.data:
             raise RecipeError(
                 "--resume continues a run with its own recipe.yaml in its own folder; "
                 "drop the RECIPE and --out arguments (or drop --resume to start a new run)"
@@ -109,7 +122,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if changed and (run_dir / "state.pt").exists():
             save_recipe(recipe, run_dir / "recipe.yaml")  # the applied overrides are kept
     else:
-        recipe = load_recipe(args.recipe, args.set)
+        recipe = _recipe(args)
         run_dir = _out_folder(args.out) or _default_run_dir(
             recipe.name, recipe.train.method, recipe.train.seed
         )
@@ -179,10 +192,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise RecipeError(f"{flag} lists {twice[0]} twice; list each once")
-    overrides = list(args.set)
-    if not args.full:
-        overrides = [*QUICK_OVERRIDES, *overrides]
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = _recipe(args)  # as written: the demo's quick settings live in recipes/pacs_demo.yaml
     out = _out_folder(args.out) or Path("runs") / f"{recipe.name}-compare"
     results = compare(
         recipe, args.methods, args.seeds, out, wise=not args.no_wise, soups=args.soups
@@ -257,7 +267,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     from flyp.data import build_benchmark
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = _recipe(args)
     bench = build_benchmark(recipe.data)
     print(
         f"benchmark {bench.name}: {len(bench.class_names)} classes, {len(bench.templates)} templates, "
@@ -311,6 +321,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="your own images: DIR/<class>/<image> (split into train/val/test) or "
+        "DIR/<domain>/<class>/<image> (one domain trained on, the others OOD test sets)",
+    )
+    p.add_argument("--id-domain", help="with --data: the domain to train on")
+    p.add_argument("--ood-domains", nargs="+", help="with --data: the OOD test domains (default: the others)")
+    p.add_argument("--model", metavar="SPEC", help="model spec (model.spec): default, open_clip:..., hf:DIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="flyp", description="Finetune CLIP-like models like they were pretrained."
@@ -318,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("finetune", help="train one method of a recipe and evaluate it")
-    p.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/); or use --data")
+    _add_data_options(p)
     p.add_argument(
         "--set",
         action="append",
@@ -346,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="run several methods on the same splits and seeds, then report"
     )
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?", help="recipe YAML, run as written; or use --data")
+    _add_data_options(p)
     p.add_argument(
         "--methods",
         nargs="+",
@@ -356,11 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="output folder (default runs/<recipe>-compare)")
-    p.add_argument(
-        "--full",
-        action="store_true",
-        help="all the data and the recipe's epochs (no quick settings)",
-    )
     p.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT sweeps")
     p.add_argument(
         "--soups", action="store_true", help="also uniform and greedy soups over the seeds"
@@ -368,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("data", help="check a recipe's data and show its splits and class counts")
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?", help="recipe YAML; or use --data")
+    _add_data_options(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_data)
 
@@ -412,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     from flyp.train import RunError
 
     args = build_parser().parse_args(argv)
-    if args.command == "finetune" and not args.recipe and not args.resume:
-        print("error: flyp finetune needs a RECIPE (or --resume RUN_DIR)", file=sys.stderr)
+    if args.command == "finetune" and not (args.recipe or args.resume or args.data):
+        print("error: flyp finetune needs a RECIPE, --data DIR or --resume RUN_DIR", file=sys.stderr)
         return 2
     expected = (
         RecipeError,

@@ -41,7 +41,9 @@ def pacs_root() -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that reads real PACS is slow (`-m "not slow"` for a quick loop)."""
+    """Every test that reads real PACS is marked slow (`-m "not slow"` for a quick loop) and
+    pacs (`-m "not pacs"` where the dataset is absent, e.g. benchmarks/gpu_check.sh)."""
     for item in items:
         if "pacs_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.pacs)

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from flyp.checkpoint import atomic_write_json, load_weights
-from flyp.ensemble import greedy_soup, interpolate, uniform_soup
+from flyp.ensemble import greedy_soup, interpolate, model_stock, uniform_soup
 from flyp.evaluate import summarise
 from flyp.methods import Classifier, build_classifier, get_method
-from flyp.recipe import Recipe
+from flyp.recipe import Recipe, RecipeError
 from flyp.report import write_report
 from flyp.train import (
     Experiment,
@@ -80,10 +80,22 @@ def wise_sweep(
     return result
 
 
-def make_soups(exp: Experiment, run_dirs: Sequence[Path], out_dir: Path, pretrained: dict[str, torch.Tensor]) -> list[Path]:
-    """Uniform and greedy soups of one method's runs (greedy ordered and accepted on ID val)."""
+SOUPS = ("uniform", "greedy")
+
+
+def make_soups(
+    exp: Experiment,
+    run_dirs: Sequence[Path],
+    out_dir: Path,
+    pretrained: dict[str, torch.Tensor],
+    kinds: Sequence[str] = SOUPS,
+) -> list[Path]:
+    """Weight-space merges of one method's runs: ``uniform`` and ``greedy`` soups (greedy
+    ordered and accepted on ID validation) and ``model stock``, anchored at the method's
+    starting point (the classifier at WiSE-FT's zero-shot end)."""
     method = json.loads((run_dirs[0] / "metrics.json").read_text())["method"]
     classifier = zeroshot_classifier(exp, method, pretrained)
+    anchor = copy.deepcopy(classifier.state_dict())
     states = []
     for run_dir in run_dirs:
         load_weights(classifier, run_dir / "model.safetensors")
@@ -93,16 +105,33 @@ def make_soups(exp: Experiment, run_dirs: Sequence[Path], out_dir: Path, pretrai
         classifier.load_state_dict(state)
         return validation_score(classifier, exp)
 
-    greedy, kept = greedy_soup(states, val_score)
+    merges = []
+    if "uniform" in kinds:
+        merges.append(("uniform", uniform_soup(states), {}))
+    if "greedy" in kinds:
+        greedy, kept = greedy_soup(states, val_score)
+        merges.append(("greedy", greedy, {"kept_runs": [str(run_dirs[i]) for i in kept]}))
+    if "model stock" in kinds:
+        merged, ratios = model_stock(anchor, states)
+        mean_t = sum(ratios.values()) / len(ratios)
+        merges.append(("model stock", merged, {"mean_t": mean_t, "t": ratios}))
     written = []
-    for name, state, extra in [("uniform", uniform_soup(states), {}), ("greedy", greedy, {"kept_runs": [str(run_dirs[i]) for i in kept]})]:
+    for name, state, extra in merges:
         classifier.load_state_dict(state)
         sets = evaluate_classifier(classifier, exp)
-        soup_dir = out_dir / f"{method}-soup-{name}"
+        soup_dir = out_dir / f"{method}-soup-{name.replace(' ', '-')}"
         b = exp.benchmark
         atomic_write_json(
             soup_dir / "metrics.json",
-            {"method": f"{method} soup ({name})", "seed": -1, "recipe": exp.recipe.name, **summarise(sets, b.id_name, b.ood_names, b.metric), "sets": sets, **extra},
+            {
+                "method": f"{method} soup ({name})",
+                "seed": -1,
+                "recipe": exp.recipe.name,
+                **summarise(sets, b.id_name, b.ood_names, b.metric),
+                "sets": sets,
+                "runs": [str(d) for d in run_dirs],
+                **extra,
+            },
         )
         written.append(soup_dir)
     _reset(exp, pretrained)
@@ -116,11 +145,15 @@ def compare(
     out_dir: str | Path,
     wise: bool = True,
     soups: bool = False,
+    stock: bool = False,
 ) -> dict[str, Any]:
-    """Run every method for every seed (finished runs are reused), sweep WiSE-FT, then report."""
+    """Run every method for every seed (finished runs are reused, killed ones resumed), sweep
+    WiSE-FT, merge the seeds (soups, Model Stock), then report."""
     out_dir = Path(out_dir)
     for name in methods:
         get_method(name)  # unknown names fail before any training
+    if stock and len(seeds) < 2:
+        raise RecipeError("Model Stock (--stock) merges runs of several seeds; give --seeds 0 1 or more")
     exp = prepare(recipe)
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
     run_dirs: dict[str, list[Path]] = {}
@@ -132,7 +165,7 @@ def compare(
         if (run_dir / "metrics.json").exists():
             return json.loads((run_dir / "metrics.json").read_text())
         _reset(exp, pretrained)
-        resume = (run_dir / "state.pt").exists()
+        resume = (run_dir / "recipe.yaml").exists()  # killed: continued (or restarted)
         return finetune(run_recipe, run_dir, resume=resume, exp=Experiment(run_recipe, exp.bundle, exp.benchmark, exp.eval_cache))
 
     zeroshot_sets = run("zeroshot", seeds[0], out_dir / "zeroshot")["sets"]  # no training: one run
@@ -145,9 +178,10 @@ def compare(
             if wise and not (run_dir / "wise.json").exists():
                 wise_sweep(exp, run_dir, recipe.eval.wise_alphas, pretrained, known={0.0: zeroshot_sets})
     extra: list[Path] = []
-    if soups and len(seeds) > 1:
+    kinds = [*(SOUPS if soups else ()), *(["model stock"] if stock else [])]
+    if kinds and len(seeds) > 1:
         for name, dirs in run_dirs.items():
             if get_method(name).objective != "none":
-                extra += make_soups(exp, dirs, out_dir / "soups", pretrained)
+                extra += make_soups(exp, dirs, out_dir / "soups", pretrained, kinds)
     all_dirs = [d for dirs in run_dirs.values() for d in dirs] + extra
     return write_report(all_dirs, out_dir, title=f"{recipe.name}: {exp.bundle.spec}")

@@ -51,3 +51,47 @@ def greedy_soup(states: Sequence[State], val_score: Callable[[State], float]) ->
             kept.append(i)
             best = score
     return uniform_soup([states[j] for j in kept]), kept
+
+
+def stock_ratio(cos: float, n: int = 2) -> float:
+    """Model Stock's interpolation ratio t = n·cosθ / (1 + (n − 1)·cosθ) (Jang et al., ECCV 2024;
+    2·cosθ / (1 + cosθ) for two models). A negative cosine is taken as 0: no extrapolation
+    beyond the pretrained weights."""
+    cos = min(max(cos, 0.0), 1.0)
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def model_stock(
+    pretrained: State, finetuned: Sequence[State]
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Model Stock: per tensor (a layer's weight or bias), the mean of the finetuned weights
+    pulled toward the pretrained ones, w = t·mean(w_i) + (1 − t)·w0, with t from the mean
+    cosine between the task vectors w_i − w0. Returns the merged weights and each tensor's t.
+
+    A tensor that did not move in some run (a frozen tower) has no angle: it is kept as the
+    pretrained value (t = 0). Integer buffers come from the first run.
+    """
+    if len(finetuned) < 2:
+        raise ValueError("Model Stock needs at least two finetuned runs of one method (--seeds 0 1)")
+    out, ratios = {}, {}
+    n = len(finetuned)
+    for key, w0 in pretrained.items():
+        if not w0.is_floating_point():
+            out[key] = finetuned[0][key].clone()
+            continue
+        tasks = [(state[key].float() - w0.float()).flatten() for state in finetuned]
+        norms = [float(t.norm()) for t in tasks]
+        if min(norms) == 0.0:
+            cos = 0.0
+        else:
+            pairs = [
+                float(tasks[i] @ tasks[j]) / (norms[i] * norms[j])
+                for i in range(n)
+                for j in range(i + 1, n)
+            ]
+            cos = sum(pairs) / len(pairs)
+        t = stock_ratio(cos, n)
+        mean = torch.stack([state[key].float() for state in finetuned]).mean(0)
+        out[key] = torch.lerp(w0.float(), mean, t).to(w0.dtype)
+        ratios[key] = t
+    return out, ratios

@@ -162,7 +162,8 @@ def write_csv(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: Path, title: str) -> None:
     """Two panels: every method with its WiSE-FT line from the zero-shot star (left), and a zoom
     on the finetuned models with error bars over seeds and the soups (right). A method and its
-    soups share a colour; soups are squares (uniform) and triangles (greedy)."""
+    soups share a colour; soups are squares (uniform), triangles (greedy) and plus signs (Model
+    Stock)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,7 +181,7 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
                     ax.scatter([x], [y], marker="*", s=500, color="gold", edgecolor="black", zorder=5, label="zero-shot")
                 continue
             base = name.split(" soup")[0]
-            marker = "s" if "uniform" in name else "^" if "greedy" in name else "o"
+            marker = {"uniform": "s", "greedy": "^", "model stock": "P"}.get(name.partition("(")[2].rstrip(")"), "o")
             ax.errorbar([x], [y], xerr=[100 * m["id"]["std"]], yerr=[100 * m["ood_mean"]["std"]], fmt=marker, ms=11, color=colour[base], mec="black", label=name, zorder=4, capsize=3)
             if "wise" in m and panel == 0:
                 ax.plot([100 * v for v in m["wise"]["id"]], [100 * v for v in m["wise"]["ood_mean"]], "-", color=colour[base], alpha=0.7, lw=2.5)

@@ -110,7 +110,14 @@ def test_compare_and_report(fake_pacs, tmp_path):
     with Image.open(out / "figure.png") as img:
         assert img.format == "PNG" and img.size[0] > 500
     saved = json.loads((out / "results.json").read_text())
-    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    text = (out / "report.md").read_text()
+    first, calibration = (t for t in text.split("\n\n") if t.startswith("| "))
+    table = [line for line in first.splitlines() if line.startswith("| ")]
+    # the calibration table: every finetuned method, ECE as in results.json
+    cal_rows = {line.split("|")[1].strip(): line for line in calibration.splitlines()[2:]}
+    assert set(cal_rows) == set(saved_methods := json.loads((out / "results.json").read_text())["methods"])
+    ece = saved_methods["flyp"]["calibration"]["id_ece"]["mean"]
+    assert cal_rows["flyp"].split("|")[2].strip().split(" ± ")[0] == f"{100 * ece:.1f}"
     header = [c.strip() for c in table[0].strip("|").split("|")]
     for line in table[1:]:
         cells = [c.strip() for c in line.strip("|").split("|")]

@@ -79,17 +79,72 @@ def restrict(logits: Tensor, subset: Sequence[int] | None) -> Tensor:
 
 
 @torch.no_grad()
+def collect_logits(
+    logits_fn: Callable[[Tensor], Tensor],
+    loader: DataLoader,
+    subset: Sequence[int] | None = None,
+    desc: str = "eval",
+) -> tuple[Tensor, np.ndarray]:
+    """The logits (fp32, on the CPU; classes outside ``subset`` at -inf) and labels of a set."""
+    logits, labels = [], []
+    for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        logits.append(restrict(logits_fn(images).float(), subset).cpu())
+        labels.append(batch_labels)
+    return torch.cat(logits), torch.cat(labels).numpy()
+
+
 def predict(
     logits_fn: Callable[[Tensor], Tensor],
     loader: DataLoader,
     subset: Sequence[int] | None = None,
     desc: str = "eval",
 ) -> tuple[np.ndarray, np.ndarray]:
-    preds, labels = [], []
-    for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        preds.append(restrict(logits_fn(images), subset).argmax(dim=1).cpu())
-        labels.append(batch_labels)
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    logits, labels = collect_logits(logits_fn, loader, subset, desc)
+    return logits.argmax(dim=1).numpy(), labels
+
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """ECE over ``bins`` equal-width confidence bins (lower, upper]: the sample-weighted mean
+    gap between each bin's accuracy and its mean confidence (Guo et al., 2017)."""
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def calibration(
+    logits: Tensor, labels: np.ndarray, correct: np.ndarray, temperature: float = 1.0
+) -> dict[str, float]:
+    """ECE of the top-1 confidence and the negative log-likelihood of the labels, with the
+    logits divided by ``temperature``."""
+    log_probs = torch.log_softmax(logits / temperature, dim=1)
+    confidence = log_probs.max(dim=1).values.exp().numpy()
+    nll = -log_probs[torch.arange(len(labels)), torch.as_tensor(labels)].mean()
+    return {"ece": expected_calibration_error(confidence, correct), "nll": float(nll)}
+
+
+def fit_temperature(logits: Tensor, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the NLL of logits / T."""
+    from scipy.optimize import minimize_scalar
+
+    target = torch.as_tensor(labels)
+
+    def nll(log_t: float) -> float:
+        scaled = logits / float(np.exp(log_t))
+        return float(torch.nn.functional.cross_entropy(scaled, target))
+
+    best = minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded")
+    return float(np.exp(best.x))
 
 
 def evaluate_sets(
@@ -100,19 +155,42 @@ def evaluate_sets(
     groups: Mapping[str, Sequence[int]] | None = None,
     label_groups: Mapping[str, Sequence[Sequence[int]]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of ``classifier`` (images -> class logits) on every loader."""
+    """Metrics of ``classifier`` (images -> class logits) on every loader, with calibration:
+    ECE and NLL as they are, and after temperature scaling fitted on the ``val`` set (when it
+    is among the loaders): ``temperature``, ``ece_ts``, ``nll_ts``."""
     classifier.eval()
     class_subsets, groups, label_groups = class_subsets or {}, groups or {}, label_groups or {}
+    outputs = {
+        name: collect_logits(classifier, loader, class_subsets.get(name), desc=f"eval {name}")
+        for name, loader in loaders.items()
+    }
+    temperature = None
+    if "val" in outputs and "val" not in label_groups:
+        temperature = fit_temperature(*outputs["val"])
     results = {}
-    for name, loader in loaders.items():
-        preds, labels = predict(classifier, loader, class_subsets.get(name), desc=f"eval {name}")
+    for name, (logits, labels) in outputs.items():
+        preds = logits.argmax(dim=1).numpy()
         if name in label_groups:
-            preds, labels = (
+            preds, scored = (
                 to_groups(preds, label_groups[name], num_classes),
                 to_groups(labels, label_groups[name], num_classes),
             )
+        else:
+            scored = labels
         group = np.asarray(groups[name]) if name in groups else None
-        results[name] = metrics_from_predictions(preds, labels, group)
+        results[name] = metrics_from_predictions(preds, scored, group)
+        correct = preds == scored
+        raw = calibration(logits, labels, correct)
+        if name in label_groups:  # a label stands for a group of classes: no single likelihood
+            raw["nll"] = None
+        results[name].update(raw)
+        if temperature is not None:
+            scaled = calibration(logits, labels, correct, temperature)
+            results[name].update(
+                temperature=temperature,
+                ece_ts=scaled["ece"],
+                nll_ts=None if name in label_groups else scaled["nll"],
+            )
     return results
 
 

@@ -78,6 +78,8 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast of the towers; weights stay fp32)
     micro_batch: int | None = None  # gradient cache: embed/backprop in chunks of this many
     compile: bool = False  # torch.compile the towers (first steps pay the compilation)
+    # Experiment trackers that also get log.jsonl's scalars (flyp.tracking): tensorboard, wandb
+    log_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -176,6 +178,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.contrastive_loss": ("auto", "clip", "siglip"),
     "data.on_bad_image": ("error", "skip"),
 }
+LOG_TO = ("tensorboard", "wandb")  # the trackers train.log_to may list
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Lower bounds of the numeric keys; a None value means "not set" and is not checked.
 AT_LEAST: dict[str, tuple[float, str]] = {
@@ -238,6 +241,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError(
             f"train.device: '{device}' is not a device; use auto, cpu, cuda, cuda:N or mps{hint}"
         )
+    for i, tracker in enumerate(recipe.train.log_to):
+        _choice(f"train.log_to[{i}]", tracker, LOG_TO)
+        if recipe.train.log_to.count(tracker) > 1:
+            raise RecipeError(f"train.log_to lists '{tracker}' twice; list each tracker once")
     for key, (low, text) in AT_LEAST.items():
         value = _get(recipe, key)
         if value is not None and value < low:

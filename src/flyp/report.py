@@ -93,6 +93,9 @@ def aggregate(run_dirs: Sequence[Path]) -> dict[str, Any]:
             "val": _stat([r["sets"]["val"][first["metric"]] for r in group if "val" in r["sets"]] or [float("nan")]),
             "sets": {s: _stat([r["sets"][s][first["metric"]] for r in group]) for s in set_names},
         }
+        calibrated = _calibration(group, first["id_name"], first["ood_names"])
+        if calibrated:
+            entry["calibration"] = calibrated
         wises = [r["wise"] for r in group if r["wise"]]
         if len(wises) == len(group):
             alphas = [p["alpha"] for p in wises[0]["points"]]
@@ -119,9 +122,38 @@ def aggregate(run_dirs: Sequence[Path]) -> dict[str, Any]:
     }
 
 
-def _fmt(stat: dict[str, float]) -> str:
-    text = f"{100 * stat['mean']:.1f}"
-    return text + (f" ± {100 * stat['std']:.1f}" if stat.get("n", 1) > 1 else "")
+CALIBRATION = ("ece", "ece_ts", "nll", "nll_ts")
+
+
+def _calibration(group: list[dict], id_name: str, ood_names: Sequence[str]) -> dict[str, Any]:
+    """ECE and NLL (raw and after temperature scaling on ID validation) on the ID test set and
+    averaged over the OOD sets, mean and std over seeds; empty for runs without them."""
+    out = {}
+    for key in CALIBRATION:
+        if not all(r["sets"][id_name].get(key) is not None for r in group):
+            continue
+        out[f"id_{key}"] = _stat([r["sets"][id_name][key] for r in group])
+        ood = [[r["sets"][s].get(key) for s in ood_names] for r in group]
+        if ood[0] and all(v is not None for values in ood for v in values):
+            out[f"ood_{key}"] = _stat([sum(values) / len(values) for values in ood])
+    return out
+
+
+def calibration_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "ID ECE", "ID ECE (TS)", "OOD ECE", "OOD ECE (TS)", "ID NLL", "ID NLL (TS)"]
+    keys = ["id_ece", "id_ece_ts", "ood_ece", "ood_ece_ts", "id_nll", "id_nll_ts"]
+    rows = []
+    for name, m in results["methods"].items():
+        cal = m.get("calibration", {})
+        if cal:
+            rows.append([name, *[_fmt(cal[k], scale=1 if "nll" in k else 100) if k in cal else "" for k in keys]])
+    return header, rows
+
+
+def _fmt(stat: dict[str, float], scale: float = 100) -> str:
+    digits = 1 if scale == 100 else 3
+    text = f"{scale * stat['mean']:.{digits}f}"
+    return text + (f" ± {scale * stat['std']:.{digits}f}" if stat.get("n", 1) > 1 else "")
 
 
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -146,6 +178,13 @@ def markdown(results: dict[str, Any], title: str) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    header, rows = calibration_rows(results)
+    if rows:
+        lines += ["", "Calibration: expected calibration error (%, 15 bins) and negative log-likelihood, "
+                  "as trained and after temperature scaling (TS) fitted on ID validation.", ""]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" for _ in header) + "|")
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "![ID vs OOD](figure.png)", ""]
     return "\n".join(lines)
 

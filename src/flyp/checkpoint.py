@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -74,10 +74,55 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, write)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Save a model's state dict as safetensors (shared tensors are stored once per name)."""
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic(path, lambda tmp: save_file(state, tmp))
+METADATA_KEY = "flyp"  # safetensors metadata key holding the JSON that describes the weights
+
+
+def save_weights(
+    model: torch.nn.Module,
+    path: Path,
+    metadata: dict[str, Any] | None = None,
+    keep: Callable[[str], bool] | None = None,
+) -> None:
+    """Save a model's state dict as safetensors (shared tensors are stored once per name).
+
+    ``metadata`` (JSON-able) is stored in the file's header under ``"flyp"``, so the weights
+    say what model they belong to. ``keep`` stores only the tensors it accepts: a run that
+    changed nothing but a head need not copy the pretrained towers; such a file must say
+    ``"tensors": "changed"`` in its metadata (:func:`load_weights` checks).
+    """
+    if keep is not None and (metadata or {}).get("tensors") != "changed":
+        raise ValueError("a file that keeps only some tensors needs metadata tensors='changed'")
+    state = {
+        k: v.detach().contiguous().clone()
+        for k, v in model.state_dict().items()
+        if keep is None or keep(k)
+    }
+    header = None if metadata is None else {METADATA_KEY: json.dumps(metadata)}
+    _atomic(path, lambda tmp: save_file(state, tmp, metadata=header))
+
+
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    """The flyp metadata a weights file carries, or None (a file written before it had any)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({str(err).splitlines()[0]}); "
+            "pass the model.safetensors of a finished run"
+        ) from None
+    if METADATA_KEY not in header:
+        return None
+    try:
+        return json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{path}: its flyp metadata is not JSON ({err}); pass the run directory instead "
+            "(its recipe.yaml gives the model spec)"
+        ) from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -95,7 +140,15 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load weights strictly: every tensor of the model must be in the file and fit.
+
+    The one exception: a file whose metadata says ``"tensors": "changed"`` (a zeroshot or lp
+    run) holds only what differs from the pretrained model, so the model's own tensors stay
+    where the file has none. ``model`` must then hold the pretrained weights, as a model just
+    loaded from its spec does.
+    """
     state = read_weights(path)
+    changed_only = (read_metadata(path) or {}).get("tensors") == "changed"
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # same names, other shapes: another size of the architecture
@@ -103,6 +156,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             f"{path} does not fit this model ({str(err).splitlines()[-1].strip()}); "
             "load it with the model spec it was trained with (see the run's recipe.yaml)"
         ) from None
+    if changed_only:  # only the towers may be left out, never a head the model expects
+        missing = [k for k in missing if not k.startswith("model.")]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "

@@ -12,7 +12,7 @@ Each target format is the inverse of the matching loader in :mod:`flyp.models`:
 
 flyp's wrappers (the trimmed-text ``encode_text`` of open_clip towers, the ``visual`` / ``text``
 regrouping of transformers models, the ``model.`` prefix of the classifier) are not part of the
-exported names: the files hold the library's own keys. A linear head (ft, lp, lpft, l2sp) has no
+exported names: the files hold the library's own keys. A linear head (ft, lp, lpft, l2sp, lipsum-ft) has no
 place in those libraries' models, so it is written beside them as head.safetensors, with the
 class names it scores in flyp_export.json. Everything is written to a temporary folder next to
 ``out`` and renamed into place at the end: a failed export leaves nothing behind.

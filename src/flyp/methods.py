@@ -7,6 +7,7 @@ and how its classifier head is made. The loop in :mod:`flyp.train` does the rest
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class Method:
     train_text: bool = True
     linear_head: bool = False
     l2sp: bool = False
+    lipsum: bool = False  # Lipsum-FT's random-text regulariser (train.lipsum_weight)
     probe: bool = False  # start from a linear probe fitted on frozen features (lp, lpft)
     collisions: str | None = None  # overrides train.collisions (FLYP's collision ablations)
     summary: str = ""
@@ -40,6 +42,14 @@ _ALL = [
     Method("flyp-soft", "contrastive", collisions="soft", summary="FLYP, same-class soft positives"),
     Method("ft", "ce-head", train_text=False, linear_head=True, summary="CE, image tower + head"),
     Method("l2sp", "ce-head", train_text=False, linear_head=True, l2sp=True, summary="ft + L2-SP"),
+    Method(
+        "lipsum-ft",
+        "ce-head",
+        train_text=False,
+        linear_head=True,
+        lipsum=True,
+        summary="ft + Lipsum-FT (image-text scores on random texts kept)",
+    ),
     Method("lp", "none", train_text=False, linear_head=True, probe=True, summary="linear probe"),
     Method("lpft", "ce-head", train_text=False, linear_head=True, probe=True, summary="lp, then ft"),
     Method("ce-both", "ce-both", summary="CE over class prompts through both towers"),
@@ -82,6 +92,13 @@ def is_scale_param(name: str) -> bool:
     return name in ("logit_scale", "logit_bias")
 
 
+def normalized_image_features(model: nn.Module, images: Tensor, channels_last: bool) -> Tensor:
+    images = to_model_layout(images.to(model.logit_scale.device, non_blocking=True), channels_last)
+    features = model.encode_image(images)
+    with full_precision(features.device):
+        return F.normalize(features.float(), dim=-1)
+
+
 class Classifier(nn.Module):
     """Images -> class logits: the two-tower model with either the zero-shot head of its own
     text tower (rebuilt by :meth:`refresh_text_head`) or a trained linear head."""
@@ -98,13 +115,15 @@ class Classifier(nn.Module):
     ) -> None:
         self.text_head = zeroshot_weights(self.model, tokenizer, class_names, templates)
 
+    def image_features(self, images: Tensor) -> Tensor:
+        """The unit-length fp32 image features the heads score."""
+        return normalized_image_features(self.model, images, self.channels_last)
+
     def forward(self, images: Tensor) -> Tensor:
-        images = to_model_layout(images.to(self.model.logit_scale.device, non_blocking=True), self.channels_last)
-        features = self.model.encode_image(images)
+        features = self.image_features(images)
         # The logits in fp32 even under bf16 autocast: cross-entropy and argmax over classes
         # whose scores differ in the third decimal need the precision.
         with full_precision(features.device):
-            features = F.normalize(features.float(), dim=-1)
             if self.head is not None:
                 return self.head(features)
             if self.text_head is None:
@@ -123,6 +142,14 @@ class LossContext:
     collisions: str = "none"
     l2sp_weight: float = 0.0
     theta0: dict[str, Tensor] = field(default_factory=dict)
+    # Lipsum-FT: the frozen pretrained model, the weight and count of random texts, and the
+    # run's seed (the texts are drawn from (seed, step)); set by flyp.train for lipsum-ft only.
+    reference: nn.Module | None = None
+    lipsum_weight: float = 0.0
+    lipsum_texts: int = 80
+    seed: int = 0
+    # (step, text features): micro-batch chunks of one step reuse the step's text features
+    lipsum_cache: tuple[int, Tensor] | None = None
 
 
 def build_classifier(method: Method, model: nn.Module, ctx: LossContext) -> Classifier:
@@ -184,6 +211,64 @@ def l2sp_penalty(model: nn.Module, theta0: dict[str, Tensor]) -> Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def frozen_reference(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` in eval mode (Lipsum-FT's θ0): one more model in memory.
+
+    Made before ``torch.compile`` wraps the towers, so the copy holds plain modules.
+    """
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def random_texts(count: int, seed: int, step: int) -> list[str]:
+    """``count`` random texts, the same for the same (seed, step), so a resumed run replays them.
+
+    The paper feeds 8 token ids drawn uniformly from CLIP's vocabulary. To work with any
+    tokenizer, these are 1-8 "words" of 2-8 random letters each, which the model's own
+    tokenizer turns into (mostly rare, word-piece) tokens. A torch.Generator of its own leaves
+    the global random stream (dropout, augmentation) untouched.
+    """
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+    texts = []
+    for _ in range(count):
+        n_words = int(torch.randint(1, 9, (), generator=g))
+        lengths = torch.randint(2, 9, (n_words,), generator=g).tolist()
+        letters = torch.randint(0, len(LETTERS), (sum(lengths),), generator=g).tolist()
+        chars, words = [LETTERS[i] for i in letters], []
+        for n in lengths:
+            words.append("".join(chars[:n]))
+            chars = chars[n:]
+        texts.append(" ".join(words))
+    return texts
+
+
+def lipsum_text_features(step: int, ctx: LossContext, device: torch.device) -> Tensor:
+    """Unit-length fp32 text features of the step's random texts, from the frozen text tower."""
+    if ctx.lipsum_cache is not None and ctx.lipsum_cache[0] == step:
+        return ctx.lipsum_cache[1]
+    tokens = ctx.tokenizer(random_texts(ctx.lipsum_texts, ctx.seed, step)).to(device)
+    with torch.no_grad():
+        text = ctx.reference.encode_text(tokens)
+        with full_precision(device):
+            text = F.normalize(text.float(), dim=-1)
+    ctx.lipsum_cache = (step, text)
+    return text
+
+
+def lipsum_penalty(
+    features: Tensor, reference_features: Tensor, text_features: Tensor, scale: Tensor | float
+) -> Tensor:
+    """Lipsum-FT's regulariser, mean over the batch of Σ_m (v_m − v0_m)² / (2M), with
+    v_m = scale · ⟨text_m, image⟩ (the official code scales the scores by the pretrained
+    temperature, as the zero-shot logits are)."""
+    diff = scale * (features - reference_features) @ text_features.t()
+    return diff.pow(2).sum(dim=-1).div(2 * text_features.shape[0]).mean()
+
+
 def compute_loss(
     method: Method,
     classifier: Classifier,
@@ -200,7 +285,22 @@ def compute_loss(
             model.encode_image(images), model.encode_text(tokens), model, labels, ctx
         )
     if method.objective == "ce-head":
-        loss = F.cross_entropy(classifier(images), labels)
+        if not method.lipsum:
+            loss = F.cross_entropy(classifier(images), labels)
+        else:  # the features once: for the head and for the regulariser
+            if ctx.reference is None:
+                raise RuntimeError("lipsum-ft needs ctx.reference, the frozen pretrained model")
+            features = classifier.image_features(images)
+            with full_precision(features.device):
+                loss = F.cross_entropy(classifier.head(features), labels)
+            with torch.no_grad():
+                reference = normalized_image_features(
+                    ctx.reference, images, prefers_channels_last(ctx.reference)
+                )
+            text = lipsum_text_features(step, ctx, features.device)
+            with full_precision(features.device):
+                scale = ctx.reference.logit_scale.float().exp()
+                loss = loss + ctx.lipsum_weight * lipsum_penalty(features, reference, text, scale)
         if method.l2sp:
             loss = loss + ctx.l2sp_weight * l2sp_penalty(model, ctx.theta0)
         return loss

@@ -68,6 +68,8 @@ class TrainConfig:
     init_logit_scale: float | None = None  # None: keep the model's own
     max_logit_scale: float = 100.0
     l2sp_weight: float = 0.1  # lambda of the l2sp method
+    lipsum_weight: float = 1.0  # lambda of lipsum-ft's regulariser (the paper's 1.0)
+    lipsum_texts: int = 80  # M, random texts a step for lipsum-ft (the paper's 80)
     collisions: str = "none"  # "none", "mask" or "soft": same-class captions in a FLYP batch
     contrastive_loss: str = "auto"  # "auto" (the model's pretraining loss), "clip" or "siglip"
     checkpoint_every: int = 0  # also save resumable state every N steps (0: at epoch ends only)
@@ -196,6 +198,8 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "train.weight_decay": (0, ">= 0"),
     "train.logit_scale_lr": (0, ">= 0"),
     "train.l2sp_weight": (0, ">= 0"),
+    "train.lipsum_weight": (0, ">= 0"),
+    "train.lipsum_texts": (1, ">= 1"),
     "train.warmup_steps": (0, ">= 0"),
     "train.checkpoint_every": (0, ">= 0"),
     "eval.batch_size": (1, ">= 1"),

@@ -49,6 +49,7 @@ from flyp.methods import (
     Classifier,
     LossContext,
     build_classifier,
+    frozen_reference,
     get_method,
     image_tower_names,
     is_scale_param,
@@ -56,8 +57,10 @@ from flyp.methods import (
 )
 from flyp.models import ModelBundle, load_model
 from flyp.models.base import prefers_channels_last, to_model_layout
+from flyp.predict import weights_metadata
 from flyp.probe import choose_c, image_features, probe_to_linear
 from flyp.recipe import Recipe, save_recipe, validate
+from flyp.tracking import check_trackers, close_tracker, finish_tracker, open_tracker
 
 
 class RunError(RuntimeError):
@@ -345,6 +348,7 @@ def finetune(
     that never reached a checkpoint starts it again.
     """
     validate(recipe)  # also a recipe changed after it was loaded (flyp compare sets method, seed)
+    check_trackers(recipe)  # a missing tracker package fails before anything is built or written
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
     env = init_distributed(recipe.train.device)  # one process unless started by torchrun
@@ -375,6 +379,7 @@ def finetune(
                 shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
+        close_tracker(run_dir)  # a run that raised closes its trackers now
         if lock is not None:
             lock.close()
 
@@ -410,10 +415,15 @@ def _train(
     set_trainable(method, classifier, image_tower_names(model, exp.bundle.image_size))
     if method.l2sp:
         ctx.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if method.lipsum:  # a frozen copy of the pretrained model: one more model in memory
+        ctx.reference = frozen_reference(model)  # before _place_model compiles the towers
+        ctx.lipsum_weight, ctx.lipsum_texts = cfg.lipsum_weight, cfg.lipsum_texts
+        ctx.seed = cfg.seed
 
     if method.objective == "none":
         if not env.is_main:
             return {"rank": env.rank, "steps": 0}
+        open_tracker(recipe, run_dir, env.is_main)  # _finish sends it the metrics and closes it
         return _finish(
             classifier,
             exp,
@@ -457,6 +467,7 @@ def _train(
         train_seconds, images_seen = state["train_seconds"], state["images_seen"]
         if env.is_main:
             _truncate_log(log_path, step)
+    tracker = open_tracker(recipe, run_dir, env.is_main, step)  # _finish closes it
     started = time.time()
 
     def checkpoint() -> None:
@@ -484,10 +495,10 @@ def _train(
             # step and resumes here), keep the best weights, then checkpoint.
             if env.is_main and select:
                 val = validation_score(classifier, exp)
-                _append_log(
-                    log_path,
-                    {"step": step, "epoch": epoch, "val": val, "val_metric": exp.benchmark.metric},
-                )
+                metric = exp.benchmark.metric
+                entry = {"step": step, "epoch": epoch, "val": val, "val_metric": metric}
+                _append_log(log_path, entry)
+                tracker.log(entry, step)
                 if best["epoch"] == 0 or val > best["val"]:  # NaN never wins, the first is kept
                     best = {"val": val, "epoch": epoch}
                     save_weights(classifier, run_dir / "model.safetensors")
@@ -497,6 +508,7 @@ def _train(
             break
         if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
             checkpoint()
+            tracker.close()
             return {"stopped_at_step": step}
         local_batch = cfg.batch_size // env.world  # batch_size is the global batch
         sampler = EpochSampler(
@@ -560,7 +572,7 @@ def _train(
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, max_log_scale)
             step += 1
-            images_seen += len(labels)
+            images_seen += len(labels) * env.world  # this rank saw its share of the global batch
             record = {
                 "step": step,
                 "epoch": epoch + 1,
@@ -570,6 +582,7 @@ def _train(
             }
             if env.is_main:
                 _append_log(log_path, record)
+                tracker.log(record, step)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             at_epoch_end = step % steps_per_epoch == 0
             stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
@@ -578,6 +591,7 @@ def _train(
                 tick = time.time()
                 checkpoint()
             if stopping and not at_epoch_end:
+                tracker.close()
                 return {"stopped_at_step": step}
             if at_epoch_end:
                 break  # the epoch-end work (validation, checkpoint) runs at the top of the loop
@@ -602,8 +616,17 @@ def _finish(
     train_seconds: float,
     images_seen: int,
 ) -> dict[str, Any]:
-    if not (run_dir / "model.safetensors").exists():
-        save_weights(classifier, run_dir / "model.safetensors")
+    # The selected weights, self-describing (flyp.predict.load_classifier needs nothing else).
+    # A run that trained nothing (zeroshot, lp) stores only what it set: the head and the
+    # temperature; the towers are the pretrained ones its model spec loads.
+    untrained = get_method(exp.recipe.train.method).objective == "none"
+    tensors = "changed" if untrained else "full"
+
+    def changed(key: str) -> bool:
+        return not key.startswith("model.") or is_scale_param(key.removeprefix("model."))
+
+    metadata = weights_metadata(exp.bundle, exp.recipe, exp.benchmark, classifier, tensors)
+    save_weights(classifier, run_dir / "model.safetensors", metadata, changed if untrained else None)
     tick = time.time()
     sets = evaluate_classifier(classifier, exp, None)
     metrics = {
@@ -622,4 +645,5 @@ def _finish(
     atomic_write_json(run_dir / "metrics.json", metrics)
     for leftover in ("state.pt", "last.safetensors"):
         (run_dir / leftover).unlink(missing_ok=True)
+    finish_tracker(run_dir, metrics)  # the final metrics to TensorBoard / W&B (train.log_to)
     return metrics

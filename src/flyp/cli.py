@@ -185,6 +185,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from flyp.compare import compare
     from flyp.methods import get_method
     from flyp.recipe import RecipeError
+    from flyp.sweep import parse_grid, sweep_methods, write_sweeps
 
     for name in args.methods:
         get_method(name)  # a typo fails before the first method trains
@@ -192,15 +193,39 @@ def cmd_compare(args: argparse.Namespace) -> int:
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise RecipeError(f"{flag} lists {twice[0]} twice; list each once")
+    grid = parse_grid(args.sweep, "--sweep") if args.sweep is not None else None
     recipe = _recipe(args)  # as written: the demo's quick settings live in recipes/pacs_demo.yaml
     out = _out_folder(args.out) or Path("runs") / f"{recipe.name}-compare"
+    sweeps = sweep_methods(recipe, args.methods, args.seeds, grid, out) if grid else {}
     results = compare(
-        recipe, args.methods, args.seeds, out, wise=not args.no_wise, soups=args.soups
+        recipe,
+        args.methods,
+        args.seeds,
+        out,
+        wise=not args.no_wise,
+        soups=args.soups,
+        stock=args.stock,
+        method_overrides={m: r["chosen"]["overrides"] for m, r in sweeps.items()},
     )
+    if sweeps:
+        write_sweeps(sweeps, out)
     print((out / "report.md").read_text())
     print(
         f"report: {out / 'report.md'}  figure: {out / 'figure.png'}  ({len(results['methods'])} methods)"
     )
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flyp.sweep import parse_grid, sweep
+
+    grid = parse_grid(args.grid)
+    recipe = _recipe(args)
+    out = _out_folder(args.out) or Path("runs") / f"{recipe.name}-{recipe.train.method}-sweep"
+    result = sweep(recipe, grid, out)
+    print((out / "sweep.md").read_text())
+    chosen = " ".join(result["chosen"]["overrides"])
+    print(f"chosen on ID validation: {chosen}  (sweep: {out / 'sweep.json'})")
     return 0
 
 
@@ -219,7 +244,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         for r in (
             [d]
             if (d / "metrics.json").exists()
-            else sorted(p.parent for p in d.glob("**/metrics.json"))
+            else sorted(
+                p.parent
+                for p in d.glob("**/metrics.json")
+                # a sweep's runs are candidates, not the comparison's seeds
+                if not any((q / "sweep.json").exists() for q in p.parents if d in q.parents)
+            )
         )
     ]
     if not expanded:
@@ -292,6 +322,73 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_run(Path(args.run_dir), args.format, Path(args.out))
     print(f"exported {args.run_dir} as {args.format} to {out} (how to load it: {out / 'README.md'})")
+    return 0
+
+
+def _lines(path: str, what: str) -> list[str]:
+    """The non-empty lines of a text file (class names, templates), or a one-line error."""
+    from flyp.data.folders import DataError
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} {file} does not exist; write one entry per line")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DataError(f"{what} {file} is empty; write one entry per line")
+    return lines
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from flyp.checkpoint import atomic_write_text
+    from flyp.data.folders import DataError
+    from flyp.distributed import pick_device
+    from flyp.predict import collect_images, load_classifier, predict_files, predictions_csv
+    from flyp.recipe import RecipeError
+
+    if args.classes and args.classes_file:
+        raise RecipeError("give --classes or --classes-file, not both")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise RecipeError("--top-k and --batch-size must be at least 1")
+    names = args.classes.split(",") if args.classes else None
+    if args.classes_file:
+        names = _lines(args.classes_file, "--classes-file")
+    templates = _lines(args.templates_file, "--templates-file") if args.templates_file else None
+    if templates and names is None:
+        raise RecipeError(
+            "--templates-file goes with --classes or --classes-file (the new class names)"
+        )
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise FileExistsError(f"--out {out} is a folder; pass a CSV file name")
+    paths, skipped = collect_images(args.images)
+    clf = load_classifier(args.target, device=pick_device(args.device))
+    if names is not None:
+        try:
+            clf = clf.with_classes(names, templates)
+        except ValueError as err:
+            raise DataError(f"--classes/--templates-file: {err}") from None
+    result = predict_files(clf, paths, top_k=args.top_k, batch_size=args.batch_size)
+    skipped += result.skipped
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not result.paths:
+        raise DataError(
+            f"no image could be classified ({len(skipped)} skipped, listed above); "
+            "pass image files, folders of images, or a CSV with a 'path' column"
+        )
+    width = min(60, max(len(p) for p in result.paths))
+    print(f"{'path':<{width}}  {'top-1':<20}{'prob':>7}  top-{args.top_k}")
+    for path, top in zip(result.paths, result.top, strict=True):
+        rest = ", ".join(f"{c} {p:.3f}" for c, p in top)
+        print(f"{path:<{width}}  {top[0][0]:<20}{top[0][1]:>7.3f}  {rest}")
+    print(
+        f"{len(result.paths)} images classified, {len(skipped)} skipped "
+        f"({clf.head} head, {len(clf.class_names)} classes)"
+    )
+    if out is not None:
+        atomic_write_text(out, predictions_csv(result))
+        print(f"predictions: {out}")
     return 0
 
 
@@ -384,7 +481,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--soups", action="store_true", help="also uniform and greedy soups over the seeds"
     )
+    p.add_argument(
+        "--stock",
+        action="store_true",
+        help="also the Model Stock merge of each method's seeds (needs two or more seeds)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="give each method that trains its own best setting: sweep these train.* values on "
+        "the first seed (chosen on ID validation), then run every seed with it; repeatable",
+    )
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "sweep",
+        help="train every combination of a grid; choose on ID validation (never a test set)",
+        description="Each combination is a run directory under --out; finished ones are reused "
+        "and killed ones resumed, so rerunning the same command continues a sweep. A grid may "
+        "vary train.* keys other than train.seed and train.method.",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe YAML; or use --data")
+    _add_data_options(p)
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="values of one key, e.g. train.lr=1e-5,3e-5,1e-4; repeat for more keys",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="output folder (default runs/<recipe>-<method>-sweep)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("data", help="check a recipe's data and show its splits and class counts")
     p.add_argument("recipe", nargs="?", help="recipe YAML; or use --data")
@@ -413,6 +542,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, help="open_clip, hf or flyp (docs/export.md)")
     p.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify images with a finished run (its own classes, or new ones zero-shot)",
+        description="Top-k classes and probabilities per image, in batches. Files that cannot "
+        "be read are listed on stderr and skipped; the exit status is 2 only when no image "
+        "could be classified.",
+    )
+    p.add_argument("target", help="run directory, or its model.safetensors (self-describing)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files, folders (searched recursively), or a CSV with a 'path' column",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument(
+        "--out",
+        help="also write a CSV with one row per image and rank: path,rank,class,probability "
+        "(rank 1 is the top-1 class)",
+    )
+    p.add_argument(
+        "--classes",
+        help='new class names, comma-separated ("cat,dog"): zero-shot with the run\'s text tower',
+    )
+    p.add_argument("--classes-file", help="new class names, one per line")
+    p.add_argument(
+        "--templates-file",
+        help="prompt templates for the new classes, one per line with {} for the name "
+        "(default: the run's own)",
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, ...")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from flyp.evaluate import summarise
 from flyp.methods import Classifier, build_classifier, get_method
 from flyp.recipe import Recipe, RecipeError
 from flyp.report import write_report
+from flyp.sweep import apply_overrides
 from flyp.train import (
     Experiment,
     evaluate_classifier,
@@ -146,9 +147,11 @@ def compare(
     wise: bool = True,
     soups: bool = False,
     stock: bool = False,
+    method_overrides: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Run every method for every seed (finished runs are reused, killed ones resumed), sweep
-    WiSE-FT, merge the seeds (soups, Model Stock), then report."""
+    WiSE-FT, merge the seeds (soups, Model Stock), then report. ``method_overrides`` gives a
+    method its own ``key=value`` settings (its choice from a sweep: flyp.sweep.sweep_methods)."""
     out_dir = Path(out_dir)
     for name in methods:
         get_method(name)  # unknown names fail before any training
@@ -161,6 +164,7 @@ def compare(
     def run(name: str, seed: int, run_dir: Path) -> dict[str, Any]:
         run_recipe = copy.deepcopy(recipe)
         run_recipe.train.method, run_recipe.train.seed = name, seed
+        run_recipe = apply_overrides(run_recipe, (method_overrides or {}).get(name, ()))
         run_dirs.setdefault(name, []).append(run_dir)
         if (run_dir / "metrics.json").exists():
             return json.loads((run_dir / "metrics.json").read_text())

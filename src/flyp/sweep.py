@@ -1,0 +1,304 @@
+"""Hyperparameters chosen on validation: every combination of a grid, trained on the same data,
+the choice made on ID validation with the benchmark's headline metric, never on a test set.
+
+out_dir/
+  <setting>/   one run directory per combination, e.g. lr=1e-05_weight_decay=0.1
+  sweep.json   the grid, every combination's val / ID / OOD mean, the choice and the metric
+  sweep.md     the same as a table, the chosen row marked
+
+Which keys a grid may vary: ``train.*`` except ``train.seed`` and ``train.method``. Everything
+else (``model.*``, ``data.*``, ``eval.*``, ``name``) decides what is measured (the model, the
+splits, the validation and test sets), so the combinations would not be compared on the same
+thing; the seed and the method are what a comparison varies around a chosen setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyp.checkpoint import atomic_write_json, atomic_write_text
+from flyp.recipe import Recipe, RecipeError, _set, from_dict, load_recipe
+from flyp.train import LOCK_NAME, Experiment, finetune, prepare
+
+FIXED = ("train.seed", "train.method")  # varied by compare, never by a sweep
+
+Grid = dict[str, list[str]]
+
+
+def parse_grid(specs: Sequence[str], flag: str = "--grid") -> Grid:
+    """``KEY=V1,V2,...`` strings as {key: [value text, ...]}; the shape is checked here, the
+    values by :func:`combinations` (against a recipe)."""
+    if not specs:
+        raise RecipeError(
+            f"{flag}: the grid is empty; give {flag} KEY=V1,V2 (e.g. train.lr=1e-5,1e-4)"
+        )
+    grid: Grid = {}
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip()
+        values = [v.strip() for v in text.split(",")]
+        if not sep or not key or not all(values):
+            raise RecipeError(
+                f"{flag} {spec!r}: expected KEY=V1,V2,... with no empty value "
+                "(e.g. train.lr=1e-5,1e-4)"
+            )
+        if key in grid:
+            raise RecipeError(
+                f"{flag} lists {key} twice; give all its values in one {flag} {key}=V1,V2"
+            )
+        grid[key] = values
+    return grid
+
+
+def apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
+    """``recipe`` with ``key=value`` overrides, typed and validated as ``--set`` does."""
+    raw = recipe.to_dict()
+    for assignment in overrides:
+        _set(raw, assignment)
+    return from_dict(raw)
+
+
+def _check_key(key: str, flag: str) -> None:
+    if not key.startswith("train.") or key in FIXED:
+        raise RecipeError(
+            f"{flag} {key}: a sweep compares settings on the same model, data and evaluation, "
+            f"so it may vary train.* keys other than {' and '.join(FIXED)}; "
+            f"set {key} in the recipe or with --set"
+        )
+
+
+def _text(value: Any) -> str:
+    return str(value).replace("/", "-").replace(" ", "")
+
+
+def combinations(
+    recipe: Recipe, grid: Mapping[str, Sequence[Any]], flag: str = "--grid"
+) -> list[dict[str, Any]]:
+    """Every combination of ``grid`` in grid order (the first key varies slowest), each checked
+    against ``recipe`` before anything trains.
+
+    Each is {"name", "settings" (typed values), "overrides" (key=value), "recipe"}."""
+    if not grid:
+        raise RecipeError(
+            f"{flag}: the grid is empty; give {flag} KEY=V1,V2 (e.g. train.lr=1e-5,1e-4)"
+        )
+    typed: dict[str, list[Any]] = {}
+    for key, values in grid.items():
+        _check_key(key, flag)
+        typed[key] = []
+        for value in values:
+            try:
+                one = apply_overrides(recipe, [f"{key}={value}"])
+            except RecipeError as err:
+                raise RecipeError(f"{flag} {key}={value}: {err}") from None
+            parsed = getattr(one.train, key.removeprefix("train."))
+            if parsed in typed[key]:
+                raise RecipeError(f"{flag} {key} lists {parsed!r} twice; list each value once")
+            typed[key].append(parsed)
+    combos = []
+    for values in itertools.product(*typed.values()):
+        settings = dict(zip(typed, values, strict=True))
+        overrides = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+        name = "_".join(f"{k.removeprefix('train.')}={_text(v)}" for k, v in settings.items())
+        combos.append(
+            {
+                "name": name,
+                "settings": settings,
+                "overrides": overrides,
+                "recipe": apply_overrides(recipe, overrides),
+            }
+        )
+    return combos
+
+
+def check_same_run(run_dir: Path, recipe: Recipe) -> None:
+    """A run directory about to be reused or resumed must hold a run of ``recipe``: rerunning a
+    sweep with another --set into the same --out would otherwise mix two experiments. Only what
+    a resumed run may change (flyp.cli.RESUME_SETTABLE: paths, device, speed) may differ."""
+    from flyp.cli import RESUME_SETTABLE, _flat
+
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return
+    before, after = _flat(load_recipe(path).to_dict()), _flat(recipe.to_dict())
+    for key in after:
+        if after[key] != before.get(key) and not key.startswith(RESUME_SETTABLE):
+            raise RecipeError(
+                f"{run_dir} holds a run with {key}={before.get(key)!r}, not {after[key]!r}: "
+                "it belongs to another experiment; pass a new --out (or the settings it used)"
+            )
+
+
+def sweep(
+    recipe: Recipe,
+    grid: Mapping[str, Sequence[Any]],
+    out_dir: str | Path,
+    exp: Experiment | None = None,
+    pretrained: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Train every combination of ``grid`` (finished runs reused, killed ones resumed) and choose
+    the one with the best headline metric on ID validation (ties: the first in grid order)."""
+    out_dir = Path(out_dir)
+    combos = combinations(recipe, grid)  # every value checked before anything is built or written
+    exp = exp or prepare(recipe)
+    if not exp.benchmark.val:
+        raise RecipeError(
+            "a sweep chooses on ID validation, and this recipe's validation set is empty; "
+            "set data.val_fraction above 0"
+        )
+    pretrained = pretrained or copy.deepcopy(exp.bundle.model.state_dict())
+    rows = []
+    for combo in combos:
+        run_dir = out_dir / combo["name"]
+        check_same_run(run_dir, combo["recipe"])
+        if (run_dir / "metrics.json").exists():
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            exp.bundle.model.load_state_dict(pretrained)  # every combination starts pretrained
+            run_exp = Experiment(combo["recipe"], exp.bundle, exp.benchmark, exp.eval_cache)
+            resume = (run_dir / "recipe.yaml").exists()  # killed: continued (or restarted)
+            metrics = finetune(combo["recipe"], run_dir, resume=resume, exp=run_exp)
+        rows.append(
+            {
+                "name": combo["name"],
+                "settings": combo["settings"],
+                "overrides": combo["overrides"],
+                "run_dir": str(run_dir),
+                "val": metrics["val"],
+                "id": metrics["id"],
+                "ood_mean": metrics["ood_mean"],
+            }
+        )
+    exp.bundle.model.load_state_dict(pretrained)
+    chosen = max(rows, key=lambda r: r["val"])  # max keeps the first of equals: grid order
+    result = {
+        "recipe": recipe.name,
+        "method": recipe.train.method,
+        "seed": recipe.train.seed,
+        "metric": exp.benchmark.metric,
+        "chosen_on": "val",
+        "grid": _grid_values(rows),
+        "chosen": chosen,
+        "runs": rows,
+    }
+    atomic_write_json(out_dir / "sweep.json", result)
+    atomic_write_text(out_dir / "sweep.md", sweep_markdown(result))
+    return result
+
+
+def _grid_values(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Each key's values, typed, in grid order."""
+    grid: dict[str, list[Any]] = {}
+    for row in rows:
+        for key, value in row["settings"].items():
+            if value not in grid.setdefault(key, []):
+                grid[key].append(value)
+    return grid
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    """The whole grid as a table; the chosen row in bold, marked in the last column."""
+    keys = list(result["grid"])
+    lines = [
+        f"# Sweep: {result['recipe']} ({result['method']}, seed {result['seed']})",
+        "",
+        f"Chosen on ID validation ({result['metric']}), never on a test set: "
+        f"**{result['chosen']['name']}** (val {_pct(result['chosen']['val'])}).",
+        "",
+        "| " + " | ".join(keys) + " | val | ID | OOD mean | chosen |",
+        "|" + "---|" * (len(keys) + 4),
+    ]
+    for row in result["runs"]:
+        mark = row["name"] == result["chosen"]["name"]
+        cells = [str(row["settings"][k]) for k in keys]
+        cells += [_pct(row["val"]), _pct(row["id"]), _pct(row["ood_mean"])]
+        if mark:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + f" | {'✓' if mark else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_methods(
+    recipe: Recipe,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    grid: Mapping[str, Sequence[Any]],
+    out_dir: str | Path,
+    flag: str = "--sweep",
+) -> dict[str, dict[str, Any]]:
+    """What ``flyp compare --sweep`` runs first: each method that trains gets its own sweep on
+    the first seed (out_dir/sweep-<method>/), as the paper tuned every baseline. The chosen run
+    is copied to out_dir/<method>-s<seed> so the comparison reuses it. Returns {method: sweep}."""
+    from flyp.methods import get_method
+
+    out_dir = Path(out_dir)
+    trained = [m for m in methods if get_method(m).objective != "none"]  # not zeroshot, lp
+    recipes = {}
+    for name in trained:  # every method's grid checked before anything is built or written
+        recipes[name] = copy.deepcopy(recipe)
+        recipes[name].train.method, recipes[name].train.seed = name, seeds[0]
+        combinations(recipes[name], grid, flag)
+    if not trained:
+        raise RecipeError(
+            f"{flag}: none of --methods {' '.join(methods)} trains (zeroshot and lp have no "
+            f"training settings to sweep); add ft, lpft, l2sp or flyp, or drop {flag}"
+        )
+    exp = prepare(recipe)
+    pretrained = copy.deepcopy(exp.bundle.model.state_dict())
+    results = {}
+    for name in trained:
+        results[name] = sweep(recipes[name], grid, out_dir / f"sweep-{name}", exp, pretrained)
+        for seed in seeds:  # a run left by an earlier comparison must have the chosen settings
+            run_recipe = copy.deepcopy(recipes[name])
+            run_recipe.train.seed = seed
+            run_recipe = apply_overrides(run_recipe, results[name]["chosen"]["overrides"])
+            check_same_run(out_dir / f"{name}-s{seed}", run_recipe)
+        target = out_dir / f"{name}-s{seeds[0]}"
+        if not target.exists():  # the chosen run is that seed's run: not trained twice
+            staging = out_dir / f".{target.name}.copying"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(
+                results[name]["chosen"]["run_dir"],
+                staging,
+                ignore=shutil.ignore_patterns(LOCK_NAME),
+            )
+            staging.rename(target)
+    return results
+
+
+def write_sweeps(results: Mapping[str, dict[str, Any]], out_dir: str | Path) -> None:
+    """out_dir/sweeps.json (each method's choice and grid) and a section after report.md's."""
+    out_dir = Path(out_dir)
+    summary = {
+        name: {
+            "chosen": r["chosen"]["settings"],
+            "overrides": r["chosen"]["overrides"],
+            "val": r["chosen"]["val"],
+            "metric": r["metric"],
+            "seed": r["seed"],
+            "sweep": str(out_dir / f"sweep-{name}" / "sweep.json"),
+        }
+        for name, r in results.items()
+    }
+    atomic_write_json(out_dir / "sweeps.json", summary)
+    lines = ["", "## Hyperparameters chosen on ID validation", ""]
+    for name, s in summary.items():
+        setting = ", ".join(f"{k}={v}" for k, v in s["chosen"].items())
+        lines.append(
+            f"- {name}: {setting} (val {_pct(s['val'])} {s['metric']}, seed {s['seed']}; "
+            f"grid in sweep-{name}/sweep.md)"
+        )
+    report = out_dir / "report.md"
+    atomic_write_text(report, report.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")

@@ -55,3 +55,50 @@ def tiny_overrides(root: Path, *extra: str) -> list[str]:
         "train.warmup_steps=2",
         *extra,
     ]
+
+
+HF_WORDS = ["[PAD]", "[UNK]", "a", "photo", "of", "the", "dog", "cat", "."]
+
+
+def make_tiny_hf(kind: str, folder: Path, image_processor: bool = False) -> Path:
+    """A tiny random Hugging Face CLIP or SigLIP folder (model, word-level tokenizer and, for
+    CLIP with ``image_processor``, a 32 px image processor), loadable offline."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    text = dict(
+        vocab_size=len(HF_WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    if kind == "clip":
+        config = transformers.CLIPConfig(
+            text_config=text | {"eos_token_id": 2}, vision_config=vision, projection_dim=8
+        )
+        transformers.CLIPModel(config).save_pretrained(folder)
+        if image_processor:
+            processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+            processor.save_pretrained(folder)
+    else:
+        config = transformers.SiglipConfig(text_config=text, vision_config=vision)
+        transformers.SiglipModel(config).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(HF_WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
+    ).save_pretrained(folder)
+    return folder

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from fakes import make_domains
+from fakes import make_domains, make_tiny_hf
 from flyp.checkpoint import load_weights
 from flyp.export import ExportError, export_run
 from flyp.methods import Classifier, get_method
@@ -191,47 +191,8 @@ def test_a_run_at_another_image_size_exports_that_size(open_clip_runs, tmp_path)
 
 # ---------------------------------------------------------------- Hugging Face
 
-WORDS = ["[PAD]", "[UNK]", "a", "photo", "of", "the", "dog", "cat", "."]
-
-
 def _tiny_hf(kind: str, folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    text = dict(
-        vocab_size=len(WORDS),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=12,
-        pad_token_id=0,
-    )
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    if kind == "clip":
-        config = transformers.CLIPConfig(
-            text_config=text | {"eos_token_id": 2}, vision_config=vision, projection_dim=8
-        )
-        transformers.CLIPModel(config).save_pretrained(folder)
-        transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(
-            folder
-        )
-    else:
-        config = transformers.SiglipConfig(text_config=text, vision_config=vision)
-        transformers.SiglipModel(config).save_pretrained(folder)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
-    ).save_pretrained(folder)
-    return folder
+    return make_tiny_hf(kind, folder, image_processor=True)
 
 
 def _features(output) -> torch.Tensor:

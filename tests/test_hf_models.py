@@ -9,55 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from fakes import make_tiny_hf
 from flyp.models import ModelSpecError, load_model
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-WORDS = ["[PAD]", "[UNK]", "a", "photo", "of", "the", "dog", "cat", "."]
-
-
-def _save_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
-    )
-    fast.save_pretrained(folder)
 
 
 def _tiny(kind: str, folder: Path) -> Path:
-    text = dict(
-        vocab_size=len(WORDS),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=12,
-        pad_token_id=0,
-    )
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    if kind == "clip":
-        config = transformers.CLIPConfig(
-            text_config=text | {"eos_token_id": 2}, vision_config=vision, projection_dim=8
-        )
-        model = transformers.CLIPModel(config)
-    else:
-        config = transformers.SiglipConfig(text_config=text, vision_config=vision)
-        model = transformers.SiglipModel(config)
-    model.save_pretrained(folder)
-    _save_tokenizer(folder)
-    return folder
+    return make_tiny_hf(kind, folder)
 
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])

@@ -191,6 +191,7 @@ def test_a_run_at_another_image_size_exports_that_size(open_clip_runs, tmp_path)
 
 # ---------------------------------------------------------------- Hugging Face
 
+
 def _tiny_hf(kind: str, folder: Path) -> Path:
     return make_tiny_hf(kind, folder, image_processor=True)
 

@@ -16,7 +16,6 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 
-
 def _tiny(kind: str, folder: Path) -> Path:
     return make_tiny_hf(kind, folder)
 

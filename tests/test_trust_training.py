@@ -357,3 +357,28 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_on_resume(fake_pacs, 
     resumed = finetune(recipe, killed, resume=True)
     assert resumed["sets"] == full["sets"]
     assert log_lines(killed) == log_lines(tmp_path / "full")
+
+
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")
+@pytest.mark.parametrize("command", ["evaluate", "wise"])
+def test_evaluate_and_wise_run_on_the_recipes_device(command, fake_pacs, tmp_path, monkeypatch):
+    import flyp.compare
+    import flyp.distributed
+
+    run = tmp_path / "run"
+    finetune(tiny_recipe(fake_pacs, "train.method=ft", "train.epochs=1"), run)
+    seen = []
+
+    def spy(classifier, exp, names=None):
+        seen.extend(t.device for t in tensors_of(classifier))
+        raise SystemExit(0)  # the device is all this test is about
+
+    monkeypatch.setattr(flyp.distributed, "pick_device", lambda device, local_rank=0: META)
+    monkeypatch.setattr(train_mod, "evaluate_classifier", spy)
+    monkeypatch.setattr(flyp.compare, "evaluate_classifier", spy)
+    monkeypatch.setattr(flyp.compare, "load_weights", lambda *a: None)  # meta holds no values
+    monkeypatch.setattr("flyp.checkpoint.load_weights", lambda *a: None)
+    argv = ["evaluate", str(run)] if command == "evaluate" else ["wise", str(run), "--alphas", "0.5"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert seen and set(seen) == {META}

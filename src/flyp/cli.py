@@ -34,6 +34,14 @@ def _recipe(args: argparse.Namespace):
     return load_recipe(args.recipe, [*overrides, *args.set])
 
 
+def _on_device(exp):
+    """The experiment's model on the recipe's device (train.device), as a training run has it."""
+    from flyp.distributed import pick_device
+
+    exp.bundle.model.to(pick_device(exp.recipe.train.device))
+    return exp
+
+
 def _default_run_dir(recipe_name: str, method: str, seed: int) -> Path:
     return Path("runs") / f"{recipe_name}-{method}-s{seed}"
 
@@ -163,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         recipe_path, weights = Path(args.recipe), target
     recipe = load_recipe(recipe_path, args.set)
-    exp = prepare(recipe)
+    exp = _on_device(prepare(recipe))
     method = get_method(recipe.train.method)
     ctx = LossContext(exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates)
     classifier = build_classifier(method, exp.bundle.model, ctx)
@@ -282,7 +290,8 @@ def cmd_wise(args: argparse.Namespace) -> int:
     if bad:
         raise RecipeError(f"--alphas: {bad[0]} is out of range; each alpha must be in [0, 1]")
     exp = prepare(recipe)
-    result = wise_sweep(exp, run_dir, alphas, copy.deepcopy(exp.bundle.model.state_dict()))
+    pretrained = copy.deepcopy(exp.bundle.model.state_dict())
+    result = wise_sweep(_on_device(exp), run_dir, alphas, pretrained)
     for p in result["points"]:
         print(
             f"alpha {p['alpha']:.2f}  val {100 * p['val']:.1f}  ID {100 * p['id']:.1f}  OOD mean {100 * p['ood_mean']:.1f}"

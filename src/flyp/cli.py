@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from flyp.recipe import load_recipe
+from flyp.recipe import RESUME_SETTABLE, load_recipe
 
 DEFAULT_METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
@@ -48,31 +48,6 @@ def _default_run_dir(recipe_name: str, method: str, seed: int) -> Path:
 
 # Keys a resumed run may change: where the data lives, how fast and on which device it runs,
 # how often it checkpoints. Anything else would make the rest of the run a different run.
-RESUME_SETTABLE = (
-    "data.root",
-    "data.roots",
-    "data.num_workers",
-    "train.device",
-    "train.micro_batch",
-    "train.compile",
-    "train.checkpoint_every",
-    "train.stop_after_steps",
-    "eval.batch_size",
-    "eval.cache_gb",
-)
-
-
-def _flat(node: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and path != "data.roots":
-            out.update(_flat(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
 def _run_recipe_path(run_dir: Path, what: str) -> Path:
     """``run_dir``/recipe.yaml, or a one-line error saying what the folder is not."""
     if not run_dir.is_dir():
@@ -97,16 +72,15 @@ def _out_folder(out: str | None) -> Path | None:
 def resume_recipe(run_dir: Path, overrides: list[str]):
     """The recipe of a killed run, with the ``--set`` overrides that leave the run the same run
     applied; one that would change it (train.lr, data.max_train, ...) is refused by name."""
-    from flyp.recipe import RecipeError
+    from flyp.recipe import RecipeError, changes, flat
 
     path = _run_recipe_path(run_dir, "the run directory of a killed run")
     saved = load_recipe(path, ["train.stop_after_steps="])
     recipe = load_recipe(path, ["train.stop_after_steps=", *overrides])
-    before, after = _flat(saved.to_dict()), _flat(recipe.to_dict())
-    changed = [k for k in after if after[k] != before.get(k)]
-    refused = [k for k in changed if not k.startswith(RESUME_SETTABLE)]
+    changed, refused = changes(saved, recipe)
     if refused:
         key = refused[0]
+        before, after = flat(saved.to_dict()), flat(recipe.to_dict())
         raise RecipeError(
             f"--resume {run_dir} cannot change {key} ({before.get(key)!r} -> {after[key]!r}): "
             f"the rest of the run would differ from its start; start a new run with --out, "

@@ -21,9 +21,8 @@ from flyp.checkpoint import atomic_write_json, load_weights
 from flyp.ensemble import greedy_soup, interpolate, model_stock, uniform_soup
 from flyp.evaluate import summarise
 from flyp.methods import Classifier, build_classifier, get_method
-from flyp.recipe import Recipe, RecipeError
+from flyp.recipe import Recipe, RecipeError, with_overrides
 from flyp.report import write_report
-from flyp.sweep import apply_overrides
 from flyp.train import (
     Experiment,
     evaluate_classifier,
@@ -164,7 +163,7 @@ def compare(
     def run(name: str, seed: int, run_dir: Path) -> dict[str, Any]:
         run_recipe = copy.deepcopy(recipe)
         run_recipe.train.method, run_recipe.train.seed = name, seed
-        run_recipe = apply_overrides(run_recipe, (method_overrides or {}).get(name, ()))
+        run_recipe = with_overrides(run_recipe, (method_overrides or {}).get(name, ()))
         run_dirs.setdefault(name, []).append(run_dir)
         if (run_dir / "metrics.json").exists():
             return json.loads((run_dir / "metrics.json").read_text())

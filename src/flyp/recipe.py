@@ -364,6 +364,49 @@ def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return from_dict(raw)
 
 
+def with_overrides(recipe: Recipe, overrides: typing.Sequence[str]) -> Recipe:
+    """``recipe`` with ``key=value`` overrides, typed and validated as ``--set`` is."""
+    raw = recipe.to_dict()
+    for assignment in overrides:
+        _set(raw, assignment)
+    return from_dict(raw)
+
+
+# What a resumed (or reused) run may change: where the data is, the device, speed and
+# checkpointing; any other key would make the rest of the run differ from its start.
+RESUME_SETTABLE = (
+    "data.root",
+    "data.roots",
+    "data.num_workers",
+    "train.device",
+    "train.micro_batch",
+    "train.compile",
+    "train.checkpoint_every",
+    "train.stop_after_steps",
+    "eval.batch_size",
+    "eval.cache_gb",
+)
+
+
+def flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A recipe dict as ``{"section.key": value}`` (data.roots stays one value)."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path != "data.roots":
+            out.update(flat(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def changes(before: Recipe, after: Recipe) -> tuple[list[str], list[str]]:
+    """The keys whose values differ, and those of them a resumed run may not change."""
+    old, new = flat(before.to_dict()), flat(after.to_dict())
+    changed = [k for k in new if new[k] != old.get(k)]
+    return changed, [k for k in changed if not k.startswith(RESUME_SETTABLE)]
+
+
 def save_recipe(recipe: Recipe, path: Path) -> None:
     from flyp.checkpoint import atomic_write_text
 

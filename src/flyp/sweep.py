@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from flyp.checkpoint import atomic_write_json, atomic_write_text
-from flyp.recipe import Recipe, RecipeError, _set, from_dict, load_recipe
+from flyp.recipe import Recipe, RecipeError, changes, flat, load_recipe, with_overrides
 from flyp.train import LOCK_NAME, Experiment, finetune, prepare
 
 FIXED = ("train.seed", "train.method")  # varied by compare, never by a sweep
@@ -58,14 +58,6 @@ def parse_grid(specs: Sequence[str], flag: str = "--grid") -> Grid:
     return grid
 
 
-def apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
-    """``recipe`` with ``key=value`` overrides, typed and validated as ``--set`` does."""
-    raw = recipe.to_dict()
-    for assignment in overrides:
-        _set(raw, assignment)
-    return from_dict(raw)
-
-
 def _check_key(key: str, flag: str) -> None:
     if not key.startswith("train.") or key in FIXED:
         raise RecipeError(
@@ -96,7 +88,7 @@ def combinations(
         typed[key] = []
         for value in values:
             try:
-                one = apply_overrides(recipe, [f"{key}={value}"])
+                one = with_overrides(recipe, [f"{key}={value}"])
             except RecipeError as err:
                 raise RecipeError(f"{flag} {key}={value}: {err}") from None
             parsed = getattr(one.train, key.removeprefix("train."))
@@ -113,7 +105,7 @@ def combinations(
                 "name": name,
                 "settings": settings,
                 "overrides": overrides,
-                "recipe": apply_overrides(recipe, overrides),
+                "recipe": with_overrides(recipe, overrides),
             }
         )
     return combos
@@ -122,19 +114,19 @@ def combinations(
 def check_same_run(run_dir: Path, recipe: Recipe) -> None:
     """A run directory about to be reused or resumed must hold a run of ``recipe``: rerunning a
     sweep with another --set into the same --out would otherwise mix two experiments. Only what
-    a resumed run may change (flyp.cli.RESUME_SETTABLE: paths, device, speed) may differ."""
-    from flyp.cli import RESUME_SETTABLE, _flat
-
+    a resumed run may change (flyp.recipe.RESUME_SETTABLE: paths, device, speed) may differ."""
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         return
-    before, after = _flat(load_recipe(path).to_dict()), _flat(recipe.to_dict())
-    for key in after:
-        if after[key] != before.get(key) and not key.startswith(RESUME_SETTABLE):
-            raise RecipeError(
-                f"{run_dir} holds a run with {key}={before.get(key)!r}, not {after[key]!r}: "
-                "it belongs to another experiment; pass a new --out (or the settings it used)"
-            )
+    saved = load_recipe(path)
+    _, refused = changes(saved, recipe)
+    before, after = flat(saved.to_dict()), flat(recipe.to_dict())
+    if refused:
+        key = refused[0]
+        raise RecipeError(
+            f"{run_dir} holds a run with {key}={before.get(key)!r}, not {after[key]!r}: "
+            "it belongs to another experiment; pass a new --out (or the settings it used)"
+        )
 
 
 def sweep(
@@ -263,7 +255,7 @@ def sweep_methods(
         for seed in seeds:  # a run left by an earlier comparison must have the chosen settings
             run_recipe = copy.deepcopy(recipes[name])
             run_recipe.train.seed = seed
-            run_recipe = apply_overrides(run_recipe, results[name]["chosen"]["overrides"])
+            run_recipe = with_overrides(run_recipe, results[name]["chosen"]["overrides"])
             check_same_run(out_dir / f"{name}-s{seed}", run_recipe)
         target = out_dir / f"{name}-s{seeds[0]}"
         if not target.exists():  # the chosen run is that seed's run: not trained twice

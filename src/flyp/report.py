@@ -68,13 +68,16 @@ def _load_runs(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     return runs
 
 
-def _method_order(name: str) -> tuple[int, bool, str]:
+def _method_order(name: str) -> tuple[int, int, str]:
     """The methods table's order (zero-shot first), each method's soups right after it."""
     from flyp.methods import METHODS
 
     order = list(METHODS)
     base = name.split(" soup")[0]
-    return (order.index(base) if base in order else len(order), name != base, name)
+    kinds = ["uniform", "greedy", "model stock"]  # each method's merges in this order
+    kind = name.partition("(")[2].rstrip(")")
+    merge = kinds.index(kind) + 1 if name != base and kind in kinds else len(kinds) + 1
+    return (order.index(base) if base in order else len(order), merge if name != base else 0, name)
 
 
 def aggregate(run_dirs: Sequence[Path]) -> dict[str, Any]:

@@ -214,7 +214,8 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
     methods = results["methods"]
     bases = list(dict.fromkeys(name.split(" soup")[0] for name in methods if name != "zeroshot"))
     colour = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=120)
+    entries = sum(name != "zeroshot" for name in methods)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5 + 0.3 * -(-entries // 5)), dpi=120)
     for panel, ax in enumerate(axes):
         for name, m in methods.items():
             x, y = 100 * m["id"]["mean"], 100 * m["ood_mean"]["mean"]
@@ -236,9 +237,12 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
     axes[0].set_ylabel(f"OOD mean {results['metric']} ({', '.join(results['ood_names'])}), %", fontsize=12)
     axes[0].set_title("all methods; lines: WiSE-FT from α=0 (star) to α=1", fontsize=13)
     axes[1].set_title("finetuned models (± std over seeds); diamonds: WiSE α chosen on ID val", fontsize=13)
-    axes[1].legend(fontsize=10, loc="best", ncol=2)
+    # the legend below both panels: with several methods and their merges it would hide points
+    handles, labels = axes[1].get_legend_handles_labels()
+    rows = -(-len(labels) // 5)
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=10, frameon=False)
     fig.suptitle(title, fontsize=16, fontweight="bold")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

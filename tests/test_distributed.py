@@ -38,6 +38,7 @@ def _worker(rank: int, world: int, init_file: str, overrides: list[str], run_dir
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         finetune(load_recipe(None, overrides), run_dir)
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -393,6 +393,7 @@ def _collectives_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
              "texts": texts.detach(), "labels": labels, "feature_grad": features.grad},
             f"{out_dir}/{rank}.pt",
         )  # fmt: skip
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -30,6 +30,7 @@ from flyp.checkpoint import (
     atomic_write_json,
     load_state,
     load_weights,
+    read_metadata,
     save_state,
     save_weights,
 )
@@ -501,7 +502,7 @@ def _train(
                 tracker.log(entry, step)
                 if best["epoch"] == 0 or val > best["val"]:  # NaN never wins, the first is kept
                     best = {"val": val, "epoch": epoch}
-                    save_weights(classifier, run_dir / "model.safetensors")
+                    save_weights(classifier, run_dir / "model.safetensors", _metadata(exp, classifier))
             validated = epoch
             checkpoint()
         if step >= total_steps:
@@ -601,10 +602,13 @@ def _train(
         return {"rank": env.rank, "steps": step}
     if select:
         load_weights(classifier, run_dir / "model.safetensors")
-    else:
-        save_weights(classifier, run_dir / "model.safetensors")
+    else:  # the last weights: written by _finish
         best["epoch"] = cfg.epochs
     return _finish(classifier, exp, run_dir, best["epoch"], started, train_seconds, images_seen)
+
+
+def _metadata(exp: Experiment, classifier: Classifier, tensors: str = "full") -> dict[str, Any]:
+    return weights_metadata(exp.bundle, exp.recipe, exp.benchmark, classifier, tensors)
 
 
 def _finish(
@@ -620,13 +624,15 @@ def _finish(
     # A run that trained nothing (zeroshot, lp) stores only what it set: the head and the
     # temperature; the towers are the pretrained ones its model spec loads.
     untrained = get_method(exp.recipe.train.method).objective == "none"
-    tensors = "changed" if untrained else "full"
+    path = run_dir / "model.safetensors"
 
     def changed(key: str) -> bool:
         return not key.startswith("model.") or is_scale_param(key.removeprefix("model."))
 
-    metadata = weights_metadata(exp.bundle, exp.recipe, exp.benchmark, classifier, tensors)
-    save_weights(classifier, run_dir / "model.safetensors", metadata, changed if untrained else None)
+    if untrained:
+        save_weights(classifier, path, _metadata(exp, classifier, "changed"), changed)
+    elif not path.exists() or read_metadata(path) is None:  # selection already wrote it
+        save_weights(classifier, path, _metadata(exp, classifier))
     tick = time.time()
     sets = evaluate_classifier(classifier, exp, None)
     metrics = {

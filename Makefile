@@ -26,7 +26,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/flyp compare recipes/pacs_demo.yaml --out runs/pacs-demo
+	HF_HUB_OFFLINE=1 $(BIN)/flyp compare recipes/pacs_demo.yaml --seeds 0 1 2 --soups --out runs/pacs-demo
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -1,60 +1,78 @@
-"""Evaluation images/s: the zero-shot head built once (Classifier.text_head), images batched,
-channels_last on and off.
+"""Evaluation images/s against the image tower's pure forward throughput, at the evaluation
+batch size.
 
-  .venv/bin/python benchmarks/eval_speed.py                       # ~1 minute on 2 cores
-  .venv/bin/python benchmarks/eval_speed.py --model default --images 334
+"pure forward" is `model.encode_image` on a ready batch (eval mode, no_grad, the tower's
+layout): the most an evaluation could do. "flyp, cached set" is `flyp.train.evaluate_classifier`
+over a set already decoded (the comparison's case: every pass after the first), with the
+zero-shot head, logits, metrics and calibration included; "flyp, from disk" decodes the images
+(a set's first pass). Runs alternate round by round.
+
+  .venv/bin/python benchmarks/eval_speed.py                       # ~2 minutes on 2 cores
+  .venv/bin/python benchmarks/eval_speed.py --recipe recipes/pacs_demo.yaml --images 512
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import statistics
 import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from _common import pacs_photo  # noqa: E402
+from flyp.methods import Classifier
+from flyp.models.base import prefers_channels_last
+from flyp.recipe import load_recipe
+from flyp.train import evaluate_classifier, prepare
 
 
 def main() -> None:
-    from flyp.data.folders import Sample
-    from flyp.data.loader import ImageDataset, eval_loader
-    from flyp.evaluate import evaluate_sets
-    from flyp.methods import Classifier
-    from flyp.models import load_model
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=f"open_clip:{HERE / 'configs' / 'flyp-bench-vit.json'}")
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/pacs_demo.yaml")
+    parser.add_argument("--images", type=int, default=384, help="images in the evaluated set")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    rows = pacs_photo()[:: max(1, len(pacs_photo()) // args.images)][: args.images]
-    classes = sorted({c for _, c, _ in rows})
-    names = [c.removeprefix("a photo of a ").removesuffix(".") for c in classes]
-    samples = [Sample(p, classes.index(c)) for p, c, _ in rows]
-    bundle = load_model(args.model)
-    classifier = Classifier(bundle.model)
-    tick = time.perf_counter()
-    classifier.refresh_text_head(bundle.tokenizer, names, ["a photo of a {}.", "a sketch of a {}."])
-    head_s = time.perf_counter() - tick
-    loader = {
-        "photo": eval_loader(ImageDataset(samples, bundle.eval_transform), args.batch, args.workers)
-    }
-    print(f"{bundle.spec}, {len(samples)} PACS photo images, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads; text head built once in {head_s:.2f}s")  # fmt: skip
-    for layout in (torch.contiguous_format, torch.channels_last, torch.contiguous_format):
-        bundle.model.to(memory_format=layout)
+
+    recipe = load_recipe(args.recipe, [f"data.max_eval={args.images}", "data.ood_domains=[sketch]"])
+    exp = prepare(recipe)
+    model, batch = exp.bundle.model, recipe.eval.batch_size
+    model.eval()
+    classifier = Classifier(model)
+    names = ["sketch"]
+    n = len(exp.benchmark.eval_sets()["sketch"])
+    layout = torch.channels_last if prefers_channels_last(model) else torch.contiguous_format
+    ready = torch.randn(batch, 3, exp.bundle.image_size, exp.bundle.image_size)
+    ready = ready.contiguous(memory_format=layout)
+
+    def pure() -> float:
         tick = time.perf_counter()
-        evaluate_sets(classifier, loader, len(names))  # images are made channels_last inside
-        seconds = time.perf_counter() - tick
-        print(
-            f"  model weights {str(layout).removeprefix('torch.'):<18} {len(samples) / seconds:7.1f} images/s"
-        )
+        with torch.no_grad():
+            for start in range(0, n, batch):
+                model.encode_image(ready[: min(batch, n - start)])
+        return n / (time.perf_counter() - tick)
+
+    def cached() -> float:
+        tick = time.perf_counter()
+        evaluate_classifier(classifier, exp, names)
+        return n / (time.perf_counter() - tick)
+
+    def from_disk() -> float:
+        exp.eval_cache.clear()
+        return cached()
+
+    from_disk()  # warm-up, and the set is cached from here on
+    figures: dict[str, list[float]] = {"pure forward": [], "flyp, cached set": [], "flyp, from disk": []}
+    for _ in range(args.rounds):
+        figures["pure forward"].append(pure())
+        figures["flyp, cached set"].append(cached())
+        figures["flyp, from disk"].append(from_disk())
+    print(f"{exp.bundle.spec} at {exp.bundle.image_size} px, {n} PACS sketch images, eval batch "
+          f"{batch}, {torch.get_num_threads()} threads, median of {args.rounds} rounds\n")
+    print("| pass | images/s | vs pure forward |")
+    print("|---|---|---|")
+    base = statistics.median(figures["pure forward"])
+    for name, values in figures.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.1f} | {100 * med / base:.0f}% |")
 
 
 if __name__ == "__main__":

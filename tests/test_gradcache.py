@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from flyp.gradcache import chunks, forward_backward
-from flyp.methods import Classifier, LossContext, captions_for, contrastive_loss, get_method
+from flyp.methods import (
+    Classifier,
+    LossContext,
+    captions_for,
+    contrastive_loss,
+    encode_captions,
+    get_method,
+)
 from flyp.models.tiny import TinyCLIP, WordHashTokenizer
 
 CLASSES = ["dog", "horse", "house"]
@@ -77,7 +84,7 @@ def test_gradient_cache_replays_dropout_masks():
     model = classifier.model
     tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))
     parts = chunks(len(labels), 3)
-    embeds = [(model.encode_image(images[p]), model.encode_text(tokens[p])) for p in parts]
+    embeds = [(model.encode_image(images[p]), encode_captions(model, tokens[p])) for p in parts]
     reference = contrastive_loss(
         torch.cat([e[0] for e in embeds]), torch.cat([e[1] for e in embeds]), model, labels, ctx
     )
@@ -120,3 +127,23 @@ def test_bf16_autocast_stays_close_to_fp32():
     loss16, grads16 = grads_of(classifier, "flyp", 4, context(), precision="bf16")
     assert abs(loss16.item() - loss32.item()) < 0.05
     assert all(g.dtype == torch.float32 for g in grads16.values())
+
+
+def test_each_distinct_caption_is_encoded_once_with_the_same_gradients():
+    classifier = frozen_bn_classifier()
+    classifier.eval()  # no dropout: sharing the encoding changes nothing but the work
+    rows = []
+    original = classifier.model.encode_text
+    classifier.model.encode_text = lambda tokens: rows.append(len(tokens)) or original(tokens)
+    every = context()
+    every.unique_captions = False
+    loss_all, grads_all = grads_of(classifier, "flyp", None, every)
+    loss, grads = grads_of(classifier, "flyp", None, context())
+    images, labels, seeds = batch()
+    distinct = len(set(captions_for(labels, seeds, context())))
+    assert distinct < len(labels)
+    assert rows == [len(labels), distinct]
+    torch.testing.assert_close(loss, loss_all, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_all.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_all[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -55,11 +55,17 @@ def test_flyp_lowers_loss_and_raises_training_accuracy(fake_pacs, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted(fake_pacs, tmp_path):
+@pytest.mark.parametrize(
+    "speed",
+    [(), ("train.precision=bf16", "eval.precision=bf16", "train.fused_optimizer=false")],
+    ids=["defaults", "bf16"],
+)
+def test_resume_equals_uninterrupted(fake_pacs, tmp_path, speed):
     """Compared on the final weights: with selection on validation the saved weights could be
-    an epoch chosen before the interruption, equal whether or not the resume worked."""
+    an epoch chosen before the interruption, equal whether or not the resume worked. The
+    speed options (fused AdamW, decoded images, distinct captions; bf16) keep resume exact."""
     # text dropout on: the resumed run must also replay the random stream
-    args = ("train.checkpoint_every=2", "model.spec=tiny:0.5", "train.select_on=last")
+    args = ("train.checkpoint_every=2", "model.spec=tiny:0.5", "train.select_on=last", *speed)
     recipe = tiny_recipe(fake_pacs, *args)
     full = finetune(recipe, tmp_path / "full")
     stopped = finetune(

@@ -20,9 +20,10 @@ import torch
 from flyp.checkpoint import atomic_write_json, load_weights
 from flyp.ensemble import greedy_soup, interpolate, model_stock, uniform_soup
 from flyp.evaluate import summarise
-from flyp.methods import Classifier, build_classifier, get_method
+from flyp.methods import Classifier, build_classifier, get_method, image_tower_names
 from flyp.recipe import Recipe, RecipeError, with_overrides
 from flyp.report import write_report
+from flyp.reuse import FrozenFeatures
 from flyp.train import (
     Experiment,
     evaluate_classifier,
@@ -158,6 +159,8 @@ def compare(
         raise RecipeError("Model Stock (--stock) merges runs of several seeds; give --seeds 0 1 or more")
     exp = prepare(recipe)
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
+    image_names = image_tower_names(exp.bundle.model, exp.bundle.image_size)
+    exp.frozen = FrozenFeatures.of(pretrained, exp.bundle.model, image_names)
     run_dirs: dict[str, list[Path]] = {}
 
     def run(name: str, seed: int, run_dir: Path) -> dict[str, Any]:
@@ -169,7 +172,7 @@ def compare(
             return json.loads((run_dir / "metrics.json").read_text())
         _reset(exp, pretrained)
         resume = (run_dir / "recipe.yaml").exists()  # killed: continued (or restarted)
-        return finetune(run_recipe, run_dir, resume=resume, exp=Experiment(run_recipe, exp.bundle, exp.benchmark, exp.eval_cache))
+        return finetune(run_recipe, run_dir, resume=resume, exp=exp.for_run(run_recipe))
 
     zeroshot_sets = run("zeroshot", seeds[0], out_dir / "zeroshot")["sets"]  # no training: one run
     for seed in seeds:

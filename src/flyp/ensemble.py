@@ -30,10 +30,12 @@ def uniform_soup(states: Sequence[State]) -> dict[str, Tensor]:
         raise ValueError("a soup needs at least one model")
     out = {}
     for key, first in states[0].items():
-        if first.is_floating_point():
-            out[key] = torch.stack([s[key].float() for s in states]).mean(0).to(first.dtype)
-        else:
+        shared = first.device.type != "meta" and all(torch.equal(s[key], first) for s in states[1:])
+        if not first.is_floating_point() or shared:
+            # one value (a frozen tower): kept bit for bit, so its cached features still apply
             out[key] = first.clone()
+        else:
+            out[key] = torch.stack([s[key].float() for s in states]).mean(0).to(first.dtype)
     return out
 
 

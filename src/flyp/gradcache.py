@@ -30,6 +30,7 @@ from flyp.methods import (
     captions_for,
     compute_loss,
     contrastive_loss,
+    encode_captions,
 )
 
 PRECISIONS = ("fp32", "bf16")
@@ -122,7 +123,8 @@ def _contrastive(
 
     def embed(part: slice) -> tuple[Tensor, Tensor]:
         with autocast(device, precision):
-            image, text = model.encode_image(images[part]), model.encode_text(tokens[part])
+            image = model.encode_image(images[part])
+            text = encode_captions(model, tokens[part], ctx.unique_captions)
         return image.float(), text.float()  # the loss in fp32
 
     if len(parts) == 1:

@@ -120,7 +120,10 @@ class Classifier(nn.Module):
         return normalized_image_features(self.model, images, self.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:
-        features = self.image_features(images)
+        return self.logits(self.image_features(images))
+
+    def logits(self, features: Tensor) -> Tensor:
+        """Class logits of unit-length image features (what :meth:`image_features` returns)."""
         # The logits in fp32 even under bf16 autocast: cross-entropy and argmax over classes
         # whose scores differ in the third decimal need the precision.
         with full_precision(features.device):
@@ -141,6 +144,7 @@ class LossContext:
     loss_kind: str = "clip"  # "clip" (InfoNCE) or "siglip"
     collisions: str = "none"
     l2sp_weight: float = 0.0
+    unique_captions: bool = True  # encode each distinct caption of a batch once
     theta0: dict[str, Tensor] = field(default_factory=dict)
     # Lipsum-FT: the frozen pretrained model, the weight and count of random texts, and the
     # run's seed (the texts are drawn from (seed, step)); set by flyp.train for lipsum-ft only.
@@ -178,6 +182,19 @@ def captions_for(labels: Tensor, seeds: Tensor, ctx: LossContext) -> list[str]:
         ctx.templates[int(s) % n].format(ctx.class_names[int(y)])
         for y, s in zip(labels, seeds, strict=True)
     ]
+
+
+def encode_captions(model: nn.Module, tokens: Tensor, unique: bool = True) -> Tensor:
+    """Text features of a batch of captions. With ``unique``, each distinct caption is encoded
+    once and its features repeated: a FLYP batch of 32 images of 7 classes under one template
+    holds 7 distinct captions. Gradients are the same sums (the repeat's backward adds them up);
+    under dropout, copies of one caption share one dropout draw."""
+    if not unique:
+        return model.encode_text(tokens)
+    distinct, where = torch.unique(tokens, dim=0, return_inverse=True)
+    if len(distinct) == len(tokens):
+        return model.encode_text(tokens)
+    return model.encode_text(distinct)[where]
 
 
 def contrastive_loss(
@@ -281,9 +298,8 @@ def compute_loss(
     model = classifier.model
     if method.objective == "contrastive":
         tokens = ctx.tokenizer(captions_for(labels, seeds, ctx)).to(images.device)
-        return contrastive_loss(
-            model.encode_image(images), model.encode_text(tokens), model, labels, ctx
-        )
+        text = encode_captions(model, tokens, ctx.unique_captions)
+        return contrastive_loss(model.encode_image(images), text, model, labels, ctx)
     if method.objective == "ce-head":
         if not method.lipsum:
             loss = F.cross_entropy(classifier(images), labels)

@@ -47,6 +47,7 @@ class DataConfig:
     templates: str | None = None  # template set name; None: the benchmark's own
     on_bad_image: str = "error"  # "error" or "skip"
     num_workers: int = 0
+    cache_gb: float = 2.0  # memory for training images decoded once and reused (0: off)
     # Paper benchmarks (flyp.data.imagenet / wilds / transfer): folder of each set by name,
     # e.g. {imagenet-r: /data/imagenet-r}; a set not named here is looked for under data.root.
     roots: dict[str, str] = field(default_factory=dict)
@@ -80,6 +81,8 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast of the towers; weights stay fp32)
     micro_batch: int | None = None  # gradient cache: embed/backprop in chunks of this many
     compile: bool = False  # torch.compile the towers (first steps pay the compilation)
+    fused_optimizer: bool = True  # AdamW in one fused kernel (false: torch's per-tensor loop)
+    unique_captions: bool = True  # FLYP: encode each distinct caption of a batch once
     # Experiment trackers that also get log.jsonl's scalars (flyp.tracking): tensorboard, wandb
     log_to: list[str] = field(default_factory=list)
 
@@ -90,6 +93,7 @@ class EvalConfig:
     every_epoch: bool = True  # evaluate on ID validation after each epoch (model selection)
     wise_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     cache_gb: float = 4.0  # memory for evaluation images decoded once and reused (0: off)
+    precision: str = "fp32"  # "fp32" or "bf16": autocast of the image tower (logits stay fp32)
 
 
 @dataclass
@@ -176,6 +180,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.batchnorm": ("frozen", "train"),
     "train.select_on": ("val", "last"),
     "train.precision": ("fp32", "bf16"),
+    "eval.precision": ("fp32", "bf16"),
     "train.collisions": ("none", "mask", "soft"),
     "train.contrastive_loss": ("auto", "clip", "siglip"),
     "data.on_bad_image": ("error", "skip"),
@@ -190,6 +195,7 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "data.max_eval": (1, ">= 1"),
     "data.k_shot": (1, ">= 1"),
     "data.num_workers": (0, ">= 0"),
+    "data.cache_gb": (0, ">= 0"),
     "train.epochs": (1, ">= 1"),
     "train.batch_size": (1, ">= 1"),
     "train.micro_batch": (1, ">= 1"),
@@ -378,6 +384,7 @@ RESUME_SETTABLE = (
     "data.root",
     "data.roots",
     "data.num_workers",
+    "data.cache_gb",
     "train.device",
     "train.micro_batch",
     "train.compile",

@@ -155,7 +155,7 @@ def sweep(
             metrics = json.loads((run_dir / "metrics.json").read_text())
         else:
             exp.bundle.model.load_state_dict(pretrained)  # every combination starts pretrained
-            run_exp = Experiment(combo["recipe"], exp.bundle, exp.benchmark, exp.eval_cache)
+            run_exp = exp.for_run(combo["recipe"])
             resume = (run_dir / "recipe.yaml").exists()  # killed: continued (or restarted)
             metrics = finetune(combo["recipe"], run_dir, resume=resume, exp=run_exp)
         rows.append(

@@ -16,7 +16,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from flyp.distributed import (
     init_distributed,
 )
 from flyp.evaluate import evaluate_sets, metrics_from_predictions, summarise
-from flyp.gradcache import forward_backward
+from flyp.gradcache import autocast, forward_backward
 from flyp.methods import (
     Classifier,
     LossContext,
@@ -57,10 +57,16 @@ from flyp.methods import (
     set_trainable,
 )
 from flyp.models import ModelBundle, load_model
-from flyp.models.base import prefers_channels_last, to_model_layout
+from flyp.models.base import (
+    keep_freed_memory,
+    prefers_channels_last,
+    to_model_layout,
+    tune_cpu_bf16,
+)
 from flyp.predict import weights_metadata
 from flyp.probe import choose_c, image_features, probe_to_linear
 from flyp.recipe import Recipe, save_recipe, validate
+from flyp.reuse import DecodedImages, FrozenFeatures
 from flyp.tracking import check_trackers, close_tracker, finish_tracker, open_tracker
 
 
@@ -78,6 +84,15 @@ class Experiment:
     # Evaluation sets decoded and transformed once (the eval transform is deterministic), kept
     # within eval.cache_gb: a comparison evaluates the same images dozens of times.
     eval_cache: dict[str, TensorDataset] = field(default_factory=dict)
+    # Training images decoded once, within data.cache_gb (flyp.reuse).
+    train_images: DecodedImages = field(default_factory=DecodedImages)
+    # The pretrained image tower's features, when the caller keeps the pretrained weights
+    # (flyp compare): evaluations of models whose image tower is unchanged reuse them.
+    frozen: FrozenFeatures | None = None
+
+    def for_run(self, recipe: Recipe) -> Experiment:
+        """The same model, data and caches for a run with its own recipe (method, seed)."""
+        return replace(self, recipe=recipe)
 
 
 def prepare(
@@ -165,7 +180,10 @@ def _eval_dataset(exp: Experiment, name: str, samples: list) -> torch.utils.data
     needed = len(samples) * 3 * exp.bundle.image_size**2 * 4
     if used + needed <= exp.recipe.eval.cache_gb * 2**30:
         dataset = exp.eval_cache[name] = materialize(
-            dataset, exp.recipe.eval.batch_size, exp.recipe.data.num_workers
+            dataset,
+            exp.recipe.eval.batch_size,
+            exp.recipe.data.num_workers,
+            channels_last=prefers_channels_last(exp.bundle.model),
         )
     return dataset
 
@@ -203,7 +221,29 @@ def loss_context(exp: Experiment) -> LossContext:
         loss_kind=_loss_kind(exp),
         collisions=train.collisions,
         l2sp_weight=train.l2sp_weight,
+        unique_captions=train.unique_captions,
     )
+
+
+class _HeadOnly(nn.Module):
+    """Features -> logits through a classifier's head (its image tower already applied)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier.logits(features.to(self.classifier.model.logit_scale.device))
+
+
+@torch.no_grad()
+def _features(classifier: Classifier, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    classifier.eval()
+    features, labels = [], []
+    for images, batch_labels, _ in loader:
+        features.append(classifier.image_features(images).cpu())
+        labels.append(batch_labels)
+    return torch.cat(features), torch.cat(labels)
 
 
 def evaluate_classifier(
@@ -213,14 +253,36 @@ def evaluate_classifier(
         classifier.refresh_text_head(
             exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates
         )
-    return evaluate_sets(
-        classifier,
-        _eval_loaders(exp, names),
-        len(exp.benchmark.class_names),
-        class_subsets=exp.benchmark.class_subsets,
-        groups=exp.benchmark.groups,
-        label_groups=exp.benchmark.label_groups,
-    )
+    loaders, scorer = _eval_loaders(exp, names), classifier
+    precision = exp.recipe.eval.precision
+    if precision == "bf16" and classifier.model.logit_scale.device.type == "cpu":
+        tune_cpu_bf16(classifier.model)
+    with autocast(classifier.model.logit_scale.device, precision):
+        if exp.frozen is not None and exp.frozen.matches(classifier.model):
+            # The pretrained image tower: its features once per set, then only the head runs
+            # (in the same batches, so the logits are the ones the full pass gives).
+            loaders = {
+                name: eval_loader(
+                    TensorDataset(
+                        *exp.frozen.get(
+                            f"{name} {precision}", lambda loader=loader: _features(classifier, loader)
+                        ),
+                        torch.full((len(loader.dataset),), -1),
+                    ),
+                    exp.recipe.eval.batch_size,
+                    0,
+                )
+                for name, loader in loaders.items()
+            }
+            scorer = _HeadOnly(classifier)
+        return evaluate_sets(
+            scorer,
+            loaders,
+            len(exp.benchmark.class_names),
+            class_subsets=exp.benchmark.class_subsets,
+            groups=exp.benchmark.groups,
+            label_groups=exp.benchmark.label_groups,
+        )
 
 
 def validation_score(classifier: Classifier, exp: Experiment) -> float:
@@ -237,16 +299,21 @@ def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
         exp.recipe.eval.batch_size,
         exp.recipe.data.num_workers,
     )
-    train_x, train_y = image_features(
-        classifier.model,
-        eval_loader(ImageDataset(exp.benchmark.train, transform), bs, workers),
-        "probe train",
-    )
-    val_x, val_y = image_features(
-        classifier.model,
-        eval_loader(ImageDataset(exp.benchmark.val, transform), bs, workers),
-        "probe val",
-    )
+    decoded = exp.train_images.get(exp.benchmark.train, exp.recipe.data.cache_gb)
+
+    precision = exp.recipe.eval.precision
+
+    def features(name: str, samples: list, decoded=None) -> tuple[np.ndarray, np.ndarray]:
+        loader = eval_loader(ImageDataset(samples, transform, decoded=decoded), bs, workers)
+        with autocast(classifier.model.logit_scale.device, precision):
+            if exp.frozen is not None and exp.frozen.matches(classifier.model):
+                key = f"probe {name} {precision}"
+                x, y = exp.frozen.get(key, lambda: _features(classifier, loader))
+                return x.numpy(), y.numpy()
+            return image_features(classifier.model, loader, f"probe {name}")
+
+    train_x, train_y = features("train", exp.benchmark.train, decoded)
+    val_x, val_y = features("val", exp.benchmark.val)
     metric, groups = exp.benchmark.metric, exp.benchmark.groups.get("val")
 
     def score(predictions, labels) -> float:
@@ -405,6 +472,10 @@ def _train(
     channels_last = prefers_channels_last(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if env.device.type == "cpu":
+        keep_freed_memory()
+        if "bf16" in (cfg.precision, exp.recipe.eval.precision):
+            tune_cpu_bf16(model)
     if cfg.init_logit_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
@@ -436,7 +507,11 @@ def _train(
         )
 
     _place_model(classifier, ctx, cfg, env)
-    dataset = ImageDataset(exp.benchmark.train, exp.bundle.train_transform)
+    dataset = ImageDataset(
+        exp.benchmark.train,
+        exp.bundle.train_transform,
+        decoded=exp.train_images.get(exp.benchmark.train, exp.recipe.data.cache_gb),
+    )
     steps_per_epoch = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, 0).steps_per_epoch()
     if steps_per_epoch == 0:
         raise RunError(
@@ -444,7 +519,11 @@ def _train(
         )
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(
-        param_groups(classifier, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
+        param_groups(classifier, cfg),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        # one kernel over all tensors, where torch has it (CPU, CUDA); else torch's default
+        fused=(cfg.fused_optimizer and env.device.type in ("cpu", "cuda")) or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.warmup_steps, total_steps)

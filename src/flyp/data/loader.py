@@ -8,19 +8,30 @@ uninterrupted one would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from flyp.data.folders import Sample, load_rgb
 
 
 class ImageDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform: Callable, preprocess: Callable | None = None):
+    """``decoded``: images already decoded, by sample index (flyp.reuse.DecodedImages); the
+    others are read from disk when drawn."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        preprocess: Callable | None = None,
+        decoded: Mapping[int, Image.Image] | None = None,
+    ):
         self.samples = list(samples)
         self.transform = transform
         self.preprocess = preprocess
+        self.decoded = decoded or {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -28,7 +39,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
-        image = load_rgb(sample.path)
+        image = self.decoded.get(index)
+        if image is None:
+            image = load_rgb(sample.path)
         if self.preprocess is not None:
             image = self.preprocess(image)
         if seed is None:
@@ -96,7 +109,26 @@ def train_loader(
     )
 
 
-def eval_loader(dataset: ImageDataset, batch_size: int, num_workers: int) -> DataLoader:
+class TensorBatches:
+    """Batches of an in-memory TensorDataset as slices (views: no per-sample indexing, no
+    collation copy), in order, with the DataLoader's ``dataset`` and ``len``."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for start in range(0, len(self.dataset), self.batch_size):
+            yield tuple(t[start : start + self.batch_size] for t in self.dataset.tensors)
+
+
+def eval_loader(
+    dataset: ImageDataset | TensorDataset, batch_size: int, num_workers: int
+) -> DataLoader | TensorBatches:
+    if isinstance(dataset, TensorDataset):  # already in memory: slices of it
+        return TensorBatches(dataset, batch_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=_own_generator())
 
 
@@ -107,11 +139,16 @@ def _own_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def materialize(dataset: ImageDataset, batch_size: int, num_workers: int) -> TensorDataset:
+def materialize(
+    dataset: ImageDataset, batch_size: int, num_workers: int, channels_last: bool = False
+) -> TensorDataset:
     """Every (image, label) of an evaluation dataset, decoded and transformed once, in memory."""
     images, labels = [], []
     for batch_images, batch_labels, _ in eval_loader(dataset, batch_size, num_workers):
         images.append(batch_images)
         labels.append(batch_labels)
     labels_t = torch.cat(labels)
-    return TensorDataset(torch.cat(images), labels_t, torch.full_like(labels_t, -1))
+    # stored in the layout the image tower runs in, so every later pass takes views of it
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    images_t = torch.cat(images).contiguous(memory_format=layout)
+    return TensorDataset(images_t, labels_t, torch.full_like(labels_t, -1))

@@ -2,13 +2,13 @@
 batch size.
 
 "pure forward" is `model.encode_image` on a ready batch (eval mode, no_grad, the tower's
-layout): the most an evaluation could do. "flyp, cached set" is `flyp.train.evaluate_classifier`
-over a set already decoded (the comparison's case: every pass after the first), with the
-zero-shot head, logits, metrics and calibration included; "flyp, from disk" decodes the images
-(a set's first pass). Runs alternate round by round.
+layout, the recipe's eval.precision): the most an evaluation could do. "flyp, cached set" is
+`flyp.train.evaluate_classifier` over a set already decoded (the comparison's case: every pass
+after the first), with the zero-shot head, logits, metrics and calibration included; "flyp,
+from disk" decodes the images (a set's first pass). Runs alternate round by round.
 
   .venv/bin/python benchmarks/eval_speed.py                       # ~2 minutes on 2 cores
-  .venv/bin/python benchmarks/eval_speed.py --recipe recipes/pacs_demo.yaml --images 512
+  .venv/bin/python benchmarks/eval_speed.py --images 512 --set eval.precision=fp32
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import time
 
 import torch
 
+from flyp.gradcache import autocast
 from flyp.methods import Classifier
-from flyp.models.base import prefers_channels_last
+from flyp.models.base import prefers_channels_last, tune_cpu_bf16
 from flyp.recipe import load_recipe
 from flyp.train import evaluate_classifier, prepare
 
@@ -30,9 +31,11 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/pacs_demo.yaml")
     parser.add_argument("--images", type=int, default=384, help="images in the evaluated set")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
     args = parser.parse_args()
 
-    recipe = load_recipe(args.recipe, [f"data.max_eval={args.images}", "data.ood_domains=[sketch]"])
+    overrides = [f"data.max_eval={args.images}", "data.ood_domains=[sketch]", *args.set]
+    recipe = load_recipe(args.recipe, overrides)
     exp = prepare(recipe)
     model, batch = exp.bundle.model, recipe.eval.batch_size
     model.eval()
@@ -43,9 +46,13 @@ def main() -> None:
     ready = torch.randn(batch, 3, exp.bundle.image_size, exp.bundle.image_size)
     ready = ready.contiguous(memory_format=layout)
 
+    precision = recipe.eval.precision
+    if precision == "bf16":
+        tune_cpu_bf16(model)  # as flyp's evaluation does on the CPU
+
     def pure() -> float:
         tick = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(torch.device("cpu"), precision):
             for start in range(0, n, batch):
                 model.encode_image(ready[: min(batch, n - start)])
         return n / (time.perf_counter() - tick)
@@ -66,7 +73,8 @@ def main() -> None:
         figures["flyp, cached set"].append(cached())
         figures["flyp, from disk"].append(from_disk())
     print(f"{exp.bundle.spec} at {exp.bundle.image_size} px, {n} PACS sketch images, eval batch "
-          f"{batch}, {torch.get_num_threads()} threads, median of {args.rounds} rounds\n")
+          f"{batch}, eval.precision {precision}, {torch.get_num_threads()} threads, median of "
+          f"{args.rounds} rounds\n")
     print("| pass | images/s | vs pure forward |")
     print("|---|---|---|")
     base = statistics.median(figures["pure forward"])

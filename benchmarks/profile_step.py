@@ -12,17 +12,19 @@ loading is not in it. For each model and precision the script prints:
 - a `torch.profiler` view of one step: its phases (forward+backward, clip, optimizer) and the
   top operators by self CPU time, with the share in matmul/conv-type operators (MATMUL_OPS).
 
-`--variants` then times changes side by side, in alternating rounds, in bf16 (the ids of
-CHANGES, joined by "+"; MFU always counts flyp's own step's FLOPs): fused vs non-fused AdamW,
-SDPA's math backend instead of the CPU flash kernel, glibc malloc keeping freed memory (no
-page faults on the 50 MB token-embedding gradient each step), a frozen token embedding (changes
-training: an upper bound on what its dense gradient costs), depthwise convolutions in fp32
-(the default model), threads, batch, torch.compile (its compile time printed apart).
+flyp's own step includes its CPU speed settings: fused AdamW, glibc keeping freed memory
+(`flyp.models.base.keep_freed_memory`: no page faults on the 50 MB token-embedding gradient
+each step) and, in bf16, `tune_cpu_bf16` (depthwise convolutions in fp32, SDPA's math kernel
+for short ViT sequences). `--variants` then times changes side by side, in alternating rounds,
+in bf16 (the ids of CHANGES, joined by "+"; MFU always counts flyp's own step's FLOPs): "before"
+(flyp before the speed work), each setting undone alone, a frozen token embedding (changes
+training: an upper bound on what its dense gradient costs), threads, batch, torch.compile (its
+compile time printed apart).
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/profile_step.py --threads 1 --variants --markdown
       # everything, ~1.5 min on a quiet core (profiles of both models in fp32 and bf16, then
       # DEFAULT_VARIANTS on each model); without --variants ~1 min
-  ... --models vit --precisions bf16 --with sdpa-math+keep-heap   # profile a changed step
+  ... --models vit --precisions bf16 --with untuned+free-heap   # profile a changed step
   ... --models --variants compile sdpa-math --variants-on vit     # only the side-by-side part
 
 On a machine shared with other jobs, `--threads 1`: two OpenMP threads on two busy cores wait
@@ -80,7 +82,8 @@ class Options:
     threads: int | None = None
     batch: int = 32
     math_attention: tuple[str, ...] = ()  # towers ("image", "text") with SDPA's math backend
-    keep_heap: bool = False  # glibc malloc keeps big blocks (no fresh, page-faulting mmap)
+    keep_heap: bool = True  # glibc malloc keeps big blocks (flyp.models.base.keep_freed_memory)
+    tuned: bool = True  # flyp.models.base.tune_cpu_bf16 under bf16 (depthwise fp32, math attention)
     depthwise_fp32: bool = False  # depthwise convolutions outside bf16 autocast
     precision: str | None = None  # instead of the one asked for
 
@@ -156,7 +159,7 @@ def build(model: str, precision: str, options: Options) -> Step:
     from flyp.gradcache import forward_backward
     from flyp.methods import Classifier, LossContext, get_method
     from flyp.models import load_model
-    from flyp.models.base import prefers_channels_last, to_model_layout
+    from flyp.models.base import prefers_channels_last, to_model_layout, tune_cpu_bf16
     from flyp.recipe import TrainConfig
     from flyp.train import freeze_batchnorm_stats, param_groups
 
@@ -167,6 +170,8 @@ def build(model: str, precision: str, options: Options) -> Step:
     channels_last = prefers_channels_last(net)
     if channels_last:
         net.to(memory_format=torch.channels_last)
+    if options.tuned and precision == "bf16":
+        tune_cpu_bf16(net)  # as flyp.train does for a CPU bf16 run
     for tower in options.math_attention:
         name = f"encode_{tower}"
         setattr(net, name, math_attention(getattr(net, name)))
@@ -354,12 +359,14 @@ def report(step: Step, prof: Profile, flops: int, peak: float, top: int) -> dict
     }  # fmt: skip
 
 
-CHANGES = {  # a variant is one of these ids, or several joined by "+": sdpa-math+keep-heap
+CHANGES = {  # a variant is one of these ids, or several joined by "+": untuned+free-heap
     "nonfused": {"fused": False},  # AdamW's per-tensor loop (flyp's default before)
     "sdpa-math": {"math_attention": ("image", "text")},  # matmuls, not the CPU flash kernel
     "sdpa-math-text": {"math_attention": ("text",)},
     "sdpa-math-image": {"math_attention": ("image",)},
-    "keep-heap": {"keep_heap": True},
+    "free-heap": {"keep_heap": False},  # glibc returns freed memory (flyp's step before)
+    "untuned": {"tuned": False},  # bf16 depthwise convs, flash attention (flyp's step before)
+    "before": {"tuned": False, "keep_heap": False, "fused": False},  # flyp before the speed work
     "frozen-embedding": {"freeze_token_embedding": True},  # changes training: an upper bound
     "depthwise-fp32": {"depthwise_fp32": True},  # the default model (EfficientNet)
     "fp32": {"precision": "fp32"},  # no autocast (MFU against the fp32 peak)
@@ -369,9 +376,8 @@ CHANGES = {  # a variant is one of these ids, or several joined by "+": sdpa-mat
     "compile": {"compile": True},
 }  # fmt: skip
 DEFAULT_VARIANTS = {
-    "vit": ["nonfused", "sdpa-math", "keep-heap", "sdpa-math+keep-heap", "frozen-embedding",
-            "sdpa-math+keep-heap+frozen-embedding"],
-    "default": ["fp32", "depthwise-fp32", "keep-heap", "depthwise-fp32+keep-heap"],
+    "vit": ["before", "nonfused", "untuned", "free-heap", "frozen-embedding", "fp32"],
+    "default": ["before", "nonfused", "untuned", "free-heap", "fp32"],
 }  # fmt: skip
 
 

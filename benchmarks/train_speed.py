@@ -12,8 +12,9 @@ open_clip_train needs braceexpand, webdataset and pandas; if the venv lacks them
 apart and pass the folder: --extra-path /tmp/octrain_deps (pip install --target ... --no-deps).
 
 "flyp equal" uses open_clip's settings: fp32, the full 77-token text context, no workers.
-"flyp recommended" uses flyp's CPU defaults for speed: bf16 autocast, text trimmed to the
-longest caption (the default for open_clip models).
+"flyp recommended" uses flyp's CPU settings for speed: bf16 autocast tuned per operator
+(`tune_cpu_bf16`), text trimmed to the longest caption (the default for open_clip models), fused
+AdamW, glibc keeping freed memory.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def flyp_child(args: argparse.Namespace) -> None:
     from flyp.gradcache import forward_backward
     from flyp.methods import Classifier, LossContext, get_method
     from flyp.models import load_model
+    from flyp.models.base import keep_freed_memory, tune_cpu_bf16
     from flyp.recipe import TrainConfig
     from flyp.train import freeze_batchnorm_stats, param_groups
 
@@ -67,7 +69,11 @@ def flyp_child(args: argparse.Namespace) -> None:
     ctx = LossContext(bundle.tokenizer, class_names, ["a photo of a {}."])
     classifier = Classifier(model)
     cfg = TrainConfig(precision=args.precision)
-    optimizer = torch.optim.AdamW(param_groups(classifier, cfg), lr=1e-5)
+    recommended = args.precision == "bf16"  # flyp's CPU speed settings (flyp.train does these)
+    if recommended:
+        tune_cpu_bf16(model)
+        keep_freed_memory()
+    optimizer = torch.optim.AdamW(param_groups(classifier, cfg), lr=1e-5, fused=recommended or None)
     classifier.train()
     freeze_batchnorm_stats(classifier)
     dataset = ImageDataset(samples, bundle.train_transform)

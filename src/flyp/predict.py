@@ -36,6 +36,7 @@ from flyp.checkpoint import CheckpointError, load_weights, read_metadata
 from flyp.data.folders import IMAGE_SUFFIXES, DataError, decode_rgb, load_rgb, nfc, to_rgb
 from flyp.methods import Classifier
 from flyp.models import ModelBundle, load_model
+from flyp.models.base import keep_freed_memory
 
 FORMAT = 1
 ImageInput = str | Path | Image.Image
@@ -264,6 +265,10 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Fly
     classifier = Classifier(bundle.model, head)
     load_weights(classifier, weights)
     classifier.to(torch.device(device)).eval()
+    if classifier.channels_last:  # convolutional towers run faster channels_last (base.py)
+        classifier.model.to(memory_format=torch.channels_last)
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()
     class_names, templates = list(meta["class_names"]), list(meta["templates"])
     if head is None:
         classifier.refresh_text_head(bundle.tokenizer, class_names, templates)

@@ -275,6 +275,23 @@ MUTANTS: list[Mutant] = [
       "gradcache"),
     M("G04", "gradcache.py",
       "total += loss.detach().float() * share", "total += loss.detach().float()", "gradcache"),
+    # --- speed: caches and CPU settings that must not change a number ---------------------
+    M("C01", "reuse.py", "        return all(\n", "        return True or all(\n", "speed"),
+    M("C02", "data/loader.py", "        image = self.decoded.get(index)",
+      "        image = self.decoded.get(index + 1)", "speed"),
+    M("C03", "train.py", "        return replace(self, recipe=recipe)",
+      "        return replace(self, recipe=recipe, train_images=DecodedImages())", "speed"),
+    M("C04", "data/loader.py",
+      "yield tuple(t[start : start + self.batch_size] for t in self.dataset.tensors)",
+      "yield tuple(t[start : start + self.batch_size - 1] for t in self.dataset.tensors)", "speed"),
+    M("C05", "methods.py", "    return model.encode_text(distinct)[where]",
+      "    return model.encode_text(distinct)[where.sort().values]", "speed"),
+    M("C06", "ensemble.py", "        if not first.is_floating_point() or shared:",
+      "        if not first.is_floating_point():", "speed"),
+    M("C07", "models/base.py", "            return forward(self.module, x.float()).to(x.dtype)",
+      "            return forward(self.module, x.float())", "speed"),
+    M("C08", "train.py", 'f"{name} {precision}", lambda loader=loader',
+      'f"{name}", lambda loader=loader', "speed"),
 ]
 # fmt: on
 
@@ -296,6 +313,7 @@ FIRST = {
     "distributed": ["test_distributed.py"],
     "evaluation": ["test_evaluate.py", "test_paper_benchmarks.py", "test_methods.py"],
     "gradcache": ["test_gradcache.py", "test_speed_options.py"],
+    "speed": ["test_reuse.py", "test_cpu_bf16.py", "test_gradcache.py"],
 }
 
 

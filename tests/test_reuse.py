@@ -157,3 +157,13 @@ def test_bf16_evaluation_runs_the_tower_in_bf16_and_caches_apart(fake_pacs):
     assert bf16.dtype == torch.float32  # features leave the tower in fp32
     assert not torch.equal(fp32, bf16)
     torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)
+
+
+def test_runs_of_an_experiment_share_its_caches(fake_pacs):
+    exp = prepare(tiny_recipe(fake_pacs))
+    run = exp.for_run(tiny_recipe(fake_pacs, "train.seed=1"))
+    assert run.recipe.train.seed == 1 and exp.recipe.train.seed == 0
+    decoded = run.train_images.get(run.benchmark.train, 1.0)
+    assert exp.train_images.images is decoded  # decoded by one run, there for the others
+    evaluate_classifier(Classifier(run.bundle.model), run, ["val"])
+    assert "val" in exp.eval_cache

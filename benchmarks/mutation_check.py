@@ -290,8 +290,8 @@ MUTANTS: list[Mutant] = [
       "        if not first.is_floating_point():", "speed"),
     M("C07", "models/base.py", "            return forward(self.module, x.float()).to(x.dtype)",
       "            return forward(self.module, x.float())", "speed"),
-    M("C08", "train.py", 'f"{name} {precision}", lambda loader=loader',
-      'f"{name}", lambda loader=loader', "speed"),
+    M("C08", "train.py", 'exp.frozen.get(f"{key} {precision}",',
+      'exp.frozen.get(f"{key}",', "speed"),
 ]
 # fmt: on
 

@@ -246,6 +246,17 @@ def _features(classifier: Classifier, loader) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(features), torch.cat(labels)
 
 
+def _tower_features(
+    classifier: Classifier, exp: Experiment, key: str, loader
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The pretrained image tower's (features, labels) of a set, computed once per evaluation
+    precision; None when the classifier's image tower is no longer the pretrained one."""
+    if exp.frozen is None or not exp.frozen.matches(classifier.model):
+        return None
+    precision = exp.recipe.eval.precision
+    return exp.frozen.get(f"{key} {precision}", lambda: _features(classifier, loader))
+
+
 def evaluate_classifier(
     classifier: Classifier, exp: Experiment, names: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
@@ -262,21 +273,15 @@ def evaluate_classifier(
         if precision == "bf16":
             tune_cpu_bf16(classifier.model)
     with autocast(classifier.model.logit_scale.device, precision):
-        if exp.frozen is not None and exp.frozen.matches(classifier.model):
+        cached = {name: _tower_features(classifier, exp, name, loader) for name, loader in loaders.items()}
+        if all(pair is not None for pair in cached.values()):
             # The pretrained image tower: its features once per set, then only the head runs
             # (in the same batches, so the logits are the ones the full pass gives).
             loaders = {
                 name: eval_loader(
-                    TensorDataset(
-                        *exp.frozen.get(
-                            f"{name} {precision}", lambda loader=loader: _features(classifier, loader)
-                        ),
-                        torch.full((len(loader.dataset),), -1),
-                    ),
-                    exp.recipe.eval.batch_size,
-                    0,
+                    TensorDataset(x, y, torch.full((len(y),), -1)), exp.recipe.eval.batch_size, 0
                 )
-                for name, loader in loaders.items()
+                for name, (x, y) in cached.items()
             }
             scorer = _HeadOnly(classifier)
         return evaluate_sets(
@@ -305,15 +310,12 @@ def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
     )
     decoded = exp.train_images.get(exp.benchmark.train, exp.recipe.data.cache_gb)
 
-    precision = exp.recipe.eval.precision
-
     def features(name: str, samples: list, decoded=None) -> tuple[np.ndarray, np.ndarray]:
         loader = eval_loader(ImageDataset(samples, transform, decoded=decoded), bs, workers)
-        with autocast(classifier.model.logit_scale.device, precision):
-            if exp.frozen is not None and exp.frozen.matches(classifier.model):
-                key = f"probe {name} {precision}"
-                x, y = exp.frozen.get(key, lambda: _features(classifier, loader))
-                return x.numpy(), y.numpy()
+        with autocast(classifier.model.logit_scale.device, exp.recipe.eval.precision):
+            cached = _tower_features(classifier, exp, f"probe {name}", loader)
+            if cached is not None:
+                return cached[0].numpy(), cached[1].numpy()
             return image_features(classifier.model, loader, f"probe {name}")
 
     train_x, train_y = features("train", exp.benchmark.train, decoded)

@@ -14,7 +14,7 @@ endif
 endif
 endif
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install usage
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/flyp compare recipes/pacs_demo.yaml --seeds 0 1 2 --soups --out runs/pacs-demo
+
+# The README's "Using it" walkthrough: run it in a scratch clone, write what it prints into
+# README.md (between the usage markers) and docs/readme_usage.json (a few minutes).
+usage: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/readme_usage.py
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -22,6 +22,7 @@ import torch
 from flyp.gradcache import autocast
 from flyp.methods import Classifier
 from flyp.models.base import prefers_channels_last, tune_cpu_bf16
+from flyp.precision import resolve
 from flyp.recipe import load_recipe
 from flyp.train import evaluate_classifier, prepare
 
@@ -46,7 +47,7 @@ def main() -> None:
     ready = torch.randn(batch, 3, exp.bundle.image_size, exp.bundle.image_size)
     ready = ready.contiguous(memory_format=layout)
 
-    precision = recipe.eval.precision
+    precision = resolve(recipe.eval.precision, "cpu").name  # auto: as flyp's evaluation chooses
     if precision == "bf16":
         tune_cpu_bf16(model)  # as flyp's evaluation does on the CPU
 

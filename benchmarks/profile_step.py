@@ -7,8 +7,12 @@ once from PACS photo (captions "a photo of a {class}.") and reused for every ste
 loading is not in it. For each model and precision the script prints:
 
 - the step time (median of timed steps after warm-up, without the profiler), images/s, the
-  FLOPs of one step (`FlopCounterMode`, forward + backward) and MFU against the matmul peak
-  of this machine measured in the same run (`_common.matmul_peak`, fp32 and bf16);
+  FLOPs of one step (`FlopCounterMode`, forward + backward), split by the dtype each operator
+  computed in, and MFU: the time the step's FLOPs would take at this machine's matmul peak of
+  each dtype, measured in the same run (`peak`: the best square matmul from 128² to 1024²),
+  over the step's time. Under bf16 autocast part of the work stays fp32 (depthwise
+  convolutions, `tune_cpu_bf16`), so a single bf16 peak misstates it. An MFU over 100% is
+  impossible: it is flagged, with a note, instead of printed as a figure;
 - a `torch.profiler` view of one step: its phases (forward+backward, clip, optimizer) and the
   top operators by self CPU time, with the share in matmul/conv-type operators (MATMUL_OPS).
 
@@ -34,6 +38,7 @@ for each other at every operator (steps 2-10x slower and erratic).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import logging
@@ -272,21 +277,98 @@ def flash_backward_flops(grad_shape, query_shape, key_shape, value_shape, *args,
     return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
 
 
-def count_flops(step: Step) -> int:
-    """FLOPs of one step. Beyond torch's formulas: grouped convolutions' backward (fixed) and
-    the CPU flash attention kernels, which torch does not count (its formulas cover the CUDA
-    ones); the math backend's attention is counted through its bmm either way."""
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def dtype_of(args) -> str:
+    """The precision an operator computed in: that of its first floating-point tensor input."""
+    for arg in torch.utils._pytree.tree_leaves(args):
+        if isinstance(arg, torch.Tensor) and arg.is_floating_point():
+            return DTYPES.get(arg.dtype, str(arg.dtype))
+    return "fp32"
+
+
+def by_dtype_counter(**options):
+    """torch's FlopCounterMode, also summing each operator's FLOPs under the dtype it ran in."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    class Counter(FlopCounterMode):
+        def __init__(self) -> None:
+            super().__init__(**options)
+            self.by_dtype: collections.Counter[str] = collections.Counter()
+
+        def _count_flops(self, func_packet, out, args, kwargs):
+            before = self.get_total_flops()
+            out = super()._count_flops(func_packet, out, args, kwargs)
+            if self.get_total_flops() > before:
+                self.by_dtype[dtype_of(args)] += self.get_total_flops() - before
+            return out
+
+    return Counter()
+
+
+def count_flops(step: Step) -> dict[str, int]:
+    """FLOPs of one step by dtype ({"bf16": ..., "fp32": ...}). Beyond torch's formulas:
+    grouped convolutions' backward (fixed) and the CPU flash attention kernels, which torch does
+    not count (its formulas cover the CUDA ones); the math backend's attention is counted
+    through its bmm either way."""
     aten = torch.ops.aten
     fix = {
         aten.convolution_backward: conv_backward_flops,
         aten._scaled_dot_product_flash_attention_for_cpu: flash_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: flash_backward_flops,
     }
-    with step.settings(), FlopCounterMode(display=False, custom_mapping=fix) as counter:
+    with step.settings(), by_dtype_counter(display=False, custom_mapping=fix) as counter:
         step()
-    return counter.get_total_flops()
+    return dict(counter.by_dtype)
+
+
+def scaled(flops: dict[str, int], factor: float) -> dict[str, float]:
+    return {dtype: n * factor for dtype, n in flops.items()}
+
+
+def peak(dtype: torch.dtype) -> float:
+    """This machine's matmul peak in ``dtype`` (GFLOP/s): the best square matmul from 128² to
+    1024² (one size can miss it: fp32 at 1024² fell to 58 GFLOP/s here, against ~100 at 256²).
+    Where bf16 is emulated (no AVX512-BF16 or AMX) this is the emulation's speed, not a peak
+    of the hardware: see ``mfu``."""
+    best = last = 0.0
+    for n in (128, 256, 512, 1024):
+        if last and 8 * n**3 / (last * 1e9) > 5:  # one timing of 4 matmuls would take > 5 s
+            break
+        last = matmul_peak(dtype, n, seconds=0.5)
+        best = max(best, last)
+    return best
+
+
+def mfu(flops: dict[str, float], seconds: float, peaks: dict[str, float]) -> float:
+    """Model FLOPs utilisation: the time the FLOPs would take at the machine's peak for the
+    dtype each ran in, over the time they took. That peak is never below the fp32 one: a CPU
+    without native bf16 computes bf16 on its fp32 units (converting), so fp32 is its peak for
+    that work too; the emulated kernels' own speed depends on the shape (0.3 GFLOP/s for
+    square matmuls, ~2 for the default model's convolutions here), no peak at all."""
+    ideal = sum(
+        n / (max(peaks.get(dtype, 0.0), peaks["fp32"]) * 1e9) for dtype, n in flops.items()
+    )
+    return ideal / seconds
+
+
+IMPOSSIBLE = (
+    "note: an MFU over 100% is impossible; it means the measured peak is below what the step's "
+    "own kernels reached (a peak measured in another dtype or shape than the step runs, or a "
+    "machine busy while the peak was timed), so that figure is left out, not clamped into a "
+    "plausible one"
+)
+
+
+def shown(value: float) -> str:
+    """An MFU for a table: a percentage, or a flag where it is impossible (over 100%)."""
+    return f"{100 * value:.1f}%" if value <= 1 else ">100%?"
+
+
+def split(flops: dict[str, float]) -> str:
+    total = sum(flops.values())
+    return ", ".join(f"{100 * n / total:.0f}% {d}" for d, n in sorted(flops.items()) if n) or "-"
 
 
 @dataclass
@@ -322,20 +404,24 @@ def profile(step: Step, steps: int = 1) -> Profile:
     return Profile(wall, ops, phases)
 
 
-def report(step: Step, prof: Profile, flops: int, peak: float, top: int) -> dict:
+def report(step: Step, prof: Profile, by_dtype: dict[str, float], peaks: dict, top: int) -> dict:
     batch = step.options.batch
-    mfu = flops / step.seconds / (peak * 1e9)
+    flops = sum(by_dtype.values())
+    utilisation = mfu(by_dtype, step.seconds, peaks)
     print(f"\n=== {step.name}: step {step.seconds * 1e3:.0f} ms (median of {len(step.times)}), "
-          f"{batch / step.seconds:.1f} images/s, {flops / 1e9:.1f} GFLOP/step, "
-          f"MFU {100 * mfu:.1f}% of the {step.precision} peak ({peak:.0f} GFLOP/s)")  # fmt: skip
+          f"{batch / step.seconds:.1f} images/s, {flops / 1e9:.1f} GFLOP/step ({split(by_dtype)}), "
+          f"MFU {shown(utilisation)} of the peaks of those dtypes")  # fmt: skip
+    if utilisation > 1:
+        print(f"  ({100 * utilisation:.0f}%: {IMPOSSIBLE})")
     wall = prof.wall_ms
     print(f"profiled step {wall:.0f} ms; phases (CPU ms, share of the profiled step):")
     for phase in PHASES:
         ms = prof.phases.get(phase, 0.0)
         print(f"  {phase:<20}{ms:>8.1f}{100 * ms / wall:>7.1f}%")
+    in_ops = mfu(by_dtype, prof.matmul_ms / 1e3, peaks)  # as if all FLOPs ran in those ops
     print(f"  matmul/conv-type ops {prof.matmul_ms:>6.1f}{100 * prof.matmul_ms / wall:>7.1f}%"
           f"  (all FLOPs in them: {flops / prof.matmul_ms / 1e6:.0f} GFLOP/s, "
-          f"{100 * flops / prof.matmul_ms / 1e6 / peak:.0f}% of peak)")  # fmt: skip
+          f"{shown(in_ops)} of the peaks)")  # fmt: skip
     attention = sum(ms for key, ms in prof.ops if "scaled_dot_product" in key)
     print(f"   of which attention  {attention:>6.1f}{100 * attention / wall:>7.1f}%")
     other = prof.op_ms - prof.matmul_ms
@@ -352,7 +438,7 @@ def report(step: Step, prof: Profile, flops: int, peak: float, top: int) -> dict
     print("  (* matmul/conv-type; counted here: " + ", ".join(counted) + ")")
     return {
         "run": step.name, "ms": step.seconds * 1e3, "images_per_s": batch / step.seconds,
-        "gflop": flops / 1e9, "mfu": mfu, "matmul": prof.matmul_ms / wall,
+        "gflop": flops / 1e9, "mfu": utilisation, "matmul": prof.matmul_ms / wall,
         "optimizer": prof.phases.get("optimizer", 0.0) / wall,
         "clip": prof.phases.get("clip_grad", 0.0) / wall,
         "top": prof.ops[:5], "wall": wall,
@@ -393,15 +479,18 @@ def variant(name: str) -> Options:
 def compare_variants(model: str, precision: str, names: list[str], peaks: dict, args) -> list:
     """Time each variant in alternating rounds. MFU counts the FLOPs of flyp's own step (the
     first) for every variant: the model's work, whatever kernels do it. Each variant starts
-    from the same weights and batch: its first loss shows that it computes the same step."""
-    steps = {}
+    from the same weights and batch: its first loss shows that it computes the same step; its
+    FLOPs are split by dtype as the variant runs them (the fp32 variant: all in fp32)."""
+    steps, split_of = {}, {}
     for name in names:
         options = variant(name)
         step = build(model, options.precision or precision, options)
         if step.compile_seconds:
             print(f"  {name}: first step (compilation) {step.compile_seconds:.0f} s")
+        own = count_flops(step) if not options.compile else None  # not through compiled code
         if not steps:
-            flops_per_image = count_flops(step) / step.options.batch
+            flops_per_image = sum(own.values()) / step.options.batch
+        split_of[name] = own
         step.timed(args.warmup)
         step.times.clear()
         step.faults.clear()
@@ -414,15 +503,20 @@ def compare_variants(model: str, precision: str, names: list[str], peaks: dict, 
     print(f"\n=== what lifts MFU: {model} {precision}, {args.rounds} rounds x {args.steps} steps")
     print(f"{'variant':<38}{'step ms':>9}{'images/s':>10}{'MFU':>8}"
           f"{'images/s vs first':>19}{'page faults':>13}{'1st loss':>10}")  # fmt: skip
-    rows = []
+    rows, flagged = [], False
     for name, step in steps.items():
         batch = step.options.batch
         label = "flyp's step (fused AdamW)" if name == "flyp" else name
-        mfu = flops_per_image * batch / step.seconds / (peaks[step.precision] * 1e9)
+        own = split_of[name] or split_of[names[0]]  # a compiled variant: flyp's split
+        work = scaled(own, flops_per_image * batch / sum(own.values()))
+        value = mfu(work, step.seconds, peaks)
+        flagged |= value > 1
         print(f"{label:<38}{step.seconds * 1e3:>9.0f}{batch / step.seconds:>10.1f}"
-              f"{100 * mfu:>7.1f}%{batch / step.seconds / base_speed:>18.2f}x"
+              f"{shown(value):>8}{batch / step.seconds / base_speed:>18.2f}x"
               f"{statistics.median(step.faults):>13.0f}{step.losses[0]:>10.4f}")  # fmt: skip
-        rows.append((label, step.seconds * 1e3, batch / step.seconds, mfu, step.compile_seconds))
+        rows.append((label, step.seconds * 1e3, batch / step.seconds, value, step.compile_seconds))
+    if flagged:
+        print(IMPOSSIBLE)
     return rows
 
 
@@ -437,15 +531,18 @@ def markdown(peaks: dict[str, float], results: list[dict], variants: dict[str, l
         others = [f"{k.removeprefix('aten::')} {100 * ms / r['wall']:.0f}%"
                   for k, ms in r["top"] if not is_matmul(k)][:3]  # fmt: skip
         print(f"| {r['run']} | {r['ms']:.0f} ms | {r['images_per_s']:.1f} | {r['gflop']:.1f} | "
-              f"{100 * r['mfu']:.1f}% | {100 * r['matmul']:.0f}% | {100 * r['clip']:.0f}% | "
+              f"{shown(r['mfu'])} | {100 * r['matmul']:.0f}% | {100 * r['clip']:.0f}% | "
               f"{100 * r['optimizer']:.0f}% | {', '.join(others)} |")  # fmt: skip
     for model, rows in variants.items():
         print(f"\n| change ({model}, bf16) | step | images/s | MFU | vs flyp's step |")
         print("|---|---|---|---|---|")
         for name, ms, ips, mfu, compile_s in rows:
             extra = f" (compile {compile_s:.0f} s)" if compile_s else ""
-            print(f"| {name}{extra} | {ms:.0f} ms | {ips:.1f} | {100 * mfu:.1f}% | "
+            print(f"| {name}{extra} | {ms:.0f} ms | {ips:.1f} | {shown(mfu)} | "
                   f"{ips / rows[0][2]:.2f}x |")  # fmt: skip
+    if any(r["mfu"] > 1 for r in results) or any(row[3] > 1 for rows in variants.values()
+                                                   for row in rows):  # fmt: skip
+        print(f"\n{IMPOSSIBLE}.")
 
 
 def main() -> None:
@@ -474,20 +571,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(f"load average (1, 5, 15 min): {os.getloadavg()}")
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak on {torch.get_num_threads()} threads: "
-          f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
+    peaks = {"fp32": peak(torch.float32), "bf16": peak(torch.bfloat16)}
+    print(f"matmul peak on {torch.get_num_threads()} threads (best of 128² to 1024²): "
+          f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")  # fmt: skip
     results = []
     for model in args.models:
         for precision in args.precisions:
             step = build(model, precision, variant(args.changes))
             own = step if args.changes == "flyp" else build(model, precision, Options())
-            flops = count_flops(own) * step.options.batch // own.options.batch
+            flops = scaled(count_flops(own), step.options.batch / own.options.batch)
             step.timed(args.warmup)
             step.times.clear()
             step.timed(args.steps)
             prof = profile(step)
-            results.append(report(step, prof, flops, peaks[precision], args.top))
+            results.append(report(step, prof, flops, peaks, args.top))
             del step
     variants = {}
     for model in args.variants_on if args.variants is not None else []:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -8,9 +9,43 @@ import torch
 
 from fakes import make_domains
 from flyp.data.benchmarks import pacs_default_root
+from flyp.recipe import DEVICE, TrainConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# precision "auto" (the recipe default) chooses fp32 in the tests on any hardware, so their pinned
+# numbers hold everywhere (torchrun children inherit it); tests/test_precision.py unsets it.
+os.environ.setdefault("FLYP_AUTO_PRECISION", "fp32")
 torch.set_num_threads(2)
+# The device the tests' runs train on: a recipe that leaves train.device at its default gets this
+# one (cpu unless FLYP_TEST_DEVICE says otherwise: benchmarks/gpu_check.sh sets cuda), so the
+# same suite checks a GPU without changing what it checks on the CPU.
+TEST_DEVICE = os.environ.get("FLYP_TEST_DEVICE") or "cpu"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A FLYP_TEST_DEVICE that is no device, or a GPU torch does not see, stops the session
+    with one line, before any test runs."""
+    if not DEVICE.fullmatch(TEST_DEVICE) or TEST_DEVICE == "auto":
+        raise pytest.UsageError(
+            f"FLYP_TEST_DEVICE={TEST_DEVICE} is not a device; use cpu, cuda, cuda:N or mps"
+        )
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"FLYP_TEST_DEVICE={TEST_DEVICE} but torch sees no GPU here; unset it to test on the CPU"
+        )
+
+
+@pytest.fixture(autouse=True)
+def test_device(monkeypatch: pytest.MonkeyPatch) -> str:
+    """train.device's default is FLYP_TEST_DEVICE (cpu unless set) during each test: the
+    default of TrainConfig's constructor, which every recipe without train.device goes through.
+    A recipe naming its device keeps it."""
+    names = [n for n, p in inspect.signature(TrainConfig.__init__).parameters.items()
+             if p.default is not inspect.Parameter.empty]  # fmt: skip
+    defaults = list(TrainConfig.__init__.__defaults__)
+    defaults[names.index("device")] = TEST_DEVICE
+    monkeypatch.setattr(TrainConfig.__init__, "__defaults__", tuple(defaults))
+    return TEST_DEVICE
 
 
 @pytest.fixture(autouse=True)

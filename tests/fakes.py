@@ -57,6 +57,16 @@ def tiny_overrides(root: Path, *extra: str) -> list[str]:
     ]
 
 
+def error_lines(err: str) -> list[str]:
+    """The non-empty lines of captured stderr, less flyp's progress and notice lines (each
+    starts with the time of day: flyp.tracking.say): what a bad input must answer in one line."""
+    return [
+        line
+        for line in err.splitlines()
+        if line.strip() and not (line[:8].replace(":", "").isdigit() and line[8:9] == " ")
+    ]
+
+
 HF_WORDS = ["[PAD]", "[UNK]", "a", "photo", "of", "the", "dog", "cat", "."]
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fakes import make_domains, tiny_overrides
+from fakes import error_lines, make_domains, tiny_overrides
 from flyp import checkpoint
 from flyp.cli import main
 from flyp.recipe import load_recipe, save_recipe
@@ -156,7 +156,7 @@ CASES = [
     Case(
         "precision",
         lambda e: e.finetune("train.precision=fp16"),
-        "train.precision: 'fp16' is not one of fp32, bf16 (did you mean 'bf16'?)",
+        "train.precision: 'fp16' is not one of auto, fp32, bf16 (did you mean 'bf16'?)",
     ),
     Case(
         "collisions",
@@ -629,7 +629,7 @@ def test_bad_input_gives_one_line_and_leaves_nothing(case, tree, tmp_path, monke
         code = main(argv)
     except SystemExit as exit:  # argparse's usage errors
         code = exit.code
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = error_lines(capsys.readouterr().err)  # progress lines aside
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert case.fragment in lines[0]
     assert code == int(case.code)

@@ -253,15 +253,16 @@ def test_class_names_match_in_nfc(tmp_path):
     bench = build_benchmark(cfg(tmp_path, ood_domains=["art"], **split))
     assert bench.class_names == [composed, "tea"]
     assert [s.label for s in bench.tests["art"]] == [0, 0, 1, 1]
-    for domain, label in [("a", composed), ("b", decomposed)]:
-        rows = [f"photo/{composed}/00{i}.png,{label}" for i in range(4)]
-        rows += [f"photo/tea/00{i}.png,tea" for i in range(4)]
+    # each CSV lists its own domain's images: an image in two sets is refused
+    for domain, label, folder, n in [("a", composed, "photo", 4), ("b", decomposed, "art", 2)]:
+        rows = [f"{folder}/{label}/00{i}.png,{label}" for i in range(n)]
+        rows += [f"{folder}/tea/00{i}.png,tea" for i in range(n)]
         (tmp_path / f"{domain}.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     csv_bench = build_benchmark(
         DataConfig(benchmark="csv", root=str(tmp_path), id_domain="a", ood_domains=["b"], **split)
     )
     assert csv_bench.class_names == [composed, "tea"]
-    assert [s.label for s in csv_bench.tests["b"]] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [s.label for s in csv_bench.tests["b"]] == [0, 0, 1, 1]
 
 
 def test_pacs_is_found_by_env_or_next_to_the_checkout(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from flyp.methods import (
     frozen_reference,
     lipsum_penalty,
     random_texts,
+    random_token_ids,
 )
 from flyp.models import load_model
 from flyp.recipe import RecipeError
@@ -86,7 +87,7 @@ def test_loss_is_cross_entropy_at_init_and_adds_the_penalty_after_a_change():
     # by hand: v_m = e^{log scale} ⟨t_m/|t_m|, f/|f|⟩ with the step's 6 texts
     model, ref = classifier.model, ctx.reference
     with torch.no_grad():
-        tokens = ctx.tokenizer(random_texts(6, 5, 2))
+        tokens = random_token_ids(ctx.tokenizer, 6, 5, 2)  # the default: token ids
         t = F.normalize(ref.encode_text(tokens), dim=-1)
         f = F.normalize(model.encode_image(images), dim=-1)
         f0 = F.normalize(ref.encode_image(images), dim=-1)

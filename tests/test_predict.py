@@ -116,6 +116,8 @@ def test_load_classifier_from_the_weights_file_alone(tmp_path, monkeypatch):
         "method": "flyp",
         "metric": "accuracy",
         "tensors": "full",
+        "eval_precision": "auto",  # what predict resolves as the run's evaluation did
+        "eval_precision_used": "fp32",  # auto on the tests' pinned hardware (conftest)
     }
     assert clf.class_names == CLASSES and clf.head == "zeroshot-text"
 

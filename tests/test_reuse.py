@@ -89,7 +89,7 @@ def test_training_from_decoded_images_equals_training_from_disk(fake_pacs, tmp_p
 def test_decoding_stops_at_the_memory_budget(fake_pacs):
     exp = prepare(tiny_recipe(fake_pacs))
     samples = exp.benchmark.train
-    one = 24 * 24 * 3  # the fake images are 24 x 24 RGB
+    one = 24 * 24 * 4  # the fake images are 24 x 24 RGB, which PIL holds in 4 bytes a pixel
     decoded = decode_images(samples, budget_bytes=2.5 * one)
     assert sorted(decoded) == [0, 1]
     assert decode_images(samples, budget_bytes=0) == {}

@@ -85,7 +85,7 @@ def test_bf16_and_compile_runs_train(fake_pacs, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.precision=fp16", "train.precision: 'fp16' is not one of fp32, bf16"),
+        ("train.precision=fp16", "train.precision: 'fp16' is not one of auto, fp32, bf16"),
         ("train.micro_batch=0", "train.micro_batch: 0 is out of range; it must be >= 1"),
     ],
 )

@@ -142,8 +142,9 @@ def test_a_sweep_folder_of_another_experiment_is_refused(fake_pacs, tmp_path, mo
     assert main([*command, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: {out / 'lr=1e-05'} holds a run with train.epochs=3, not 2: it belongs to another "
-        "experiment; pass a new --out (or the settings it used)\n"
+        f"error: {out / 'lr=1e-05'} holds a run made with other settings (train.epochs 3 -> 2; "
+        "from its recipe.yaml): it belongs to another experiment; pass a new --out (or the "
+        "settings it used)\n"
     )
     assert len(fake.calls) == 2  # nothing more trained
     # only what a resumed run may change (device, paths, speed) may differ

@@ -15,7 +15,7 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,33 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """A JSON mapping flyp wrote and now rereads (a run's metrics.json, wise.json, ...). One
+    cut short by a killed process, or that is not flyp's (no mapping, or without ``keys``), is
+    named with its fix instead of a traceback."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem = (
+            f"{err.msg} at line {err.lineno}"
+            if isinstance(err, json.JSONDecodeError)
+            else "not UTF-8 text"
+        )
+        raise CheckpointError(
+            f"{path} is not valid JSON ({problem}), maybe cut short by a killed process; "
+            "delete it and rerun to write it again"
+        ) from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if not isinstance(data, dict) or missing:
+        kind = type(data).__name__
+        what = f"lacks '{missing[0]}'" if isinstance(data, dict) else f"holds a {kind}"
+        raise CheckpointError(
+            f"{path} {what}, so flyp did not write it; delete it and rerun to write it again"
+        )
+    return data
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -117,12 +144,18 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
     if METADATA_KEY not in header:
         return None
     try:
-        return json.loads(header[METADATA_KEY])
+        meta = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(
             f"{path}: its flyp metadata is not JSON ({err}); pass the run directory instead "
             "(its recipe.yaml gives the model spec)"
         ) from None
+    if not isinstance(meta, dict):  # the fields are checked by flyp.predict.check_metadata
+        raise CheckpointError(
+            f"{path}: its flyp metadata is a JSON {type(meta).__name__}, not a mapping; pass "
+            "the run directory instead (its recipe.yaml gives the model spec)"
+        )
+    return meta
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -31,14 +31,42 @@ def _recipe(args: argparse.Namespace):
         raise RecipeError("--id-domain and --ood-domains go with --data DIR; in a recipe, set data.id_domain / data.ood_domains")
     if getattr(args, "model", None):
         overrides.append(f"model.spec={json.dumps(args.model)}")
-    return load_recipe(args.recipe, [*overrides, *args.set])
+    recipe = load_recipe(args.recipe, [*overrides, *args.set])
+    if data is not None and args.recipe is None and args.command != "data":
+        from flyp.tracking import say
+
+        say(_data_choices(recipe))
+    return recipe
+
+
+def _data_choices(recipe) -> str:
+    """What ``--data`` without a recipe runs with (the recipe defaults, after any --set), next
+    to what the shipped PACS recipes use, and how to change it: one line."""
+    templates = (
+        f"template set {recipe.data.templates}"
+        if recipe.data.templates
+        else "1 prompt template ('a photo of a {}.')"
+    )
+    size, epochs = recipe.model.image_size or "the model's own", recipe.train.epochs
+    return (
+        f"--data without a recipe: image size {size}, precision {recipe.train.precision} "
+        f"(eval {recipe.eval.precision}), {templates}, {epochs} epoch{'s' * (epochs != 1)}, lr "
+        f"{recipe.train.lr:g}, {len(recipe.eval.wise_alphas)} WiSE-FT alphas (recipes/pacs.yaml: "
+        "160 px, 7 templates); change any with --set, e.g. --set model.image_size=160 "
+        "--set data.templates=pacs, or pass a recipe"
+    )
 
 
 def _on_device(exp):
-    """The experiment's model on the recipe's device (train.device), as a training run has it."""
+    """The experiment's model on the recipe's device (train.device), as a training run has it:
+    the device's settings made, and the evaluation's precision said (flyp.precision)."""
     from flyp.distributed import pick_device
+    from flyp.precision import announce, configure_device, resolve
 
-    exp.bundle.model.to(pick_device(exp.recipe.train.device))
+    device = pick_device(exp.recipe.train.device)
+    exp.bundle.model.to(device)
+    configure_device(device)
+    announce(None, resolve(exp.recipe.eval.precision, device))
     return exp
 
 
@@ -60,13 +88,34 @@ def _run_recipe_path(run_dir: Path, what: str) -> Path:
     return path
 
 
-def _out_folder(out: str | None) -> Path | None:
-    """An --out folder; a file of that name is refused before anything runs."""
+def _out_folder(out: str | None, inputs=(), writes=()) -> Path | None:
+    """An --out folder, checked before anything runs (flyp.outputs.check_output): not a file,
+    not an input, not a run's own file."""
+    from flyp.outputs import check_output
+
     if out is None:
         return None
-    if Path(out).exists() and not Path(out).is_dir():
-        raise FileExistsError(f"--out {out} is a file; pass a folder (new or empty)")
-    return Path(out)
+    return check_output(out, inputs, folder=True, writes=writes)
+
+
+def _given(args: argparse.Namespace) -> list[str]:
+    """The recipe and --data folder a command reads: an --out must not be one of them."""
+    return [p for p in (args.recipe, getattr(args, "data", None)) if p]
+
+
+def _unfinished(run_dir: Path, allowed: bool) -> None:
+    """Refuse the weights of an unfinished run, or with --unfinished warn on stderr."""
+    from flyp.outputs import unfinished
+    from flyp.train import RunError
+
+    reason = unfinished(run_dir)
+    if reason and not allowed:
+        raise RunError(
+            f"{reason}; finish it with flyp finetune --resume {run_dir}, or pass --unfinished "
+            "to use those weights anyway"
+        )
+    if reason:
+        print(f"warning: {reason}; the numbers are not the finished run's", file=sys.stderr)
 
 
 def resume_recipe(run_dir: Path, overrides: list[str]):
@@ -105,10 +154,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             save_recipe(recipe, run_dir / "recipe.yaml")  # the applied overrides are kept
     else:
         recipe = _recipe(args)
-        run_dir = _out_folder(args.out) or _default_run_dir(
+        run_dir = _out_folder(args.out, _given(args)) or _default_run_dir(
             recipe.name, recipe.train.method, recipe.train.seed
         )
-    metrics = finetune(recipe, run_dir, resume=bool(args.resume))
+    try:
+        metrics = finetune(recipe, run_dir, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        raise Interrupted(_kept_run(run_dir)) from None
     _print_metrics(metrics, run_dir)
     return 0
 
@@ -117,7 +169,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flyp.checkpoint import atomic_write_json, load_weights
     from flyp.evaluate import summarise
     from flyp.methods import LossContext, build_classifier, get_method
-    from flyp.recipe import RecipeError
+    from flyp.outputs import check_output, not_a_run
+    from flyp.recipe import RecipeError, check_device
     from flyp.train import evaluate_classifier, prepare
 
     target = Path(args.target)
@@ -126,6 +179,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{target} does not exist; pass a run directory or a .safetensors file"
         )
     if target.is_dir():
+        many = not_a_run(target)
+        if many and not (target / "recipe.yaml").is_file():
+            raise FileNotFoundError(many)
         recipe_path = (
             Path(args.recipe)
             if args.recipe
@@ -144,7 +200,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "(the recipe.yaml of the run that wrote it)"
             )
         recipe_path, weights = Path(args.recipe), target
+    _unfinished(weights.parent, args.unfinished)
+    if args.out:
+        check_output(args.out, [target, weights, recipe_path])
     recipe = load_recipe(recipe_path, args.set)
+    check_device(recipe.train.device)
     exp = _on_device(prepare(recipe))
     method = get_method(recipe.train.method)
     ctx = LossContext(exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates)
@@ -164,8 +224,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from flyp.compare import compare
+    from flyp.compare import check_request, compare
     from flyp.methods import get_method
+    from flyp.outputs import for_terminal_lines
     from flyp.recipe import RecipeError
     from flyp.sweep import parse_grid, sweep_methods, write_sweeps
 
@@ -177,21 +238,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise RecipeError(f"{flag} lists {twice[0]} twice; list each once")
     grid = parse_grid(args.sweep, "--sweep") if args.sweep is not None else None
     recipe = _recipe(args)  # as written: the demo's quick settings live in recipes/pacs_demo.yaml
-    out = _out_folder(args.out) or Path("runs") / f"{recipe.name}-compare"
-    sweeps = sweep_methods(recipe, args.methods, args.seeds, grid, out) if grid else {}
-    results = compare(
-        recipe,
-        args.methods,
-        args.seeds,
-        out,
-        wise=not args.no_wise,
-        soups=args.soups,
-        stock=args.stock,
-        method_overrides={m: r["chosen"]["overrides"] for m, r in sweeps.items()},
-    )
-    if sweeps:
-        write_sweeps(sweeps, out)
-    print((out / "report.md").read_text())
+    check_request(recipe, args.methods, args.seeds, args.soups, args.stock)  # before any sweep
+    out = _out_folder(args.out, _given(args)) or Path("runs") / f"{recipe.name}-compare"
+    try:
+        sweeps = sweep_methods(recipe, args.methods, args.seeds, grid, out) if grid else {}
+        results = compare(
+            recipe,
+            args.methods,
+            args.seeds,
+            out,
+            wise=not args.no_wise,
+            soups=args.soups,
+            stock=args.stock,
+            method_overrides={m: r["chosen"]["overrides"] for m, r in sweeps.items()},
+        )
+        if sweeps:
+            write_sweeps(sweeps, out)
+    except KeyboardInterrupt:
+        raise Interrupted(_kept_runs(out, args.argv)) from None
+    print(for_terminal_lines((out / "report.md").read_text()))
     print(
         f"report: {out / 'report.md'}  figure: {out / 'figure.png'}  ({len(results['methods'])} methods)"
     )
@@ -203,8 +268,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     grid = parse_grid(args.grid)
     recipe = _recipe(args)
-    out = _out_folder(args.out) or Path("runs") / f"{recipe.name}-{recipe.train.method}-sweep"
-    result = sweep(recipe, grid, out)
+    out = _out_folder(args.out, _given(args)) or Path("runs") / f"{recipe.name}-{recipe.train.method}-sweep"
+    try:
+        result = sweep(recipe, grid, out)
+    except KeyboardInterrupt:
+        raise Interrupted(_kept_runs(out, args.argv)) from None
     print((out / "sweep.md").read_text())
     chosen = " ".join(result["chosen"]["overrides"])
     print(f"chosen on ID validation: {chosen}  (sweep: {out / 'sweep.json'})")
@@ -212,6 +280,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from flyp.outputs import for_terminal_lines
     from flyp.report import ReportError, write_report
 
     dirs = [Path(d) for d in args.run_dirs]
@@ -231,6 +300,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 for p in d.glob("**/metrics.json")
                 # a sweep's runs are candidates, not the comparison's seeds
                 if not any((q / "sweep.json").exists() for q in p.parents if d in q.parents)
+                # a run's WiSE-FT model (RUN/wise-model) is in the run's own WiSE columns
+                and not (p.parent.name == "wise-model" and (p.parent.parent / "wise.json").exists())
             )
         )
     ]
@@ -239,9 +310,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"no finished runs (metrics.json) under {', '.join(map(str, dirs))}; "
             "finish or resume them with flyp finetune --resume RUN_DIR"
         )
-    out = _out_folder(args.out)
+    reads = [r / name for r in expanded for name in ("metrics.json", "wise.json")]
+    out = _out_folder(args.out, reads, ("results.json", "results.csv", "figure.png", "report.md"))
     write_report(expanded, out)
-    print((out / "report.md").read_text())
+    print(for_terminal_lines((out / "report.md").read_text()))
     return 0
 
 
@@ -249,7 +321,7 @@ def cmd_wise(args: argparse.Namespace) -> int:
     import copy
 
     from flyp.compare import wise_sweep
-    from flyp.recipe import RecipeError
+    from flyp.recipe import RecipeError, check_device
     from flyp.train import prepare
 
     run_dir = Path(args.run_dir)
@@ -263,6 +335,7 @@ def cmd_wise(args: argparse.Namespace) -> int:
     bad = [a for a in alphas if not 0 <= a <= 1]
     if bad:
         raise RecipeError(f"--alphas: {bad[0]} is out of range; each alpha must be in [0, 1]")
+    check_device(recipe.train.device)
     exp = prepare(recipe)
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
     result = wise_sweep(_on_device(exp), run_dir, alphas, pretrained)
@@ -271,6 +344,7 @@ def cmd_wise(args: argparse.Namespace) -> int:
             f"alpha {p['alpha']:.2f}  val {100 * p['val']:.1f}  ID {100 * p['id']:.1f}  OOD mean {100 * p['ood_mean']:.1f}"
         )
     print(f"best alpha on ID validation: {result['best_alpha']}")
+    print(f"its model: {result['model']} (flyp predict, flyp evaluate and flyp export take it)")
     return 0
 
 
@@ -279,18 +353,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from flyp.data import build_benchmark
+    from flyp.outputs import for_terminal
 
     recipe = _recipe(args)
     bench = build_benchmark(recipe.data)
-    print(
+    shown = [for_terminal(c) for c in bench.class_names]  # folder names: no control characters
+    print(for_terminal(
         f"benchmark {bench.name}: {len(bench.class_names)} classes, {len(bench.templates)} templates, "
         f"metric {bench.metric}; ID {bench.id_name}, OOD {', '.join(bench.ood_names) or 'none'}"
-    )
+    ))
     sets = {"train": bench.train, **bench.eval_sets()}
-    width = max(len(c) for c in bench.class_names)
-    print(f"{'class':<{width}}" + "".join(f"{name:>14}" for name in sets))
+    width = max(len(c) for c in shown)
+    print(f"{'class':<{width}}" + "".join(f"{for_terminal(name):>14}" for name in sets))
     counts = {name: Counter(s.label for s in samples) for name, samples in sets.items()}
-    for label, cls in enumerate(bench.class_names):
+    for label, cls in enumerate(shown):
         print(f"{cls:<{width}}" + "".join(f"{counts[name][label]:>14}" for name in sets))
     print(f"{'total':<{width}}" + "".join(f"{len(samples):>14}" for samples in sets.values()))
     if bench.image_check is not None:
@@ -309,13 +385,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _lines(path: str, what: str) -> list[str]:
-    """The non-empty lines of a text file (class names, templates), or a one-line error."""
-    from flyp.data.folders import DataError
+    """The non-empty lines of a text file (class names, templates), or a one-line error; UTF-8,
+    or UTF-16/32 with a byte-order mark (flyp.data.folders.read_text)."""
+    from flyp.data.folders import DataError, read_text
 
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{what} {file} does not exist; write one entry per line")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text(file, what).splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise DataError(f"{what} {file} is empty; write one entry per line")
@@ -325,27 +402,39 @@ def _lines(path: str, what: str) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from flyp.checkpoint import atomic_write_text
     from flyp.data.folders import DataError
+    from flyp.data.templates import read_templates_file
     from flyp.distributed import pick_device
+    from flyp.outputs import check_output, for_terminal
+    from flyp.precision import announce_predict
     from flyp.predict import collect_images, load_classifier, predict_files, predictions_csv
-    from flyp.recipe import RecipeError
+    from flyp.recipe import RecipeError, check_device
 
     if args.classes and args.classes_file:
         raise RecipeError("give --classes or --classes-file, not both")
     if args.top_k < 1 or args.batch_size < 1:
         raise RecipeError("--top-k and --batch-size must be at least 1")
+    check_device(args.device, "--device")
     names = args.classes.split(",") if args.classes else None
     if args.classes_file:
         names = _lines(args.classes_file, "--classes-file")
-    templates = _lines(args.templates_file, "--templates-file") if args.templates_file else None
+    templates = read_templates_file(args.templates_file) if args.templates_file else None
     if templates and names is None:
         raise RecipeError(
             "--templates-file goes with --classes or --classes-file (the new class names)"
         )
-    out = Path(args.out) if args.out else None
-    if out is not None and out.is_dir():
-        raise FileExistsError(f"--out {out} is a folder; pass a CSV file name")
     paths, skipped = collect_images(args.images)
-    clf = load_classifier(args.target, device=pick_device(args.device))
+    target = Path(args.target)
+    reads = [target, target / "model.safetensors", *args.images, *paths]
+    reads += [f for f in (args.classes_file, args.templates_file) if f]
+    out = check_output(args.out, reads) if args.out else None
+    if target.exists():
+        _unfinished(target if target.is_dir() else target.parent, args.unfinished)
+    clf = load_classifier(
+        args.target, device=pick_device(args.device), unfinished=True, precision=args.precision
+    )
+    announce_predict(
+        clf.precision, args.precision is not None, clf.metadata.get("eval_precision_used")
+    )
     if names is not None:
         try:
             clf = clf.with_classes(names, templates)
@@ -354,17 +443,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict_files(clf, paths, top_k=args.top_k, batch_size=args.batch_size)
     skipped += result.skipped
     for path, reason in skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"skipped {for_terminal(path)}: {for_terminal(reason)}", file=sys.stderr)
     if not result.paths:
         raise DataError(
             f"no image could be classified ({len(skipped)} skipped, listed above); "
             "pass image files, folders of images, or a CSV with a 'path' column"
         )
-    width = min(60, max(len(p) for p in result.paths))
+    shown = [for_terminal(p) for p in result.paths]  # names and paths: no control characters
+    width = min(60, max(len(p) for p in shown))
     print(f"{'path':<{width}}  {'top-1':<20}{'prob':>7}  top-{args.top_k}")
-    for path, top in zip(result.paths, result.top, strict=True):
-        rest = ", ".join(f"{c} {p:.3f}" for c, p in top)
-        print(f"{path:<{width}}  {top[0][0]:<20}{top[0][1]:>7.3f}  {rest}")
+    for path, top in zip(shown, result.top, strict=True):
+        rest = ", ".join(f"{for_terminal(c)} {p:.3f}" for c, p in top)
+        print(f"{path:<{width}}  {for_terminal(top[0][0]):<20}{top[0][1]:>7.3f}  {rest}")
     print(
         f"{len(result.paths)} images classified, {len(skipped)} skipped "
         f"({clf.head} head, {len(clf.class_names)} classes)"
@@ -376,25 +466,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
+    from flyp.outputs import for_terminal
+
     if "sets" not in metrics:
         print(json.dumps(metrics))
         return
     print(f"{'set':<16}{'accuracy':>10}{'macro-F1':>10}{'worst cls':>10}{'n':>7}")
     for name, m in metrics["sets"].items():
+        name = for_terminal(name)  # domain names are folder names
         print(
             f"{name:<16}{100 * m['accuracy']:>10.1f}{100 * m['macro_f1']:>10.1f}{100 * m['worst_class_accuracy']:>10.1f}{m['n']:>7}"
         )
     if metrics.get("ood_mean") is not None:
         print(
-            f"ID ({metrics['id_name']}) {100 * metrics['id']:.1f}   "
+            f"ID ({for_terminal(metrics['id_name'])}) {100 * metrics['id']:.1f}   "
             f"OOD mean {100 * metrics['ood_mean']:.1f}   ({metrics.get('metric', 'accuracy')})"
         )
     if run_dir is not None:
         print(f"run directory: {run_dir}")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with every option's default: "(default: X)" after the help text, unless
+    the text already says it; a default of None (nothing given) must be said in the text, since
+    only it knows what nothing means ("runs/<recipe>-compare", "the recipe's model")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.required or action.default in (None, argparse.SUPPRESS):
+            return text
+        default = action.default
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        elif isinstance(default, (list, tuple)):
+            shown = " ".join(map(str, default)) or "none"
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors as one line like every other flyp error."""
+    """argparse, with its usage errors as one line like every other flyp error, and every
+    option's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -406,35 +523,68 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         "--data",
         metavar="DIR",
         help="your own images: DIR/<class>/<image> (split into train/val/test) or "
-        "DIR/<domain>/<class>/<image> (one domain trained on, the others OOD test sets)",
+        "DIR/<domain>/<class>/<image> (one domain trained on, the others OOD test sets); "
+        "without a RECIPE, the recipe defaults apply and flyp says which it chose "
+        "(default: the recipe's data)",
     )
-    p.add_argument("--id-domain", help="with --data: the domain to train on")
-    p.add_argument("--ood-domains", nargs="+", help="with --data: the OOD test domains (default: the others)")
-    p.add_argument("--model", metavar="SPEC", help="model spec (model.spec): default, open_clip:..., hf:DIR")
+    p.add_argument(
+        "--id-domain",
+        help="with --data: the domain to train on (default: the only domain; needed when DIR "
+        "holds several)",
+    )
+    p.add_argument(
+        "--ood-domains",
+        nargs="+",
+        help="with --data: the OOD test domains (default: the other domains)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="model spec (model.spec): default, open_clip:..., hf:DIR (default: the recipe's "
+        "model.spec)",
+    )
+
+
+def _add_set_option(p: argparse.ArgumentParser, example: str = "train.lr=1e-5") -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a recipe key, e.g. {example}; repeatable (keys: src/flyp/recipe.py)",
+    )
+
+
+def _version() -> str:
+    """The installed package's version (read from its metadata: no import of flyp's modules)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flyp")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="flyp", description="Finetune CLIP-like models like they were pretrained."
     )
+    parser.add_argument("--version", action="version", version=f"flyp {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("finetune", help="train one method of a recipe and evaluate it")
-    p.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/); or use --data")
-    _add_data_options(p)
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. train.lr=1e-5",
+        "recipe", nargs="?", help="recipe YAML (see recipes/) (default: none; use --data)"
     )
-    p.add_argument("--out", help="run directory (default runs/<recipe>-<method>-s<seed>)")
+    _add_data_options(p)
+    _add_set_option(p)
+    p.add_argument("--out", help="run directory (default: runs/<recipe>-<method>-s<seed>)")
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue a killed run from its last checkpoint; --set may then change only "
-        + ", ".join(RESUME_SETTABLE),
+        + ", ".join(RESUME_SETTABLE)
+        + " (default: start a new run)",
     )
     p.set_defaults(func=cmd_finetune)
 
@@ -443,23 +593,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe", help="recipe the weights were trained with (default: RUN_DIR/recipe.yaml)"
     )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", help="also write the metrics to this JSON file")
+    _add_set_option(p, "eval.batch_size=64")
+    p.add_argument("--out", help="also write the metrics to this JSON file (default: print only)")
+    p.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="evaluate a killed or running run's best weights so far (warns)",
+    )
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser(
         "compare", help="run several methods on the same splits and seeds, then report"
     )
-    p.add_argument("recipe", nargs="?", help="recipe YAML, run as written; or use --data")
+    p.add_argument(
+        "recipe", nargs="?", help="recipe YAML, run as written (default: none; use --data)"
+    )
     _add_data_options(p)
     p.add_argument(
         "--methods",
         nargs="+",
         default=DEFAULT_METHODS,
-        help=f"default: {' '.join(DEFAULT_METHODS)}",
+        help="the methods to compare (README: Methods)",
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", help="output folder (default runs/<recipe>-compare)")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="training seeds; each method per seed"
+    )
+    _add_set_option(p)
+    p.add_argument("--out", help="output folder (default: runs/<recipe>-compare)")
     p.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT sweeps")
     p.add_argument(
         "--soups", action="store_true", help="also uniform and greedy soups over the seeds"
@@ -474,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=V1,V2",
         help="give each method that trains its own best setting: sweep these train.* values on "
-        "the first seed (chosen on ID validation), then run every seed with it; repeatable",
+        "the first seed (chosen on ID validation), then run every seed with it; repeatable "
+        "(default: no sweep, the recipe's values)",
     )
     p.set_defaults(func=cmd_compare)
 
@@ -485,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and killed ones resumed, so rerunning the same command continues a sweep. A grid may "
         "vary train.* keys other than train.seed and train.method.",
     )
-    p.add_argument("recipe", nargs="?", help="recipe YAML; or use --data")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (default: none; use --data)")
     _add_data_options(p)
     p.add_argument(
         "--grid",
@@ -494,14 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2",
         help="values of one key, e.g. train.lr=1e-5,3e-5,1e-4; repeat for more keys",
     )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", help="output folder (default runs/<recipe>-<method>-sweep)")
+    _add_set_option(p)
+    p.add_argument("--out", help="output folder (default: runs/<recipe>-<method>-sweep)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("data", help="check a recipe's data and show its splits and class counts")
-    p.add_argument("recipe", nargs="?", help="recipe YAML; or use --data")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (default: none; use --data)")
     _add_data_options(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_option(p, "data.max_train=100")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("report", help="rebuild the report from finished run directories")
@@ -511,17 +671,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("wise", help="WiSE-FT sweep of one finished run")
-    p.add_argument("run_dir")
-    p.add_argument("--alphas", nargs="+", type=float)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser(
+        "wise",
+        help="WiSE-FT sweep of one finished run; keeps the model at the alpha chosen on ID "
+        "validation as RUN_DIR/wise-model (predict, evaluate and export take it)",
+    )
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument(
+        "--alphas",
+        nargs="+",
+        type=float,
+        help="mixing weights in [0, 1]: 0 is the zero-shot model, 1 the finetuned one "
+        "(default: the recipe's eval.wise_alphas)",
+    )
+    _add_set_option(p, "eval.batch_size=64")
     p.set_defaults(func=cmd_wise)
 
     p = sub.add_parser(
         "export",
         help="write a finished run as an open_clip checkpoint, a Hugging Face folder or flyp's own format",
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--format", required=True, help="open_clip, hf or flyp (docs/export.md)")
     p.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
     p.set_defaults(func=cmd_export)
@@ -539,24 +709,38 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="image files, folders (searched recursively), or a CSV with a 'path' column",
     )
-    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image")
     p.add_argument(
         "--out",
-        help="also write a CSV with one row per image and rank: path,rank,class,probability "
-        "(rank 1 is the top-1 class)",
+        help="also write a CSV with one row per image and rank: path,rank,class,probability; "
+        "rank 1 is the top-1 class (default: print only)",
     )
     p.add_argument(
         "--classes",
-        help='new class names, comma-separated ("cat,dog"): zero-shot with the run\'s text tower',
+        help='new class names, comma-separated ("cat,dog"): zero-shot with the run\'s text tower '
+        "(default: the run's own classes)",
     )
-    p.add_argument("--classes-file", help="new class names, one per line")
+    p.add_argument(
+        "--classes-file", help="new class names, one per line (default: the run's own classes)"
+    )
     p.add_argument(
         "--templates-file",
         help="prompt templates for the new classes, one per line with {} for the name "
         "(default: the run's own)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, ...")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="precision of the image tower (default: the run's eval.precision, resolved here as "
+        "its evaluation resolved it: auto is bf16 where the hardware has it natively)",
+    )
+    p.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="classify with a killed or running run's best weights so far (warns)",
+    )
     p.set_defaults(func=cmd_predict)
     return parser
 
@@ -565,10 +749,88 @@ def _one_line(err: BaseException) -> str:
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with what a verb kept and the command that continues it (the message)."""
+
+
+def _command(argv: list[str]) -> str:
+    """The command line a user typed, quoted so that it can be pasted back."""
+    import shlex
+
+    return shlex.join(["flyp", *argv])
+
+
+def _checkpoint_step(state_path: Path) -> int | None:
+    """The step of a run's last checkpoint, or None if its state cannot be read."""
+    from flyp.checkpoint import load_state
+
+    try:
+        return int(load_state(state_path)["step"])
+    except Exception:  # a message about an interrupted run must not fail on a bad state file
+        return None
+
+
+def _kept_run(run_dir: Path) -> str:
+    """What an interrupted ``flyp finetune`` kept, and how to go on."""
+    import shlex
+
+    state = run_dir / "state.pt"
+    if (run_dir / "metrics.json").is_file():
+        return f"the run had finished: its results are in {run_dir / 'metrics.json'}"
+    if not state.is_file():
+        return "nothing was kept (no checkpoint yet); start it again with the same command"
+    step = _checkpoint_step(state)
+    at = f" (step {step})" if step is not None else ""
+    resume = _command(["finetune", "--resume", str(run_dir)])
+    return f"kept {shlex.quote(str(run_dir))} at its last checkpoint{at}; resume with: {resume}"
+
+
+def _kept_runs(out: Path, argv: list[str]) -> str:
+    """What an interrupted ``flyp compare`` or ``flyp sweep`` kept under ``out``, and how to go
+    on: rerunning the same command reuses finished runs and resumes killed ones."""
+    finished = sorted(p.parent.name for p in out.glob("**/metrics.json"))
+    partial = sorted(p.parent.name for p in out.glob("**/state.pt"))
+    kept = f"kept {len(finished)} finished run{'s' * (len(finished) != 1)} in {out}"
+    if partial:
+        their = "its last checkpoint" if len(partial) == 1 else "their last checkpoints"
+        kept += f" and {', '.join(partial)} at {their}"
+    return f"{kept}; continue with the same command: {_command(argv)}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Bad input (a recipe, data, model, checkpoint, run directory or path
-    of the user's) ends with one line on stderr and exit status 2; anything else is a bug and
-    keeps its traceback."""
+    """Run one subcommand (the ``flyp`` entry point).
+
+    Bad input (a recipe, data, model, checkpoint, run directory or path of the user's) ends with
+    one line on stderr and exit status 2; Ctrl-C with one line saying what was kept and how to
+    continue, status 130; output cut short by its reader (``flyp data ... | head``) quietly,
+    status 141 (128 + SIGPIPE, as a shell reports it). Anything else is a bug and keeps its
+    traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        try:
+            return _main(argv)
+        except Interrupted as err:
+            print(f"interrupted: {err}", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:
+            print("interrupted: stopped by Ctrl-C; nothing half-written was left", file=sys.stderr)
+            return 130
+        finally:
+            sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+    except BrokenPipeError:
+        # The reader went away (head, less): the Python docs' recipe. Point stdout at devnull
+        # so that the interpreter's own flush at exit finds nothing to complain about.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str]) -> int:
+    """Parse and run one subcommand; its expected errors become one line and status 2."""
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as typed: an interrupted run says how to continue it
+    # After parsing: --help and --version need none of these (nor torch, which they import).
     from flyp.checkpoint import CheckpointError
     from flyp.data.folders import DataError
     from flyp.models.base import ModelSpecError
@@ -576,7 +838,6 @@ def main(argv: list[str] | None = None) -> int:
     from flyp.report import ReportError
     from flyp.train import RunError
 
-    args = build_parser().parse_args(argv)
     if args.command == "finetune" and not (args.recipe or args.resume or args.data):
         print("error: flyp finetune needs a RECIPE, --data DIR or --resume RUN_DIR", file=sys.stderr)
         return 2
@@ -594,7 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except expected as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        from flyp.outputs import for_terminal
+
+        print(f"error: {for_terminal(_one_line(err))}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -3,31 +3,63 @@ curve, optionally soups over seeds; then the report.
 
 out_dir/
   <method>-s<seed>/   one run directory per method and seed (metrics.json, wise.json, weights)
-  soups/              soup metrics (with --soups and several seeds)
+    wise-model/       the WiSE-FT model at the alpha chosen on ID validation
+  soups/              each merge of a method's seeds (with --soups / --stock and several seeds)
+  (a WiSE or merged model's folder holds model.safetensors, recipe.yaml and metrics.json, as a
+  run directory does: flyp predict, flyp.load_classifier, flyp evaluate and flyp export take it)
   report.md, results.json, results.csv, figure.png
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import shutil
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flyp.checkpoint import atomic_write_json, load_weights
+from flyp import tracking
+from flyp.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    load_weights,
+    read_json,
+    save_weights,
+)
+from flyp.distributed import init_distributed, on_main
 from flyp.ensemble import greedy_soup, interpolate, model_stock, uniform_soup
 from flyp.evaluate import summarise
-from flyp.methods import Classifier, build_classifier, get_method, image_tower_names
-from flyp.recipe import Recipe, RecipeError, with_overrides
+from flyp.methods import (
+    Classifier,
+    build_classifier,
+    get_method,
+    image_tower_names,
+    is_scale_param,
+)
+from flyp.predict import weights_metadata
+from flyp.recipe import (
+    Recipe,
+    RecipeError,
+    check_device,
+    check_seed,
+    fingerprint,
+    load_recipe,
+    run_settings,
+    save_recipe,
+    with_overrides,
+)
 from flyp.report import write_report
 from flyp.reuse import FrozenFeatures
 from flyp.train import (
+    LOCK_NAME,
     Experiment,
+    check_same_run,
     evaluate_classifier,
     finetune,
+    fit_probe,
     loss_context,
     prepare,
     validation_score,
@@ -46,6 +78,41 @@ def zeroshot_classifier(exp: Experiment, method_name: str, pretrained: dict[str,
     return build_classifier(method, exp.bundle.model, loss_context(exp))
 
 
+WISE_MODEL = "wise-model"  # a run's WiSE-FT model at the chosen alpha: RUN/wise-model/
+
+
+def _changed(key: str) -> bool:
+    """What a model that trained nothing (lp) differs in from the pretrained one: the head and
+    the temperature (as flyp.train stores such a run)."""
+    return not key.startswith("model.") or is_scale_param(key.removeprefix("model."))
+
+
+def save_model(
+    classifier: Classifier, exp: Experiment, folder: Path, source_run: Path, merge: dict
+) -> None:
+    """``classifier`` (a WiSE-FT point or a merge of runs) stored as a finished run stores its
+    model, so whatever takes a run takes ``folder``: model.safetensors, self-describing as a
+    run's (flyp.predict.weights_metadata, plus ``merge``: what was merged and how), and the
+    recipe.yaml of ``source_run``, the run it came from (the experiment's recipe with the run's
+    method where the run has none). The caller writes metrics.json last: its presence marks the
+    folder finished."""
+    source = source_run / "recipe.yaml"
+    if source.is_file():
+        recipe = load_recipe(source)
+    else:
+        recipe = copy.deepcopy(exp.recipe)
+        recipe.train.method = read_json(source_run / "metrics.json", ("method",))["method"]
+    untrained = get_method(recipe.train.method).objective == "none"  # lp: towers untouched
+    tensors = "changed" if untrained else "full"
+    meta = weights_metadata(exp.bundle, recipe, exp.benchmark, classifier, tensors)
+    meta["merge"] = merge
+    save_weights(classifier, folder / "model.safetensors", meta, _changed if untrained else None)
+    if source.is_file():
+        atomic_write_text(folder / "recipe.yaml", source.read_text())
+    else:
+        save_recipe(recipe, folder / "recipe.yaml")
+
+
 def _point(alpha: float, sets: dict, exp: Experiment) -> dict[str, Any]:
     b = exp.benchmark
     return {"alpha": alpha, **summarise(sets, b.id_name, b.ood_names, b.metric), "sets": sets}
@@ -58,8 +125,9 @@ def wise_sweep(
     pretrained: dict[str, torch.Tensor],
     known: dict[float, dict] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the interpolations of a finished run; pick alpha on ID validation (``wise.json``)."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    """Evaluate the interpolations of a finished run; pick alpha on ID validation (``wise.json``)
+    and keep the model at that alpha (``RUN/wise-model``, see :func:`save_model`)."""
+    metrics = read_json(run_dir / "metrics.json", ("method", "seed", "sets"))
     known = dict(known or {})
     known.setdefault(1.0, metrics["sets"])
     classifier = zeroshot_classifier(exp, metrics["method"], pretrained)
@@ -72,10 +140,19 @@ def wise_sweep(
             sets = known[alpha]
         else:
             classifier.load_state_dict(interpolate(zeroshot, finetuned, alpha))
-            sets = evaluate_classifier(classifier, exp)
+            with tracking.running(f"{metrics['method']} seed {metrics['seed']} WiSE α={alpha:g}"):
+                sets = evaluate_classifier(classifier, exp)
         points.append(_point(alpha, sets, exp))
     best = max(points, key=lambda p: (p["val"], -abs(p["alpha"] - 0.5)))
+    classifier.load_state_dict(interpolate(zeroshot, finetuned, best["alpha"]))
+    model_dir = run_dir / WISE_MODEL
+    save_model(classifier, exp, model_dir, run_dir, {"kind": "wise-ft", "alpha": best["alpha"]})
+    name = f"{metrics['method']} WiSE-FT (α={best['alpha']:g})"
+    model_metrics = {"method": name, "seed": metrics["seed"], "recipe": exp.recipe.name, **best}
+    atomic_write_json(model_dir / "metrics.json", {**model_metrics, "source_run": str(run_dir)})
     result = {"method": metrics["method"], "seed": metrics["seed"], "best_alpha": best["alpha"], "points": points}
+    result["model"] = str(model_dir)
+    result["fingerprint"] = metrics.get("fingerprint")  # the run it interpolates (compare checks)
     atomic_write_json(run_dir / "wise.json", result)
     _reset(exp, pretrained)
     return result
@@ -92,10 +169,17 @@ def make_soups(
     kinds: Sequence[str] = SOUPS,
 ) -> list[Path]:
     """Weight-space merges of one method's runs: ``uniform`` and ``greedy`` soups (greedy
-    ordered and accepted on ID validation) and ``model stock``, anchored at the method's
-    starting point (the classifier at WiSE-FT's zero-shot end)."""
-    method = json.loads((run_dirs[0] / "metrics.json").read_text())["method"]
+    ordered and accepted on ID validation) and ``model stock``, anchored at the weights the
+    method's finetuning started from: the pretrained towers with, for head methods, the
+    zero-shot head, except LP-FT, which starts from its linear probe (fitted again here as its
+    runs fitted it: same features, same C chosen on ID validation). Each merge is kept as a
+    model folder (see :func:`save_model`) with its metrics."""
+    method = read_json(run_dirs[0] / "metrics.json", ("method",))["method"]
     classifier = zeroshot_classifier(exp, method, pretrained)
+    starts_from = "the pretrained weights" + (", zero-shot head" if classifier.head else "")
+    if "model stock" in kinds and get_method(method).probe:
+        fit_probe(classifier, exp, out_dir / f"{method}-soup-model-stock")  # writes probe.json
+        starts_from = "the pretrained weights, linear probe"
     anchor = copy.deepcopy(classifier.state_dict())
     states = []
     for run_dir in run_dirs:
@@ -113,14 +197,22 @@ def make_soups(
         greedy, kept = greedy_soup(states, val_score)
         merges.append(("greedy", greedy, {"kept_runs": [str(run_dirs[i]) for i in kept]}))
     if "model stock" in kinds:
-        merged, ratios = model_stock(anchor, states)
-        mean_t = sum(ratios.values()) / len(ratios)
-        merges.append(("model stock", merged, {"mean_t": mean_t, "t": ratios}))
+        merged, ratios = model_stock(anchor, states)  # t of the tensors that moved only
+        stock = {
+            "anchor": starts_from,
+            "mean_t": sum(ratios.values()) / len(ratios) if ratios else None,
+            "moved_tensors": len(ratios),
+            "t": ratios,
+        }
+        merges.append(("model stock", merged, stock))
     written = []
     for name, state, extra in merges:
         classifier.load_state_dict(state)
         sets = evaluate_classifier(classifier, exp)
         soup_dir = out_dir / f"{method}-soup-{name.replace(' ', '-')}"
+        merge = {"kind": f"{name} soup" if name != "model stock" else name}
+        merge["runs"] = [str(d) for d in extra.get("kept_runs", run_dirs)]
+        save_model(classifier, exp, soup_dir, run_dirs[0], merge)
         b = exp.benchmark
         atomic_write_json(
             soup_dir / "metrics.json",
@@ -139,6 +231,70 @@ def make_soups(
     return written
 
 
+# Methods whose runs do not depend on train.seed: zeroshot trains nothing, and lp's probe is a
+# deterministic L-BFGS fit on the pretrained tower's (deterministic) features, its C chosen on
+# validation (tests/test_trust_runs.py checks two seeds give the same weights and numbers).
+SEED_FREE = ("zeroshot", "lp")
+
+
+def check_request(
+    recipe: Recipe,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    soups: bool = False,
+    stock: bool = False,
+) -> None:
+    """What a comparison is asked for, refused before any work when it cannot run as asked:
+    an unknown method, a seed numpy cannot take, a device this machine lacks, a merge with
+    nothing to merge (one seed, or no method that trains)."""
+    for name in methods:
+        get_method(name)  # unknown names fail before any training
+    for seed in seeds:
+        check_seed(seed, "--seeds")
+    check_device(recipe.train.device)
+    for flag, asked in (("--soups", soups), ("--stock", stock)):
+        if asked and len(seeds) < 2:
+            raise RecipeError(
+                f"{flag} merges each method's runs over several seeds, and one seed leaves "
+                f"nothing to merge; give --seeds 0 1 or more (or drop {flag})"
+            )
+        if asked and all(get_method(m).objective == "none" for m in methods):
+            raise RecipeError(
+                f"{flag} merges the runs of methods that train, and none of --methods "
+                f"{' '.join(methods)} does; add ft, lpft, l2sp or flyp (or drop {flag})"
+            )
+
+
+def _copy_seed_free(source: Path, target: Path, recipe: Recipe) -> None:
+    """A seed-free run (lp) reported for another seed: ``source``'s files, its recipe, metrics
+    and WiSE sweep relabelled with ``recipe``'s seed and marked as the same run."""
+    staging = target.parent / f".{target.name}.copying"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns(LOCK_NAME))
+    save_recipe(recipe, staging / "recipe.yaml")
+    metrics = read_json(staging / "metrics.json", ("sets",))
+    settings = run_settings(recipe)
+    note = f"the same run as {source.name}: {recipe.train.method} does not depend on the seed"
+    metrics.update(seed=recipe.train.seed, settings=settings, fingerprint=fingerprint(settings))
+    atomic_write_json(staging / "metrics.json", {**metrics, "same_as": str(source), "note": note})
+    if (staging / "wise.json").exists():
+        wise = read_json(staging / "wise.json", ("points",))
+        wise.update(seed=recipe.train.seed, fingerprint=metrics["fingerprint"])
+        atomic_write_json(staging / "wise.json", wise)
+    staging.rename(target)
+
+
+def _wise_is_current(run_dir: Path, alphas: Sequence[float]) -> bool:
+    """Whether ``run_dir``'s wise.json sweeps these alphas over the run now in ``run_dir``
+    (one from other alphas, e.g. ``flyp wise --alphas``, or another run, is redone)."""
+    if not (run_dir / "wise.json").exists() or not (run_dir / WISE_MODEL / "metrics.json").exists():
+        return False  # never swept, or swept before the WiSE model was kept
+    wise = read_json(run_dir / "wise.json", ("points", "best_alpha"))
+    run = read_json(run_dir / "metrics.json", ("sets",)).get("fingerprint")
+    swept = [p.get("alpha") for p in wise["points"] if isinstance(p, dict)]
+    return swept == list(alphas) and wise.get("fingerprint") == run
+
+
 def compare(
     recipe: Recipe,
     methods: Sequence[str],
@@ -151,43 +307,85 @@ def compare(
 ) -> dict[str, Any]:
     """Run every method for every seed (finished runs are reused, killed ones resumed), sweep
     WiSE-FT, merge the seeds (soups, Model Stock), then report. ``method_overrides`` gives a
-    method its own ``key=value`` settings (its choice from a sweep: flyp.sweep.sweep_methods)."""
+    method its own ``key=value`` settings (its choice from a sweep: flyp.sweep.sweep_methods).
+
+    Every run directory already in ``out_dir`` must hold the run asked for (same settings but
+    what a resume may change): one from another experiment is refused before any work. A
+    seed-free method (SEED_FREE) is trained once: zeroshot in out_dir/zeroshot, lp on the
+    first seed and copied, relabelled, for the others (so its spread over seeds is 0)."""
     out_dir = Path(out_dir)
-    for name in methods:
-        get_method(name)  # unknown names fail before any training
-    if stock and len(seeds) < 2:
-        raise RecipeError("Model Stock (--stock) merges runs of several seeds; give --seeds 0 1 or more")
+    check_request(recipe, methods, seeds, soups, stock)
+
+    def run_recipe(name: str, seed: int) -> Recipe:
+        one = copy.deepcopy(recipe)
+        one.train.method, one.train.seed = name, seed
+        return with_overrides(one, (method_overrides or {}).get(name, ()))
+
+    plan = [("zeroshot", seeds[0], out_dir / "zeroshot")]  # no training: one run
+    plan += [(m, s, out_dir / f"{m}-s{s}") for s in seeds for m in methods if m != "zeroshot"]
+
+    def check_plan() -> None:  # before anything is built: a stale --out is refused
+        for name, seed, run_dir in plan:
+            check_same_run(run_dir, run_recipe(name, seed), seed_free=run_dir.name == "zeroshot")
+
+    # Under torchrun every rank trains each run (finetune), and rank 0 alone reads and writes
+    # out_dir (what is finished, WiSE-FT, soups, the report): on_main gives every rank its answer.
+    init_distributed(recipe.train.device, recipe.train.dist_timeout_s)
+    on_main(check_plan)
     exp = prepare(recipe)
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
     image_names = image_tower_names(exp.bundle.model, exp.bundle.image_size)
     exp.frozen = FrozenFeatures.of(pretrained, exp.bundle.model, image_names)
     run_dirs: dict[str, list[Path]] = {}
-
-    def run(name: str, seed: int, run_dir: Path) -> dict[str, Any]:
-        run_recipe = copy.deepcopy(recipe)
-        run_recipe.train.method, run_recipe.train.seed = name, seed
-        run_recipe = with_overrides(run_recipe, (method_overrides or {}).get(name, ()))
+    zeroshot_sets = None
+    for name, seed, run_dir in plan:
+        one = run_recipe(name, seed)
+        first = out_dir / f"{name}-s{seeds[0]}"
         run_dirs.setdefault(name, []).append(run_dir)
-        if (run_dir / "metrics.json").exists():
-            return json.loads((run_dir / "metrics.json").read_text())
-        _reset(exp, pretrained)
-        resume = (run_dir / "recipe.yaml").exists()  # killed: continued (or restarted)
-        return finetune(run_recipe, run_dir, resume=resume, exp=exp.for_run(run_recipe))
-
-    zeroshot_sets = run("zeroshot", seeds[0], out_dir / "zeroshot")["sets"]  # no training: one run
-    for seed in seeds:
-        for name in methods:
-            if name == "zeroshot":
-                continue
-            run_dir = out_dir / f"{name}-s{seed}"
-            run(name, seed, run_dir)
-            if wise and not (run_dir / "wise.json").exists():
-                wise_sweep(exp, run_dir, recipe.eval.wise_alphas, pretrained, known={0.0: zeroshot_sets})
+        todo = on_main(partial(_next_step, run_dir, first, name in SEED_FREE))
+        if todo == "copy":
+            on_main(partial(_copy_seed_free, first, run_dir, one))
+        elif todo != "finished":  # checked above to be this run when finished
+            _reset(exp, pretrained)
+            finetune(one, run_dir, resume=todo == "resume", exp=exp.for_run(one))
+        if name == "zeroshot":
+            zeroshot_sets = _finished_sets(run_dir)
+        elif wise:
+            sweep = partial(_wise_sweep_if_stale, exp, run_dir, pretrained, zeroshot_sets)
+            on_main(sweep)
     extra: list[Path] = []
     kinds = [*(SOUPS if soups else ()), *(["model stock"] if stock else [])]
     if kinds and len(seeds) > 1:
         for name, dirs in run_dirs.items():
             if get_method(name).objective != "none":
-                extra += make_soups(exp, dirs, out_dir / "soups", pretrained, kinds)
+                with tracking.running(f"{name} soups"):  # names the soups' progress lines
+                    merge = partial(make_soups, exp, dirs, out_dir / "soups", pretrained, kinds)
+                    extra += on_main(merge)
     all_dirs = [d for dirs in run_dirs.values() for d in dirs] + extra
-    return write_report(all_dirs, out_dir, title=f"{recipe.name}: {exp.bundle.spec}")
+    tracking.note(f"report: writing {out_dir / 'report.md'}")
+    title = f"{recipe.name}: {exp.bundle.spec}"
+    return on_main(partial(write_report, all_dirs, out_dir, title=title))
+
+
+def _next_step(run_dir: Path, first: Path, seed_free: bool) -> str:
+    """What a planned run needs: "finished", "copy" (a seed-free run done for the first seed),
+    "resume" (killed: continued, or restarted) or "start"."""
+    if (run_dir / "metrics.json").exists():
+        return "finished"
+    if seed_free and run_dir != first and (first / "metrics.json").exists():
+        return "copy"
+    return "resume" if (run_dir / "recipe.yaml").exists() else "start"
+
+
+def _finished_sets(run_dir: Path) -> dict:
+    """A finished run's per-set metrics, as rank 0 reads them (every rank gets them)."""
+    return on_main(lambda: read_json(run_dir / "metrics.json", ("sets",))["sets"])
+
+
+def _wise_sweep_if_stale(
+    exp: Experiment, run_dir: Path, pretrained: dict[str, torch.Tensor], zeroshot_sets: dict | None
+) -> None:
+    """The run's WiSE-FT sweep, unless wise.json already sweeps these alphas over this run."""
+    alphas = exp.recipe.eval.wise_alphas
+    if not _wise_is_current(run_dir, alphas):
+        wise_sweep(exp, run_dir, alphas, pretrained, known={0.0: zeroshot_sets})

@@ -18,12 +18,27 @@ DDP's reducer expects one ``forward`` per backward (and ``find_unused_parameters
 tower). One all-reduce of the flattened gradients after the step is the same average, works with
 any number of backward passes, and costs one collective per step (no overlap with backward,
 which matters little on one node at these model sizes).
+
+Evaluation, and every decision read from or written to the output folder, happen on rank 0
+alone (:func:`on_main`): epoch selection, the final metrics, and in ``flyp compare`` / ``flyp
+sweep`` which runs are finished, WiSE-FT's alpha, the soups (greedy order included), the sweep's
+choice and the report. The other ranks wait at an explicit barrier, bounded by the process
+group's timeout (``train.dist_timeout_s``), then get rank 0's answer by broadcast, so every rank
+takes the same branch and no rank sits in a training collective while rank 0 evaluates. The
+output folder must be one every node sees (as resuming already needs): each rank reads the
+checkpoint to resume from there. Numbers equal a single process's to float rounding: the global
+batch, its order and the averaged gradient are the same (see above), and evaluation is the same
+code on the same weights.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -58,10 +73,18 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
     return chosen
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+# How long a rank may wait in a collective (recipe key train.dist_timeout_s): long enough for
+# rank 0 to evaluate every set of a large benchmark while the others wait at a barrier.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Join torchrun's process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on CPU).
 
-    A group already initialised by the caller (tests spawn their own) is used as it is.
+    ``timeout_s`` bounds every wait in a collective (NCCL's watchdog ends a process that waits
+    longer); on CUDA the group is bound to this process's GPU (``device_id``), so that NCCL
+    connects eagerly and a barrier knows its device. A group already initialised by the caller
+    (tests spawn their own) is used as it is.
     """
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -72,9 +95,11 @@ def init_distributed(device: str = "auto") -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device, local_rank)
     if world > 1:
+        options: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+            options["device_id"] = chosen
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", **options)
     return DistEnv(rank, world, local_rank, chosen)
 
 
@@ -118,3 +143,53 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _several() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main() -> bool:
+    """Whether this process writes: rank 0, or the only process."""
+    return not _several() or dist.get_rank() == 0
+
+
+T = TypeVar("T")
+
+
+def on_main(work: Callable[[], T]) -> T:
+    """``work()`` run by rank 0 alone, its result (or its error) returned (raised) on every rank.
+
+    What writes files or only decides (evaluation, WiSE-FT, soups, reports, "is this run
+    finished?") runs once, and every rank goes on with rank 0's answer, so no two ranks take
+    different branches around a collective. The other ranks wait at an explicit barrier, within
+    the process group's timeout (train.dist_timeout_s), not inside a training collective. An
+    error on rank 0 is raised on every rank (the same exception where it pickles), so every
+    process ends with the same message instead of waiting for the timeout.
+    """
+    if not _several():
+        return work()
+    outcome: list[Any] = [None]
+    failure: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("result", work())
+        except BaseException as err:  # Ctrl-C too: the other ranks must not wait for it
+            failure = err
+            outcome[0] = ("error", _portable(err))
+    dist.barrier()
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure  # rank 0 keeps its own traceback
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err`` itself where it survives pickling, else a RuntimeError that names it."""
+    try:
+        return pickle.loads(pickle.dumps(err))
+    except Exception:
+        return RuntimeError(f"rank 0 failed: {type(err).__name__}: {err}")

@@ -67,11 +67,14 @@ def model_stock(
     pretrained: State, finetuned: Sequence[State]
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Model Stock: per tensor (a layer's weight or bias), the mean of the finetuned weights
-    pulled toward the pretrained ones, w = t·mean(w_i) + (1 − t)·w0, with t from the mean
-    cosine between the task vectors w_i − w0. Returns the merged weights and each tensor's t.
+    pulled toward the pretrained ones, w = t·mean(w_i) + (1 − t)·w0, with
+    t = N·cosθ / (1 + (N − 1)·cosθ) for N runs and cosθ the mean pairwise cosine between
+    their task vectors w_i − w0. Returns the merged weights and the t of each tensor that moved.
 
-    A tensor that did not move in some run (a frozen tower) has no angle: it is kept as the
-    pretrained value (t = 0). Integer buffers come from the first run.
+    A tensor that moved in no run (a frozen tower, frozen BatchNorm statistics) has no angle
+    and no t: it is kept bit for bit, so its cached features still apply, and it is left out of
+    the ratios (a t of 0 there would dilute any mean of them). A run in which a tensor did not
+    move counts as orthogonal to the others (cosine 0). Integer buffers come from the first run.
     """
     if len(finetuned) < 2:
         raise ValueError("Model Stock needs at least two finetuned runs of one method (--seeds 0 1)")
@@ -83,16 +86,15 @@ def model_stock(
             continue
         tasks = [(state[key].float() - w0.float()).flatten() for state in finetuned]
         norms = [float(t.norm()) for t in tasks]
-        if min(norms) == 0.0:
-            cos = 0.0
-        else:
-            pairs = [
-                float(tasks[i] @ tasks[j]) / (norms[i] * norms[j])
-                for i in range(n)
-                for j in range(i + 1, n)
-            ]
-            cos = sum(pairs) / len(pairs)
-        t = stock_ratio(cos, n)
+        if max(norms) == 0.0:  # never moved: nothing to merge
+            out[key] = w0.clone()
+            continue
+        pairs = [
+            float(tasks[i] @ tasks[j]) / (norms[i] * norms[j]) if norms[i] and norms[j] else 0.0
+            for i in range(n)
+            for j in range(i + 1, n)
+        ]
+        t = stock_ratio(sum(pairs) / len(pairs), n)
         mean = torch.stack([state[key].float() for state in finetuned]).mean(0)
         out[key] = torch.lerp(w0.float(), mean, t).to(w0.dtype)
         ratios[key] = t

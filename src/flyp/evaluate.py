@@ -9,7 +9,8 @@ import torch
 from sklearn.metrics import f1_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+
+from flyp.tracking import bar, note
 
 
 def metrics_from_predictions(
@@ -68,6 +69,14 @@ def to_groups(
     return lookup[classes]
 
 
+def group_logits(logits: Tensor, label_groups: Sequence[Sequence[int]]) -> Tensor:
+    """Class logits to group logits: each group scores its best class (ObjectNet's protocol: an
+    ObjectNet class takes the max over the ImageNet classes it covers). Predictions, confidence
+    (the softmax over groups) and likelihood are then all judged per group, as correctness is:
+    a softmax over the classes would split one group's probability among its members."""
+    return torch.stack([logits[:, list(g)].max(dim=1).values for g in label_groups], dim=1)
+
+
 def restrict(logits: Tensor, subset: Sequence[int] | None) -> Tensor:
     """Logits of classes outside ``subset`` set to -inf (for sets covering only some classes)."""
     if subset is None:
@@ -87,7 +96,7 @@ def collect_logits(
 ) -> tuple[Tensor, np.ndarray]:
     """The logits (fp32, on the CPU; classes outside ``subset`` at -inf) and labels of a set."""
     logits, labels = [], []
-    for images, batch_labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, batch_labels, _ in bar(loader, desc, leave=False):
         logits.append(restrict(logits_fn(images).float(), subset).cpu())
         labels.append(batch_labels)
     return torch.cat(logits), torch.cat(labels).numpy()
@@ -160,37 +169,27 @@ def evaluate_sets(
     is among the loaders): ``temperature``, ``ece_ts``, ``nll_ts``."""
     classifier.eval()
     class_subsets, groups, label_groups = class_subsets or {}, groups or {}, label_groups or {}
-    outputs = {
-        name: collect_logits(classifier, loader, class_subsets.get(name), desc=f"eval {name}")
-        for name, loader in loaders.items()
-    }
+    outputs = {}
+    for name, loader in loaders.items():
+        images = getattr(loader, "dataset", None)
+        note(f"evaluating {name}" + (f" ({len(images)} images)" if images is not None else ""))
+        outputs[name] = collect_logits(classifier, loader, class_subsets.get(name), f"eval {name}")
     temperature = None
     if "val" in outputs and "val" not in label_groups:
         temperature = fit_temperature(*outputs["val"])
     results = {}
     for name, (logits, labels) in outputs.items():
+        if name in label_groups:  # a label stands for a group of classes (ObjectNet)
+            logits = group_logits(logits, label_groups[name])
+            labels = to_groups(labels, label_groups[name], num_classes)
         preds = logits.argmax(dim=1).numpy()
-        if name in label_groups:
-            preds, scored = (
-                to_groups(preds, label_groups[name], num_classes),
-                to_groups(labels, label_groups[name], num_classes),
-            )
-        else:
-            scored = labels
         group = np.asarray(groups[name]) if name in groups else None
-        results[name] = metrics_from_predictions(preds, scored, group)
-        correct = preds == scored
-        raw = calibration(logits, labels, correct)
-        if name in label_groups:  # a label stands for a group of classes: no single likelihood
-            raw["nll"] = None
-        results[name].update(raw)
+        results[name] = metrics_from_predictions(preds, labels, group)
+        correct = preds == labels
+        results[name].update(calibration(logits, labels, correct))
         if temperature is not None:
             scaled = calibration(logits, labels, correct, temperature)
-            results[name].update(
-                temperature=temperature,
-                ece_ts=scaled["ece"],
-                nll_ts=None if name in label_groups else scaled["nll"],
-            )
+            results[name].update(temperature=temperature, ece_ts=scaled["ece"], nll_ts=scaled["nll"])
     return results
 
 

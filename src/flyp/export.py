@@ -35,6 +35,8 @@ from torch import nn
 from flyp.checkpoint import load_weights
 from flyp.methods import Classifier, get_method
 from flyp.models import ModelBundle, load_model
+from flyp.models.openclip import uses_quick_gelu
+from flyp.outputs import check_output, md_cell
 from flyp.recipe import Recipe, load_recipe
 from flyp.train import RunError
 
@@ -112,6 +114,7 @@ def _check(run_dir: Path, fmt: str, out: Path) -> Recipe:
                 f"{run_dir} is not a finished run (no {name}); finish it first: "
                 f"flyp finetune --resume {run_dir}"
             )
+    check_output(out, [run_dir], folder=True)  # never the run itself, nor one of its files
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not empty; pass a new or empty folder")
     recipe = load_recipe(run_dir / "recipe.yaml")
@@ -196,6 +199,9 @@ def _write_open_clip(bundle: ModelBundle, recipe: Recipe, folder: Path) -> dict[
     model_cfg = open_clip.get_model_config(arch)
     if recipe.model.image_size is not None:  # what force_image_size did when the run loaded it
         model_cfg["vision_cfg"]["image_size"] = recipe.model.image_size
+    quick_gelu = uses_quick_gelu(bundle.model)  # weights trained with QuickGELU (models/openclip.py)
+    if quick_gelu:
+        model_cfg["quick_gelu"] = True
     preprocess = open_clip.get_model_preprocess_cfg(bundle.model)
     torch.save(_state(bundle.model), folder / OPEN_CLIP_WEIGHTS)
     (folder / "open_clip_config.json").write_text(
@@ -205,7 +211,7 @@ def _write_open_clip(bundle: ModelBundle, recipe: Recipe, folder: Path) -> dict[
         f", force_image_size={recipe.model.image_size}"
         if recipe.model.image_size is not None
         else ""
-    )
+    ) + (", force_quick_gelu=True" if quick_gelu else "")
     load = [
         "import open_clip",
         "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:OUT')",
@@ -315,8 +321,10 @@ def _readme(info: dict[str, Any]) -> str:
     lines = [
         f"# flyp export ({info['format']})",
         "",
-        f"Finetuned with flyp, method `{info['method']}`, from `{info['model_spec']}`.",
-        f"Source run: `{info['source_run']}`.",
+        # the spec and the folder are the user's text: escaped, so they cannot add HTML or links
+        f"Finetuned with flyp, method {md_cell(info['method'])}, from "
+        f"{md_cell(info['model_spec'])}.",
+        f"Source run: {md_cell(info['source_run'])}.",
         "",
     ]
     if "classifier" in info:

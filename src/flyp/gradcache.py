@@ -15,7 +15,6 @@ samples of a batch (BatchNorm in train mode) would see chunks, not the batch: ke
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,18 +31,9 @@ from flyp.methods import (
     contrastive_loss,
     encode_captions,
 )
+from flyp.precision import PRECISIONS, autocast  # noqa: F401 (re-exported)
 
-PRECISIONS = ("fp32", "bf16")
 Gather = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the towers (weights and optimizer stay fp32), or nothing."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"unknown precision '{precision}'; choose one of {PRECISIONS}")
 
 
 @dataclass
@@ -84,13 +74,17 @@ def forward_backward(
     precision: str = "fp32",
     gather: Gather | None = None,
 ) -> Tensor:
-    """Accumulate the step's gradients into ``.grad``; return the loss (detached).
+    """Accumulate the step's gradients into ``.grad``; return the loss (detached, on the device).
 
+    ``labels`` and ``seeds`` are the loader's, on the host: captions are built from them there
+    and the labels are moved to the device here, so that a step never waits for the device
+    (nor does the caller: it reads the loss back only when it logs, see ``train.log_every``).
     ``gather`` (see :func:`flyp.distributed.gather_batch`) makes the contrastive loss global
     over processes; cross-entropy losses are per-sample means and need none.
     """
     if method.objective == "contrastive":
         return _contrastive(classifier, images, labels, seeds, ctx, micro_batch, precision, gather)
+    labels = labels.to(images.device, non_blocking=True)
     # Means over samples: accumulate chunk losses weighted by their share of the batch.
     total = torch.zeros((), device=images.device)
     n = len(labels)
@@ -117,14 +111,14 @@ def _contrastive(
 ) -> Tensor:
     model = classifier.model
     device = images.device
-    tokens = ctx.tokenizer(captions_for(labels, seeds, ctx)).to(device)
-    labels = labels.to(device)
+    tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))  # on the host, as the labels
+    labels = labels.to(device, non_blocking=True)
     parts = chunks(len(labels), micro_batch)
 
     def embed(part: slice) -> tuple[Tensor, Tensor]:
         with autocast(device, precision):
             image = model.encode_image(images[part])
-            text = encode_captions(model, tokens[part], ctx.unique_captions)
+            text = encode_captions(model, tokens[part], ctx.unique_captions, device)
         return image.float(), text.float()  # the loss in fp32
 
     if len(parts) == 1:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +154,7 @@ class LossContext:
     reference: nn.Module | None = None
     lipsum_weight: float = 0.0
     lipsum_texts: int = 80
+    lipsum_text: str = "tokens"  # "tokens": random token ids (the official code); "words"
     seed: int = 0
     # (step, text features): micro-batch chunks of one step reuse the step's text features
     lipsum_cache: tuple[int, Tensor] | None = None
@@ -176,25 +180,35 @@ def set_trainable(method: Method, classifier: Classifier, image_names: set[str])
 
 
 def captions_for(labels: Tensor, seeds: Tensor, ctx: LossContext) -> list[str]:
-    """One caption per sample; the template is drawn from the sample's own seed."""
+    """One caption per sample; the template is drawn from the sample's own seed.
+
+    ``labels`` and ``seeds`` are the loader's, on the host: read there in one go, where a GPU
+    tensor read element by element would make the host wait for the device once per sample."""
     n = len(ctx.templates)
     return [
-        ctx.templates[int(s) % n].format(ctx.class_names[int(y)])
-        for y, s in zip(labels, seeds, strict=True)
+        ctx.templates[s % n].format(ctx.class_names[y])
+        for y, s in zip(labels.tolist(), seeds.tolist(), strict=True)
     ]
 
 
-def encode_captions(model: nn.Module, tokens: Tensor, unique: bool = True) -> Tensor:
-    """Text features of a batch of captions. With ``unique``, each distinct caption is encoded
-    once and its features repeated: a FLYP batch of 32 images of 7 classes under one template
-    holds 7 distinct captions. Gradients are the same sums (the repeat's backward adds them up);
-    under dropout, copies of one caption share one dropout draw."""
-    if not unique:
-        return model.encode_text(tokens)
-    distinct, where = torch.unique(tokens, dim=0, return_inverse=True)
-    if len(distinct) == len(tokens):
-        return model.encode_text(tokens)
-    return model.encode_text(distinct)[where]
+def encode_captions(
+    model: nn.Module, tokens: Tensor, unique: bool = True, device: torch.device | None = None
+) -> Tensor:
+    """Text features of a batch of captions: the tokenizer's (host) tokens, moved to ``device``
+    (default: where the tokens are) for the text tower.
+
+    With ``unique``, each distinct caption is encoded once and its features repeated: a FLYP
+    batch of 32 images of 7 classes under one template holds 7 distinct captions. Gradients
+    are the same sums (the repeat's backward adds them up); under dropout, copies of one
+    caption share one dropout draw. The captions are told apart on the host, before the move:
+    ``torch.unique`` of device tokens would make the host wait for the device."""
+    device = tokens.device if device is None else device
+    if unique:
+        distinct, where = torch.unique(tokens, dim=0, return_inverse=True)
+        if len(distinct) < len(tokens):
+            text = model.encode_text(distinct.to(device, non_blocking=True))
+            return text[where.to(device, non_blocking=True)]
+    return model.encode_text(tokens.to(device, non_blocking=True))
 
 
 def contrastive_loss(
@@ -231,9 +245,24 @@ def l2sp_penalty(model: nn.Module, theta0: dict[str, Tensor]) -> Tensor:
 def frozen_reference(model: nn.Module) -> nn.Module:
     """A frozen copy of ``model`` in eval mode (Lipsum-FT's θ0): one more model in memory.
 
-    Made before ``torch.compile`` wraps the towers, so the copy holds plain modules.
+    Made before ``torch.compile`` wraps the towers, so the copy holds plain modules. Whatever
+    the model carries, the copy never calls it: an instance-level wrapper of a method (what
+    ``torch.compile`` puts on the model, a patched ``encode_image``) is a function a deep copy
+    shares, still bound to ``model``. The copy gets the wrapped method bound to itself instead,
+    or, where none can be found, its class's own method.
     """
-    reference = copy.deepcopy(model).eval()
+    memo: dict[int, Any] = {}
+    reference = copy.deepcopy(model, memo).eval()
+    for original, copied in zip(model.modules(), reference.modules(), strict=True):
+        for name, value in list(vars(copied).items()):
+            shared = value is vars(original).get(name) and hasattr(type(copied), name)
+            if not shared or not callable(value) or isinstance(value, nn.Module):
+                continue
+            inner = inspect.unwrap(value)
+            if isinstance(inner, types.MethodType) and id(inner.__self__) in memo:
+                setattr(copied, name, types.MethodType(inner.__func__, memo[id(inner.__self__)]))
+            else:
+                delattr(copied, name)
     reference.requires_grad_(False)
     return reference
 
@@ -241,15 +270,61 @@ def frozen_reference(model: nn.Module) -> nn.Module:
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def random_texts(count: int, seed: int, step: int) -> list[str]:
-    """``count`` random texts, the same for the same (seed, step), so a resumed run replays them.
+def _text_generator(seed: int, step: int) -> torch.Generator:
+    """The random texts' own stream, the same for the same (seed, step) so that a resumed run
+    replays them; it leaves the global stream (dropout, augmentation) untouched."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
 
-    The paper feeds 8 token ids drawn uniformly from CLIP's vocabulary. To work with any
-    tokenizer, these are 1-8 "words" of 2-8 random letters each, which the model's own
-    tokenizer turns into (mostly rare, word-piece) tokens. A torch.Generator of its own leaves
-    the global random stream (dropout, augmentation) untouched.
+
+TOKEN_LENGTH = 8  # random tokens per text (the official code's token_length)
+PLACEHOLDER = "x"  # one token in every tokenizer flyp wraps; marks where the random ids go
+
+
+def _ordinary_ids(tokenizer: Callable) -> Tensor:
+    """The ids a random token may take: the tokenizer's vocabulary without its special tokens
+    (start, end, padding, unknown, mask) and without id 0, the padding id of flyp's tokenizers.
+    flyp's wrappers keep the library's tokenizer (Hugging Face, open_clip) as ``.tokenizer``."""
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    size = getattr(inner, "vocab_size", None)
+    if not isinstance(size, int):
+        raise RecipeError(
+            f"train.lipsum_text=tokens draws token ids, but the tokenizer {type(inner).__name__} "
+            "does not give its vocabulary size; set train.lipsum_text=words"
+        )
+    special = torch.tensor(sorted({0, *getattr(inner, "all_special_ids", [])}))
+    ids = torch.arange(size)
+    return ids[~torch.isin(ids, special)]
+
+
+def random_token_ids(tokenizer: Callable, count: int, seed: int, step: int) -> Tensor:
+    """``count`` texts of ``TOKEN_LENGTH`` token ids drawn uniformly from the vocabulary (no
+    special tokens), framed as the tokenizer frames a caption: CLIP's [start] ids [end], BERT's
+    [CLS] ids [SEP], padded as its captions are. This is the official Lipsum-FT input
+    (github.com/cs-giung/lipsum-ft: 8 ids in [0, 49406) between CLIP's start and end tokens).
+
+    The framing comes from the tokenizer itself: it tokenizes ``TOKEN_LENGTH`` placeholder
+    words, whose ids are then replaced by the random ones.
     """
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+    ids = _ordinary_ids(tokenizer)
+    tokens = tokenizer([" ".join([PLACEHOLDER] * TOKEN_LENGTH)] * count).clone()
+    placeholder = torch.isin(tokens, ids)  # every token but the framing and the padding
+    if placeholder.sum(dim=1).ne(TOKEN_LENGTH).any():
+        raise RecipeError(
+            f"train.lipsum_text=tokens: the tokenizer does not give {TOKEN_LENGTH} tokens of "
+            f"'{PLACEHOLDER}' (a context of {tokens.shape[1]} tokens is too short?); "
+            "set train.lipsum_text=words"
+        )
+    draws = torch.randint(len(ids), (count * TOKEN_LENGTH,), generator=_text_generator(seed, step))
+    tokens[placeholder] = ids[draws].to(tokens.dtype)
+    return tokens
+
+
+def random_texts(count: int, seed: int, step: int) -> list[str]:
+    """``count`` random texts, the same for the same (seed, step): 1-8 "words" of 2-8 random
+    letters each, which the model's own tokenizer turns into (mostly rare, word-piece) tokens
+    (``train.lipsum_text=words``; the official code draws token ids: :func:`random_token_ids`).
+    """
+    g = _text_generator(seed, step)
     texts = []
     for _ in range(count):
         n_words = int(torch.randint(1, 9, (), generator=g))
@@ -267,7 +342,11 @@ def lipsum_text_features(step: int, ctx: LossContext, device: torch.device) -> T
     """Unit-length fp32 text features of the step's random texts, from the frozen text tower."""
     if ctx.lipsum_cache is not None and ctx.lipsum_cache[0] == step:
         return ctx.lipsum_cache[1]
-    tokens = ctx.tokenizer(random_texts(ctx.lipsum_texts, ctx.seed, step)).to(device)
+    if ctx.lipsum_text == "words":
+        tokens = ctx.tokenizer(random_texts(ctx.lipsum_texts, ctx.seed, step))
+    else:
+        tokens = random_token_ids(ctx.tokenizer, ctx.lipsum_texts, ctx.seed, step)
+    tokens = tokens.to(device)
     with torch.no_grad():
         text = ctx.reference.encode_text(tokens)
         with full_precision(device):
@@ -297,8 +376,9 @@ def compute_loss(
 ) -> Tensor:
     model = classifier.model
     if method.objective == "contrastive":
-        tokens = ctx.tokenizer(captions_for(labels, seeds, ctx)).to(images.device)
-        text = encode_captions(model, tokens, ctx.unique_captions)
+        tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))  # on the host
+        text = encode_captions(model, tokens, ctx.unique_captions, images.device)
+        labels = labels.to(images.device, non_blocking=True)
         return contrastive_loss(model.encode_image(images), text, model, labels, ctx)
     if method.objective == "ce-head":
         if not method.lipsum:

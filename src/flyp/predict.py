@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,21 @@ from PIL import Image
 from torch import Tensor, nn
 
 from flyp.checkpoint import CheckpointError, load_weights, read_metadata
-from flyp.data.folders import IMAGE_SUFFIXES, DataError, decode_rgb, load_rgb, nfc, to_rgb
+from flyp.data.folders import (
+    IMAGE_SUFFIXES,
+    DataError,
+    decode_rgb,
+    load_rgb,
+    name_key,
+    nfc,
+    read_text,
+    to_rgb,
+)
+from flyp.data.templates import check_templates
 from flyp.methods import Classifier
 from flyp.models import ModelBundle, load_model
-from flyp.models.base import keep_freed_memory
+from flyp.models.base import keep_freed_memory, tune_cpu_bf16
+from flyp.precision import PRECISIONS, Precision, autocast, configure_device, resolve
 
 FORMAT = 1
 ImageInput = str | Path | Image.Image
@@ -70,6 +82,9 @@ def weights_metadata(
         "method": recipe.train.method,
         "metric": benchmark.metric,
         "tensors": tensors,
+        # how its evaluation ran: asked (auto, fp32, bf16) and chosen there; predict asks the same
+        "eval_precision": recipe.eval.precision,
+        "eval_precision_used": resolve(recipe.eval.precision, classifier.model.logit_scale.device).name,
     }
 
 
@@ -93,29 +108,108 @@ def _metadata_from_run(run_dir: Path) -> dict[str, Any]:
         "method": recipe.train.method,
         "metric": bench.metric,
         "tensors": "full",
+        "eval_precision": recipe.eval.precision,
     }
-
-
-def _check_templates(templates: Sequence[str]) -> list[str]:
-    templates = list(templates)
-    if not templates:
-        raise ValueError("no templates given; give at least one, e.g. 'a photo of a {}.'")
-    for t in templates:
-        if "{}" not in t:
-            raise ValueError(
-                f"template {t!r} has no '{{}}' for the class name; e.g. 'a photo of a {{}}.'"
-            )
-    return templates
 
 
 def _check_names(names: Sequence[str]) -> list[str]:
     names = [nfc(n.strip()) for n in names]  # as class folder names are read
     if len(names) < 2 or any(not n for n in names):
         raise ValueError(f"give at least two non-empty class names, got {names}")
-    twice = sorted({n for n in names if names.count(n) > 1})
+    keys = [name_key(n) for n in names]  # 'Dog' and 'dog' would be one caption twice
+    twice = [n for n, key in zip(names, keys, strict=True) if keys.count(key) > 1]
     if twice:
-        raise ValueError(f"class name {twice[0]!r} is given twice; list each class once")
+        raise ValueError(
+            f"class names {', '.join(map(repr, twice))} are one class given twice (they differ "
+            "at most in case, spaces or underscores); list each class once"
+        )
     return names
+
+
+def same_text_pair(
+    tokenizer: Any, names: Sequence[str], templates: Sequence[str]
+) -> tuple[str, str] | None:
+    """Two class names the text tower cannot tell apart, or None: their captions are the same
+    token ids under every template (a tokenizer that lowercases makes "Cat" and "cat" one
+    class; one that truncates to its context length makes long names that differ only at the
+    end one class). A zero-shot head would give each of them half the probability."""
+    rows = [tokenizer([t.format(n) for t in templates]) for n in names]
+    seen: dict[bytes, str] = {}
+    for name, tokens in zip(names, rows, strict=True):
+        key = tokens.cpu().numpy().tobytes() + bytes(str(tuple(tokens.shape)), "ascii")
+        if key in seen:
+            return seen[key], name
+        seen[key] = name
+    return None
+
+
+def _check_distinct(tokenizer: Any, names: Sequence[str], templates: Sequence[str]) -> None:
+    pair = same_text_pair(tokenizer, names, templates)
+    if pair:
+        raise ValueError(
+            f"class names {pair[0]!r} and {pair[1]!r} are the same text to this model (equal "
+            "token ids after its tokenizer's lowercasing and truncation), so it cannot tell them "
+            "apart; drop one or name them differently"
+        )
+
+
+def check_metadata(meta: Any, path: Path) -> dict[str, Any]:
+    """The flyp metadata of ``path`` if its schema holds, else a CheckpointError listing each
+    problem with its field (weights metadata is plain JSON that anyone can edit)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{path}: its flyp metadata is a {type(meta).__name__}, not a mapping; pass the "
+            "run directory instead (its recipe.yaml gives the model spec)"
+        )
+    problems = []
+
+    def positive_int(key: str) -> None:
+        value = meta.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            problems.append(f"{key} is {value!r}, not a positive whole number or null")
+
+    if meta.get("format") != FORMAT:
+        problems.append(f"format is {meta.get('format')!r}; this flyp reads format {FORMAT}")
+    if not isinstance(meta.get("model_spec"), str) or not meta["model_spec"]:
+        problems.append(f"model_spec is {meta.get('model_spec')!r}, not a model spec")
+    positive_int("image_size")
+    positive_int("context_length")
+    for key in ("mean", "std"):
+        value = meta.get(key)
+        numbers = isinstance(value, list) and all(
+            type(v) in (int, float) and math.isfinite(v) for v in value
+        )
+        if value is not None and not (numbers and len(value) == 3):
+            problems.append(f"{key} is {value!r}, not three numbers or null")
+        elif key == "std" and value is not None and min(value) <= 0:
+            problems.append(f"std is {value!r}; every value must be positive")
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        problems.append("class_names is not a list of non-empty names")
+    elif len(names) < 2:
+        problems.append(f"class_names has {len(names)} names; a classifier needs at least two")
+    elif len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        problems.append(f"class_names lists {twice!r} twice")
+    if "templates" not in meta:
+        problems.append("templates is missing")
+    elif not isinstance(meta["templates"], list):
+        problems.append(f"templates is {meta['templates']!r}, not a list")
+    else:
+        try:
+            check_templates(meta["templates"], "templates")
+        except ValueError as err:
+            problems.append(str(err))
+    if meta.get("head") not in ("linear", "zeroshot-text"):
+        problems.append(f"head is {meta.get('head')!r}, not 'linear' or 'zeroshot-text'")
+    if meta.get("tensors", "full") not in ("full", "changed"):
+        problems.append(f"tensors is {meta.get('tensors')!r}, not 'full' or 'changed'")
+    if problems:
+        raise CheckpointError(
+            f"{path} has tampered or broken flyp metadata: {'; '.join(problems)}; use the "
+            "model.safetensors a run wrote, or pass its run directory"
+        )
+    return meta
 
 
 @dataclass
@@ -128,6 +222,8 @@ class FlypClassifier:
     class_names: list[str]
     templates: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The precision of the image tower, as the run's evaluation resolved it (load_classifier).
+    precision: Precision | None = None
 
     @property
     def device(self) -> torch.device:
@@ -161,9 +257,13 @@ class FlypClassifier:
     def logits(self, images, batch_size: int = 64) -> Tensor:
         """Class logits (images x classes), on the CPU in fp32."""
         self.classifier.eval()
-        return torch.cat(
-            [self.classifier(b).float().cpu() for b in self._batches(images, batch_size)]
-        )
+        with self._autocast():  # as the run's evaluation ran (the logits themselves in fp32)
+            return torch.cat(
+                [self.classifier(b).float().cpu() for b in self._batches(images, batch_size)]
+            )
+
+    def _autocast(self):
+        return autocast(self.device, self.precision.name if self.precision else "fp32")
 
     def predict(
         self, images, top_k: int = 5, batch_size: int = 64
@@ -183,7 +283,8 @@ class FlypClassifier:
         model.eval()
         out = []
         for batch in self._batches(images, batch_size):
-            features = model.encode_image(batch.to(self.device))
+            with self._autocast():
+                features = model.encode_image(batch.to(self.device))
             out.append(F.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out)
 
@@ -203,7 +304,10 @@ class FlypClassifier:
         towers are shared, not copied; a linear head is left out: it knows only the old
         classes). ``templates`` default to the run's own."""
         names = _check_names(names)
-        templates = _check_templates(templates if templates is not None else self.templates)
+        templates = check_templates(
+            templates if templates is not None else self.templates, "templates"
+        )
+        _check_distinct(self.bundle.tokenizer, names, templates)
         classifier = Classifier(self.classifier.model)
         classifier.refresh_text_head(self.bundle.tokenizer, names, templates)
         meta = {
@@ -212,31 +316,74 @@ class FlypClassifier:
             "templates": templates,
             "head": "zeroshot-text",
         }
-        return FlypClassifier(classifier, self.bundle, names, templates, meta)
+        return FlypClassifier(classifier, self.bundle, names, templates, meta, self.precision)
 
 
-def _weights_path(path: Path) -> tuple[Path, Path | None]:
-    """(weights file, run directory or None) for a run directory or a .safetensors file."""
+def _eval_precision(meta: dict[str, Any], weights: Path) -> str:
+    """The eval.precision the run asked for (auto, fp32, bf16): its metadata says; weights from
+    before it did take it from the recipe.yaml beside them, else auto."""
+    asked = meta.get("eval_precision")
+    recipe = weights.parent / "recipe.yaml"
+    if asked is None and recipe.is_file():
+        from flyp.recipe import RecipeError, load_recipe
+
+        try:
+            asked = load_recipe(recipe).eval.precision
+        except RecipeError:
+            asked = None
+    asked = asked or "auto"
+    if asked not in PRECISIONS:
+        raise CheckpointError(
+            f"{weights}: its metadata's eval_precision is {asked!r}, not one of "
+            f"{', '.join(PRECISIONS)}; use the model.safetensors a run wrote, or pass --precision"
+        )
+    return asked
+
+
+def _weights_path(path: Path, unfinished: bool = False) -> tuple[Path, Path | None]:
+    """(weights file, run directory or None) for a run directory or a .safetensors file.
+    The weights of an unfinished run (killed, or still training) are refused unless
+    ``unfinished``: they are the best so far, not what the run selects."""
+    from flyp.outputs import not_a_run
+    from flyp.outputs import unfinished as unfinished_reason
+    from flyp.train import RunError
+
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist; pass a run directory or its model.safetensors"
         )
-    if path.is_dir():
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"{path} has no model.safetensors: is the run finished? "
-                f"(resume it with flyp finetune --resume {path})"
-            )
-        return weights, path
-    return path, None
+    weights, run_dir = (path / "model.safetensors", path) if path.is_dir() else (path, None)
+    if path.is_dir() and not weights.is_file():
+        many = not_a_run(path)
+        if many:
+            raise FileNotFoundError(many)
+        raise FileNotFoundError(
+            f"{path} has no model.safetensors: is the run finished? "
+            f"(resume it with flyp finetune --resume {path})"
+        )
+    reason = unfinished_reason(weights.parent)
+    if reason and not unfinished:
+        raise RunError(
+            f"{reason}; finish it with flyp finetune --resume {weights.parent}, or pass "
+            "--unfinished to use those weights anyway"
+        )
+    return weights, run_dir
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> FlypClassifier:
-    """The classifier a run trained, from its run directory or its model.safetensors alone."""
+def load_classifier(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    unfinished: bool = False,
+    precision: str | None = None,
+) -> FlypClassifier:
+    """The classifier a run trained, from its run directory or its model.safetensors alone.
+    An unfinished run (training state, no metrics.json) is refused unless ``unfinished``.
+    ``precision`` (auto, fp32, bf16; None: the run's eval.precision) is resolved on ``device``
+    by the rule the run's evaluation used (flyp.precision), so that on the same machine
+    ``predict`` gives the run's evaluation's logits."""
     from safetensors import safe_open
 
-    weights, run_dir = _weights_path(Path(path))
+    weights, run_dir = _weights_path(Path(path), unfinished)
     meta = read_metadata(weights)
     if meta is None:
         if run_dir is None or not (run_dir / "recipe.yaml").is_file():
@@ -246,11 +393,13 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Fly
                 "recipe.yaml gives the model spec)"
             )
         meta = _metadata_from_run(run_dir)
-    elif meta.get("format") != FORMAT:
+    elif isinstance(meta, dict) and meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{weights} has flyp metadata format {meta.get('format')!r}; this flyp reads format "
             f"{FORMAT}: upgrade flyp"
         )
+    else:
+        meta = check_metadata(meta, weights)
     bundle = load_model(meta["model_spec"], meta.get("image_size"), meta.get("context_length"))
     head = None
     if meta["head"] == "linear":
@@ -261,18 +410,34 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Fly
                     "pass the model.safetensors of a finished run"
                 )
             classes, dim = f.get_slice("head.weight").get_shape()
+        if classes != len(meta["class_names"]):
+            raise CheckpointError(
+                f"{weights}: its linear head scores {classes} classes but its metadata "
+                f"class_names lists {len(meta['class_names'])}; use the model.safetensors a run "
+                "wrote, or pass its run directory"
+            )
         head = nn.Linear(dim, classes)
     classifier = Classifier(bundle.model, head)
     load_weights(classifier, weights)
     classifier.to(torch.device(device)).eval()
     if classifier.channels_last:  # convolutional towers run faster channels_last (base.py)
         classifier.model.to(memory_format=torch.channels_last)
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    chosen = resolve(precision or _eval_precision(meta, weights), device)
+    configure_device(device)  # TF32 and cuDNN autotuning on CUDA, as a run has them
     if torch.device(device).type == "cpu":
         keep_freed_memory()
+        if chosen.name == "bf16":
+            tune_cpu_bf16(classifier.model)  # as the run's evaluation: depthwise convs in fp32
     class_names, templates = list(meta["class_names"]), list(meta["templates"])
     if head is None:
+        try:
+            _check_distinct(bundle.tokenizer, class_names, templates)
+        except ValueError as err:
+            raise CheckpointError(f"{weights}: {err}") from None
         classifier.refresh_text_head(bundle.tokenizer, class_names, templates)
-    return FlypClassifier(classifier, bundle, class_names, templates, meta)
+    return FlypClassifier(classifier, bundle, class_names, templates, meta, chosen)
 
 
 # ---- flyp predict: inputs, decoding with skips, CSV ----
@@ -292,7 +457,7 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[str], list[tuple[
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
             )
         elif item.suffix.lower() == ".csv" and item.is_file():
-            with open(item, newline="") as f:
+            with io.StringIO(read_text(item, "image list"), newline="") as f:
                 reader = csv.DictReader(f)
                 if "path" not in (reader.fieldnames or []):
                     raise DataError(
@@ -352,11 +517,15 @@ def predict_files(
 
 
 def predictions_csv(result: FilePredictions) -> str:
-    """One row per image and rank: path, rank (1 = top-1), class, probability."""
+    """One row per image and rank: path, rank (1 = top-1), class, probability. A path or class
+    name that a spreadsheet would run as a formula is written as text (flyp.outputs)."""
+    from flyp.outputs import csv_cell
+
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    # RFC 4180 line ends: csv quotes a field holding CR or LF only when both end its lines
+    writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(["path", "rank", "class", "probability"])
     for path, top in zip(result.paths, result.top, strict=True):
         for rank, (name, p) in enumerate(top, start=1):
-            writer.writerow([path, rank, name, f"{p:.6f}"])
+            writer.writerow([csv_cell(path), rank, csv_cell(name), f"{p:.6f}"])
     return out.getvalue()

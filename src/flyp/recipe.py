@@ -46,7 +46,8 @@ class DataConfig:
     max_eval: int | None = None  # stratified subsample of every evaluation set
     templates: str | None = None  # template set name; None: the benchmark's own
     on_bad_image: str = "error"  # "error" or "skip"
-    num_workers: int = 0
+    # loader workers: "auto" (flyp.data.loader.auto_workers: this process's share of the cores)
+    num_workers: int | str = "auto"
     cache_gb: float = 2.0  # memory for training images decoded once and reused (0: off)
     # Paper benchmarks (flyp.data.imagenet / wilds / transfer): folder of each set by name,
     # e.g. {imagenet-r: /data/imagenet-r}; a set not named here is looked for under data.root.
@@ -71,14 +72,23 @@ class TrainConfig:
     l2sp_weight: float = 0.1  # lambda of the l2sp method
     lipsum_weight: float = 1.0  # lambda of lipsum-ft's regulariser (the paper's 1.0)
     lipsum_texts: int = 80  # M, random texts a step for lipsum-ft (the paper's 80)
+    lipsum_text: str = "tokens"  # "tokens": 8 random token ids (the official code); "words"
     collisions: str = "none"  # "none", "mask" or "soft": same-class captions in a FLYP batch
     contrastive_loss: str = "auto"  # "auto" (the model's pretraining loss), "clip" or "siglip"
     checkpoint_every: int = 0  # also save resumable state every N steps (0: at epoch ends only)
+    # read the loss back from the device (log.jsonl, the non-finite check) every N steps, and
+    # at epoch ends and checkpoints: between these a step never waits for the device
+    log_every: int = 20
     stop_after_steps: int | None = None  # end the process after N steps, as if killed (tests)
     select_on: str = "val"  # epoch selection: "val" (ID validation accuracy) or "last"
     # Scale and speed (docs/scale_and_speed.md). batch_size is the global batch over processes.
     device: str = "auto"  # "auto": this process's GPU if any, else CPU; or "cpu", "cuda", "cuda:1"
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast of the towers; weights stay fp32)
+    # torchrun: how long a rank may wait in a collective (e.g. while rank 0 evaluates) before
+    # the process group gives up (NCCL's watchdog); flyp.distributed.init_distributed
+    dist_timeout_s: float = 1800.0
+    # "auto": bf16 where the hardware has it natively, else fp32 (flyp.precision); "fp32" or
+    # "bf16" (autocast of the towers; weights, optimizer, logits and losses stay fp32)
+    precision: str = "auto"
     micro_batch: int | None = None  # gradient cache: embed/backprop in chunks of this many
     compile: bool = False  # torch.compile the towers (first steps pay the compilation)
     fused_optimizer: bool = True  # AdamW in one fused kernel (false: torch's per-tensor loop)
@@ -93,7 +103,7 @@ class EvalConfig:
     every_epoch: bool = True  # evaluate on ID validation after each epoch (model selection)
     wise_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     cache_gb: float = 4.0  # memory for evaluation images decoded once and reused (0: off)
-    precision: str = "fp32"  # "fp32" or "bf16": autocast of the image tower (logits stay fp32)
+    precision: str = "auto"  # as train.precision: autocast of the image tower (logits fp32)
 
 
 @dataclass
@@ -179,9 +189,10 @@ def from_dict(raw: dict[str, Any]) -> Recipe:
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.batchnorm": ("frozen", "train"),
     "train.select_on": ("val", "last"),
-    "train.precision": ("fp32", "bf16"),
-    "eval.precision": ("fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16"),  # flyp.precision.PRECISIONS
+    "eval.precision": ("auto", "fp32", "bf16"),
     "train.collisions": ("none", "mask", "soft"),
+    "train.lipsum_text": ("tokens", "words"),
     "train.contrastive_loss": ("auto", "clip", "siglip"),
     "data.on_bad_image": ("error", "skip"),
 }
@@ -194,7 +205,6 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "data.max_train": (1, ">= 1"),
     "data.max_eval": (1, ">= 1"),
     "data.k_shot": (1, ">= 1"),
-    "data.num_workers": (0, ">= 0"),
     "data.cache_gb": (0, ">= 0"),
     "train.epochs": (1, ">= 1"),
     "train.batch_size": (1, ">= 1"),
@@ -208,10 +218,26 @@ AT_LEAST: dict[str, tuple[float, str]] = {
     "train.lipsum_texts": (1, ">= 1"),
     "train.warmup_steps": (0, ">= 0"),
     "train.checkpoint_every": (0, ">= 0"),
+    "train.log_every": (1, ">= 1"),
     "eval.batch_size": (1, ">= 1"),
     "eval.cache_gb": (0, ">= 0"),
 }
-POSITIVE = ("train.grad_clip", "train.max_logit_scale", "train.init_logit_scale")
+POSITIVE = (
+    "train.grad_clip",
+    "train.max_logit_scale",
+    "train.init_logit_scale",
+    "train.dist_timeout_s",
+)
+SEEDS = ("train.seed", "data.split_seed")  # each seeds numpy's generator: 0 <= seed < 2**32
+SEED_LIMIT = 2**32
+
+
+def check_seed(value: int, where: str) -> None:
+    """Refuse a seed numpy's generator cannot take (negative, or 2**32 and above)."""
+    if not 0 <= value < SEED_LIMIT:
+        raise RecipeError(
+            f"{where}: {value} is out of range; a seed must be between 0 and {SEED_LIMIT - 1}"
+        )
 
 
 def _get(recipe: Recipe, key: str) -> Any:
@@ -263,7 +289,16 @@ def validate(recipe: Recipe) -> Recipe:
         value = _get(recipe, key)
         if value is not None and value <= 0:
             raise RecipeError(f"{key}: {value} is out of range; it must be > 0")
+    for key in SEEDS:
+        check_seed(_get(recipe, key), key)
     data = recipe.data
+    if isinstance(data.num_workers, str) and data.num_workers != "auto":
+        raise RecipeError(
+            f"data.num_workers: '{data.num_workers}' is not a number of workers; "
+            "use auto or a whole number >= 0"
+        )
+    if isinstance(data.num_workers, int) and data.num_workers < 0:
+        raise RecipeError(f"data.num_workers: {data.num_workers} is out of range; it must be >= 0")
     for key in ("val_fraction", "test_fraction"):
         value = getattr(data, key)
         if not 0 < value < 1:
@@ -299,7 +334,7 @@ def _set(raw: dict[str, Any], assignment: str) -> None:
         )
     key, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text else None
+        value = safe_yaml(text) if text else None
     except yaml.YAMLError as err:
         raise RecipeError(
             f"--set {assignment}: the value is not valid YAML ({_problem(err)}); "
@@ -338,16 +373,45 @@ def _problem(err: yaml.YAMLError) -> str:
     return str(getattr(err, "problem", None) or err).splitlines()[0]
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (``*name``): nested aliases expand exponentially
+    when the document is walked ("billion laughs"), and a recipe has no use for them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without aliases: a recipe's YAML is plain values (see _NoAliasLoader)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> Any:
     """The YAML in ``path``; a syntax error names the file and its line (1-based)."""
     try:
-        return yaml.safe_load(path.read_text())
+        return safe_yaml(path.read_text())
     except UnicodeDecodeError:
         raise RecipeError(f"{path} is not a text file; a recipe is YAML (see recipes/)") from None
+    except yaml.composer.ComposerError as err:
+        if "alias" not in str(err.problem):
+            where = _where(path, err)
+            raise RecipeError(f"{where}: {_problem(err)}; fix the YAML syntax") from None
+        raise RecipeError(
+            f"{_where(path, err)}: {_problem(err)} in a recipe (aliases can expand without "
+            "bound); write the value out in full"
+        ) from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path} line {mark.line + 1}" if mark is not None else str(path)
-        raise RecipeError(f"{where}: {_problem(err)}; fix the YAML syntax") from None
+        raise RecipeError(f"{_where(path, err)}: {_problem(err)}; fix the YAML syntax") from None
+
+
+def _where(path: Path, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f"{path} line {mark.line + 1}" if mark is not None else str(path)
 
 
 def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -357,9 +421,19 @@ def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if path.is_dir():
             raise RecipeError(f"recipe file {path} is a folder; pass a YAML file (see recipes/)")
-        if not path.is_file():
+        if not path.exists():
             raise RecipeError(f"recipe file {path} does not exist (see recipes/ for examples)")
-        raw = _fix_numbers(_read_yaml(path)) or {}
+        if not path.is_file():
+            raise RecipeError(
+                f"recipe file {path} is not a regular file (a device, pipe or socket); "
+                "pass a YAML file (see recipes/)"
+            )
+        raw = _fix_numbers(_read_yaml(path))
+        if raw is None or raw == {}:
+            raise RecipeError(
+                f"{path} holds no settings (it is empty, or only comments or null); write the "
+                "sections to change (see recipes/), or leave the recipe out to run the defaults"
+            )
         if not isinstance(raw, dict):
             raise RecipeError(
                 f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}"
@@ -386,9 +460,11 @@ RESUME_SETTABLE = (
     "data.num_workers",
     "data.cache_gb",
     "train.device",
+    "train.dist_timeout_s",
     "train.micro_batch",
     "train.compile",
     "train.checkpoint_every",
+    "train.log_every",
     "train.stop_after_steps",
     "eval.batch_size",
     "eval.cache_gb",
@@ -412,6 +488,74 @@ def changes(before: Recipe, after: Recipe) -> tuple[list[str], list[str]]:
     old, new = flat(before.to_dict()), flat(after.to_dict())
     changed = [k for k in new if new[k] != old.get(k)]
     return changed, [k for k in changed if not k.startswith(RESUME_SETTABLE)]
+
+
+# Keys that do not change a run's numbers: its label, and the WiSE-FT alphas (evaluated after
+# the run, into wise.json, which records its own).
+NOT_RUN_SETTINGS = ("name", "eval.wise_alphas")
+
+
+def run_settings(recipe: Recipe) -> dict[str, Any]:
+    """What decides a run's numbers, as ``{"section.key": value}``: the resolved recipe less
+    what a resumed run may change (RESUME_SETTABLE) and NOT_RUN_SETTINGS. A run stores it with
+    its state and its metrics, so a rerun or a resume can tell whether it is the same run."""
+    return {
+        k: v
+        for k, v in flat(recipe.to_dict()).items()
+        if not k.startswith(RESUME_SETTABLE) and k not in NOT_RUN_SETTINGS
+    }
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short hash of :func:`run_settings`: equal for the same run, whatever the key order."""
+    import hashlib
+    import json
+
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differences(
+    saved: dict[str, Any], settings: dict[str, Any], ignore: tuple = (), only: tuple = ("",)
+) -> str:
+    """How ``saved`` run settings differ from ``settings``, as ``key old -> new, ...``; empty
+    when they agree. Keys in ``ignore`` are left out, and keys not starting with one of
+    ``only``. A key that either lacks (a run from before that key existed) counts as its
+    default, as it does when an old recipe.yaml is loaded."""
+    default = run_settings(Recipe())
+    old, new = {**default, **saved}, {**default, **settings}
+    keys = [
+        k
+        for k in {**old, **new}
+        if k not in ignore and k.startswith(only) and old.get(k) != new.get(k)
+    ]
+    text = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+    return text + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def check_device(device: str, where: str = "train.device") -> None:
+    """Refuse a device this machine does not have (``cuda`` with no GPU, ``cuda:3`` with two,
+    ``mps`` off a Mac), or a name that is none, naming the valid forms and what is here."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    here = ["cpu", *(f"cuda:{i}" for i in range(count)), *(["mps"] if mps else [])]
+    forms = "use auto, cpu, cuda, cuda:N or mps"
+    if not DEVICE.fullmatch(device):
+        hint = _suggest(device.replace("gpu", "cuda"), ["auto", "cpu", "cuda", "mps"])
+        raise RecipeError(
+            f"{where}: '{device}' is not a device; {forms}{hint} (here: {', '.join(here)})"
+        )
+    kind, _, index = device.partition(":")
+    missing = (kind == "cuda" and (count == 0 or (index and int(index) >= count))) or (
+        kind == "mps" and not mps
+    )
+    if missing:
+        raise RecipeError(
+            f"{where}: '{device}' is not available on this machine (here: {', '.join(here)}); "
+            "use auto (a GPU when there is one) or one of those"
+        )
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from flyp.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from flyp.outputs import csv_cell, md_cell, plot_label
 
 # What a finished run's metrics.json must hold for a report to use it.
 RUN_KEYS = ("method", "metric", "id_name", "ood_names", "id", "ood_mean", "sets")
@@ -65,7 +66,62 @@ def _load_runs(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
                     f"{run['run_dir']} has {key} {run[key]!r} but {first['run_dir']} has "
                     f"{first[key]!r}; a report compares runs of one benchmark setup"
                 )
+    _check_one_experiment(runs)
     return runs
+
+
+def _settings(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings that made a run (its metrics.json's, else its recipe.yaml's); None for a
+    merge (soups) or a run from before flyp stored them, which cannot be checked."""
+    from flyp.recipe import load_recipe, run_settings
+
+    if run.get("settings") is not None:
+        return run["settings"]
+    path = Path(run["run_dir"]) / "recipe.yaml"
+    return run_settings(load_recipe(path)) if path.is_file() else None
+
+
+def _check_one_experiment(runs: list[dict[str, Any]]) -> None:
+    """Refuse what would average or compare unlike things: a method's runs must differ in the
+    seed only (and each seed come once), and all runs share the model, data and evaluation."""
+    from flyp.recipe import differences
+
+    settings = [(run, _settings(run)) for run in runs]
+    known = [(run, s) for run, s in settings if s is not None]
+    for run, s in known[1:]:
+        diff = differences(known[0][1], s, only=("model.", "data.", "eval."))
+        if diff:
+            raise ReportError(
+                f"{known[0][0]['run_dir']} and {run['run_dir']} differ in {diff}: a report "
+                "compares methods on one model, data and evaluation; report them apart"
+            )
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [(r, s) for r, s in settings if r["method"] == method]
+        seen: dict[Any, str] = {}
+        for run, _ in group:
+            seed = run.get("seed")
+            if seed in seen:
+                raise ReportError(
+                    f"{seen[seed]} and {run['run_dir']} are both {method} seed {seed}: a report "
+                    "averages distinct seeds; leave one of them out"
+                )
+            seen[seed] = run["run_dir"]
+        checked = [(r, s) for r, s in group if s is not None]
+        for run, s in checked[1:]:
+            diff = differences(checked[0][1], s, ignore=("train.seed",))
+            if diff:
+                raise ReportError(
+                    f"{checked[0][0]['run_dir']} and {run['run_dir']} are both {method} but "
+                    f"differ in more than the seed ({diff}); a report averages the seeds of "
+                    "one experiment: report them apart"
+                )
+        wises = [r for r, _ in group if r["wise"]]
+        alphas = {tuple(p.get("alpha") for p in r["wise"]["points"]) for r in wises}
+        if len(alphas) > 1:
+            raise ReportError(
+                f"the WiSE-FT sweeps (wise.json) of {method}'s runs use different alphas; "
+                f"redo them with the same alphas (flyp wise RUN_DIR --alphas ...)"
+            )
 
 
 def _method_order(name: str) -> tuple[int, int, str]:
@@ -96,6 +152,11 @@ def aggregate(run_dirs: Sequence[Path]) -> dict[str, Any]:
             "val": _stat([r["sets"]["val"][first["metric"]] for r in group if "val" in r["sets"]] or [float("nan")]),
             "sets": {s: _stat([r["sets"][s][first["metric"]] for r in group]) for s in set_names},
         }
+        if any(r.get("same_as") for r in group):  # a seed-free method (lp): one run, relabelled
+            entry["note"] = (
+                f"{method} does not depend on the seed: trained once and reported for each "
+                "seed, so its spread over seeds is 0"
+            )
         calibrated = _calibration(group, first["id_name"], first["ood_names"])
         if calibrated:
             entry["calibration"] = calibrated
@@ -174,20 +235,41 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table; every cell escaped (names come from folders and metrics files)."""
+    lines = ["| " + " | ".join(map(md_cell, header)) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    return lines + ["| " + " | ".join(map(md_cell, r)) + " |" for r in rows]
+
+
+def spread_note(results: dict[str, Any]) -> str:
+    """What ± means in the tables: the sample standard deviation (n − 1 in the denominator)
+    over a method's n seeds, with n said (grouped by n when methods differ)."""
+    by_n: dict[int, list[str]] = {}
+    for name, m in results["methods"].items():
+        if m["ood_mean"]["n"] > 1:
+            by_n.setdefault(m["ood_mean"]["n"], []).append(name)
+    what = "± is the sample standard deviation (n − 1 in the denominator) over"
+    if not by_n:
+        return "one run per method, so no ± spread"
+    if len(by_n) == 1:
+        return f"{what} n = {next(iter(by_n))} seeds"
+    counts = "; ".join(f"n = {n}: {', '.join(names)}" for n, names in sorted(by_n.items()))
+    return f"{what} each method's seeds ({counts})"
+
+
 def markdown(results: dict[str, Any], title: str) -> str:
     header, rows = table_rows(results)
-    lines = [f"# {title}", "", f"Metric: {results['metric']} (%), mean ± std over seeds where there are several. "
+    lines = [f"# {md_cell(title)}", "", f"Metric: {results['metric']} (%), mean over seeds; {spread_note(results)}. "
              f"WiSE-FT α chosen on ID validation, per seed.", ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += _md_table(header, rows)
+    notes = [m["note"] for m in results["methods"].values() if m.get("note")]
+    lines += ["", *(f"Note: {md_cell(note)}." for note in notes)] if notes else []
     header, rows = calibration_rows(results)
     if rows:
         lines += ["", "Calibration: expected calibration error (%, 15 bins) and negative log-likelihood, "
                   "as trained and after temperature scaling (TS) fitted on ID validation.", ""]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" for _ in header) + "|")
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += _md_table(header, rows)
     lines += ["", "![ID vs OOD](figure.png)", ""]
     return "\n".join(lines)
 
@@ -196,16 +278,21 @@ def write_csv(results: dict[str, Any]) -> str:
     header, rows = table_rows(results)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerow([csv_cell(c) for c in header])  # no cell a spreadsheet runs as a formula
+    writer.writerows([[csv_cell(c) for c in row] for row in rows])
     return buf.getvalue()
 
 
-def plot(results: dict[str, Any], path: Path, title: str) -> None:
+MARKERS = {"uniform": "s", "greedy": "^", "model stock": "P"}  # soups; a method is a circle
+
+
+def figure(results: dict[str, Any], title: str):
     """Two panels: every method with its WiSE-FT line from the zero-shot star (left), and a zoom
     on the finetuned models with error bars over seeds and the soups (right). A method and its
     soups share a colour; soups are squares (uniform), triangles (greedy) and plus signs (Model
-    Stock)."""
+    Stock). Each point is a marker of its own, labelled; error bars (only where there is a
+    spread), WiSE-FT lines and diamonds are unlabelled, so each legend entry shows exactly the
+    marker drawn for it. Returns the matplotlib figure (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,28 +308,40 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
             x, y = 100 * m["id"]["mean"], 100 * m["ood_mean"]["mean"]
             if name == "zeroshot":
                 if panel == 0:
-                    ax.scatter([x], [y], marker="*", s=500, color="gold", edgecolor="black", zorder=5, label="zero-shot")
+                    ax.plot([x], [y], ls="none", marker="*", ms=24, color="gold", mec="black", zorder=5, label="zero-shot")
                 continue
             base = name.split(" soup")[0]
-            marker = {"uniform": "s", "greedy": "^", "model stock": "P"}.get(name.partition("(")[2].rstrip(")"), "o")
-            ax.errorbar([x], [y], xerr=[100 * m["id"]["std"]], yerr=[100 * m["ood_mean"]["std"]], fmt=marker, ms=11, color=colour[base], mec="black", label=name, zorder=4, capsize=3)
+            marker = MARKERS.get(name.partition("(")[2].rstrip(")"), "o")
+            xerr, yerr = 100 * m["id"]["std"], 100 * m["ood_mean"]["std"]
+            if xerr or yerr:
+                ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], fmt="none", ecolor=colour[base], capsize=3, zorder=3)
+            ax.plot([x], [y], ls="none", marker=marker, ms=11, color=colour[base], mec="black", label=plot_label(name), zorder=4)
             if "wise" in m and panel == 0:
                 ax.plot([100 * v for v in m["wise"]["id"]], [100 * v for v in m["wise"]["ood_mean"]], "-", color=colour[base], alpha=0.7, lw=2.5)
             if "wise" in m:
                 best = m["wise"]["best"]
-                ax.scatter([100 * best["id"]["mean"]], [100 * best["ood_mean"]["mean"]], marker="D", s=50, color=colour[base], edgecolor="black", zorder=4)
+                ax.plot([100 * best["id"]["mean"]], [100 * best["ood_mean"]["mean"]], ls="none", marker="D", ms=7, color=colour[base], mec="black", zorder=4)
         ax.grid(alpha=0.3)
-        ax.set_xlabel(f"ID {results['metric']} ({results['id_name']}), %", fontsize=14)
+        ax.set_xlabel(plot_label(f"ID {results['metric']} ({results['id_name']}), %"), fontsize=14)
         ax.tick_params(labelsize=12)
-    axes[0].set_ylabel(f"OOD mean {results['metric']} ({', '.join(results['ood_names'])}), %", fontsize=12)
+    axes[0].set_ylabel(plot_label(f"OOD mean {results['metric']} ({', '.join(results['ood_names'])}), %"), fontsize=12)
     axes[0].set_title("all methods; lines: WiSE-FT from α=0 (star) to α=1", fontsize=13)
     axes[1].set_title("finetuned models (± std over seeds); diamonds: WiSE α chosen on ID val", fontsize=13)
-    # the legend below both panels: with several methods and their merges it would hide points
-    handles, labels = axes[1].get_legend_handles_labels()
+    # the legend below both panels: with several methods and their merges it would hide points;
+    # the left panel holds every labelled point (the zero-shot star too)
+    handles, labels = axes[0].get_legend_handles_labels()
     rows = -(-len(labels) // 5)
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=10, frameon=False)
-    fig.suptitle(title, fontsize=16, fontweight="bold")
+    fig.suptitle(plot_label(title), fontsize=16, fontweight="bold")
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
+    return fig
+
+
+def plot(results: dict[str, Any], path: Path, title: str) -> None:
+    """:func:`figure`, written to ``path`` as a PNG (atomically)."""
+    fig = figure(results, title)  # sets the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

@@ -18,6 +18,18 @@ from torch import Tensor, nn
 from flyp.data.folders import Sample, load_rgb
 
 
+def held_bytes(image: Image.Image) -> int:
+    """The bytes PIL really holds for a decoded image: it stores an RGB pixel in 4 bytes (RGBX),
+    not 3, and every multi-band mode likewise; single-band 8-bit modes take 1 and 16-bit 2."""
+    if image.mode in ("1", "L", "P"):
+        per_pixel = 1
+    elif image.mode.startswith("I;16"):
+        per_pixel = 2
+    else:
+        per_pixel = 4
+    return image.width * image.height * per_pixel
+
+
 def decode_images(
     samples: Sequence[Sample], budget_bytes: float, threads: int = 4
 ) -> dict[int, Image.Image]:
@@ -30,7 +42,7 @@ def decode_images(
     used = 0
     with ThreadPoolExecutor(threads) as pool:
         for i, image in enumerate(pool.map(lambda s: load_rgb(s.path), samples)):
-            used += image.width * image.height * 3
+            used += held_bytes(image)
             if used > budget_bytes:
                 break
             decoded[i] = image
@@ -69,10 +81,16 @@ class FrozenFeatures:
         return cls({k: v for k, v in pretrained.items() if k in image_names or k in buffers})
 
     def matches(self, model: nn.Module) -> bool:
+        """Whether ``model``'s image tower holds the pretrained tensors. The reference moves to
+        the model's device once (on a GPU the comparison then runs there, with no copy of the
+        tower to the host per call)."""
         state = model.state_dict()
-        return all(
-            k in state and torch.equal(state[k].to(v.device), v) for k, v in self.reference.items()
-        )
+        if any(k not in state for k in self.reference):
+            return False
+        device = state[next(iter(self.reference))].device if self.reference else None
+        if self.reference and next(iter(self.reference.values())).device != device:
+            self.reference = {k: v.to(device) for k, v in self.reference.items()}
+        return all(torch.equal(state[k], v) for k, v in self.reference.items())
 
     def get(self, key: str, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """(features, labels) of the set ``key``, computed by ``compute`` the first time."""

@@ -19,14 +19,16 @@ import itertools
 import json
 import shutil
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flyp.checkpoint import atomic_write_json, atomic_write_text
-from flyp.recipe import Recipe, RecipeError, changes, flat, load_recipe, with_overrides
-from flyp.train import LOCK_NAME, Experiment, finetune, prepare
+from flyp.checkpoint import atomic_write_json, atomic_write_text, read_json
+from flyp.distributed import init_distributed, on_main
+from flyp.recipe import Recipe, RecipeError, check_device, with_overrides
+from flyp.train import LOCK_NAME, Experiment, check_same_run, finetune, prepare
 
 FIXED = ("train.seed", "train.method")  # varied by compare, never by a sweep
 
@@ -111,24 +113,6 @@ def combinations(
     return combos
 
 
-def check_same_run(run_dir: Path, recipe: Recipe) -> None:
-    """A run directory about to be reused or resumed must hold a run of ``recipe``: rerunning a
-    sweep with another --set into the same --out would otherwise mix two experiments. Only what
-    a resumed run may change (flyp.recipe.RESUME_SETTABLE: paths, device, speed) may differ."""
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        return
-    saved = load_recipe(path)
-    _, refused = changes(saved, recipe)
-    before, after = flat(saved.to_dict()), flat(recipe.to_dict())
-    if refused:
-        key = refused[0]
-        raise RecipeError(
-            f"{run_dir} holds a run with {key}={before.get(key)!r}, not {after[key]!r}: "
-            "it belongs to another experiment; pass a new --out (or the settings it used)"
-        )
-
-
 def sweep(
     recipe: Recipe,
     grid: Mapping[str, Sequence[Any]],
@@ -140,6 +124,11 @@ def sweep(
     the one with the best headline metric on ID validation (ties: the first in grid order)."""
     out_dir = Path(out_dir)
     combos = combinations(recipe, grid)  # every value checked before anything is built or written
+    check_device(recipe.train.device)
+    # Under torchrun every rank trains each combination, and rank 0 alone reads and writes
+    # out_dir: on_main gives every rank its answer (the same runs, the same choice).
+    init_distributed(recipe.train.device, recipe.train.dist_timeout_s)
+    on_main(partial(_check_runs, out_dir, combos))  # another experiment's folder: before any work
     exp = exp or prepare(recipe)
     if not exp.benchmark.val:
         raise RecipeError(
@@ -150,13 +139,11 @@ def sweep(
     rows = []
     for combo in combos:
         run_dir = out_dir / combo["name"]
-        check_same_run(run_dir, combo["recipe"])
-        if (run_dir / "metrics.json").exists():
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        else:
+        metrics = on_main(partial(_finished_metrics, run_dir))
+        if metrics is None:
             exp.bundle.model.load_state_dict(pretrained)  # every combination starts pretrained
             run_exp = exp.for_run(combo["recipe"])
-            resume = (run_dir / "recipe.yaml").exists()  # killed: continued (or restarted)
+            resume = on_main((run_dir / "recipe.yaml").exists)  # killed: continued (or restarted)
             metrics = finetune(combo["recipe"], run_dir, resume=resume, exp=run_exp)
         rows.append(
             {
@@ -181,9 +168,25 @@ def sweep(
         "chosen": chosen,
         "runs": rows,
     }
+    on_main(partial(_write_sweep, result, out_dir))
+    return result
+
+
+def _check_runs(out_dir: Path, combos: Sequence[dict[str, Any]]) -> None:
+    for combo in combos:
+        check_same_run(out_dir / combo["name"], combo["recipe"])
+
+
+def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """A finished run's metrics (checked before to be this combination's run), else None."""
+    if not (run_dir / "metrics.json").exists():
+        return None
+    return read_json(run_dir / "metrics.json", ("val", "id", "ood_mean"))
+
+
+def _write_sweep(result: dict[str, Any], out_dir: Path) -> None:
     atomic_write_json(out_dir / "sweep.json", result)
     atomic_write_text(out_dir / "sweep.md", sweep_markdown(result))
-    return result
 
 
 def _grid_values(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -252,27 +255,37 @@ def sweep_methods(
     results = {}
     for name in trained:
         results[name] = sweep(recipes[name], grid, out_dir / f"sweep-{name}", exp, pretrained)
-        for seed in seeds:  # a run left by an earlier comparison must have the chosen settings
-            run_recipe = copy.deepcopy(recipes[name])
-            run_recipe.train.seed = seed
-            run_recipe = with_overrides(run_recipe, results[name]["chosen"]["overrides"])
-            check_same_run(out_dir / f"{name}-s{seed}", run_recipe)
-        target = out_dir / f"{name}-s{seeds[0]}"
-        if not target.exists():  # the chosen run is that seed's run: not trained twice
-            staging = out_dir / f".{target.name}.copying"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(
-                results[name]["chosen"]["run_dir"],
-                staging,
-                ignore=shutil.ignore_patterns(LOCK_NAME),
-            )
-            staging.rename(target)
+        on_main(partial(_keep_chosen, recipes[name], seeds, results[name], out_dir))
     return results
 
 
+def _keep_chosen(recipe: Recipe, seeds: Sequence[int], result: dict[str, Any], out_dir: Path) -> None:
+    """The chosen run copied to out_dir/<method>-s<first seed>, the comparison's run for that
+    seed (not trained twice); a run left there by an earlier comparison must have the chosen
+    settings, for every seed."""
+    name = recipe.train.method
+    for seed in seeds:
+        run_recipe = copy.deepcopy(recipe)
+        run_recipe.train.seed = seed
+        run_recipe = with_overrides(run_recipe, result["chosen"]["overrides"])
+        check_same_run(out_dir / f"{name}-s{seed}", run_recipe)
+    target = out_dir / f"{name}-s{seeds[0]}"
+    if not target.exists():
+        staging = out_dir / f".{target.name}.copying"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(
+            result["chosen"]["run_dir"], staging, ignore=shutil.ignore_patterns(LOCK_NAME)
+        )
+        staging.rename(target)
+
+
 def write_sweeps(results: Mapping[str, dict[str, Any]], out_dir: str | Path) -> None:
-    """out_dir/sweeps.json (each method's choice and grid) and a section after report.md's."""
-    out_dir = Path(out_dir)
+    """out_dir/sweeps.json (each method's choice and grid) and a section after report.md's
+    (written by rank 0 alone under torchrun)."""
+    on_main(partial(_write_sweeps, results, Path(out_dir)))
+
+
+def _write_sweeps(results: Mapping[str, dict[str, Any]], out_dir: Path) -> None:
     summary = {
         name: {
             "chosen": r["chosen"]["settings"],

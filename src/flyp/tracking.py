@@ -17,6 +17,11 @@ it (``flyp compare``: ``<method>-s<seed>``), in the project named after the reci
 
 Both packages are optional extras, imported only when a recipe asks for them;
 :func:`check_trackers` refuses a missing one before anything is built or written.
+
+Progress for the person running flyp goes to stderr (stdout keeps the results): on a terminal,
+progress bars named after what runs (:func:`bar`: "ft seed 0 epoch 1/3", "ft seed 0 WiSE
+α=0.5 eval sketch"); anywhere else (a log file, nohup, CI) one plain line per phase and per
+epoch (:func:`note`), since a bar written to a file is either nothing or noise.
 """
 
 from __future__ import annotations
@@ -24,10 +29,66 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flyp.recipe import Recipe, RecipeError
+
+
+def on_terminal() -> bool:
+    """Whether progress goes to a terminal (stderr is one): bars there, plain lines elsewhere."""
+    return sys.stderr.isatty()
+
+
+# What is running now, outermost first ("ft seed 0", "WiSE α=0.5"): it names every progress
+# line and bar, so a log says which method, seed and set each line is about.
+_RUNNING: list[str] = []
+
+
+@contextmanager
+def running(what: str) -> Iterator[None]:
+    """Name the progress lines and bars written inside this block after ``what``."""
+    _RUNNING.append(what)
+    try:
+        yield
+    finally:
+        _RUNNING.pop()
+
+
+def named(what: str = "") -> str:
+    """``what``, preceded by the names of what is running ("ft seed 0: evaluating val")."""
+    where = " ".join(_RUNNING)
+    return f"{where}: {what}" if where and what else where or what
+
+
+def say(what: str) -> None:
+    """One line on stderr, terminal or not: a choice the user should know was made for them."""
+    print(f"{time.strftime('%H:%M:%S')} {named(what)}", file=sys.stderr, flush=True)
+
+
+def note(what: str) -> None:
+    """One progress line on stderr off a terminal (on a terminal the bars show it)."""
+    if not on_terminal():
+        say(what)
+
+
+def bar(iterable: Iterable, what: str, **options: Any):
+    """A tqdm progress bar named after what is running, on a terminal only."""
+    from tqdm.auto import tqdm
+
+    disable = options.pop("disable", False) or not on_terminal()
+    return tqdm(iterable, desc=named(what), disable=disable, **options)
+
+
+def clock(seconds: float) -> str:
+    """A duration as H:MM:SS."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
 
 # What each tracker imports; its extra (pip install 'flyp[<name>]') has the same name.
 MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}

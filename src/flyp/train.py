@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
 from flyp.checkpoint import (
+    CheckpointError,
     atomic_write_json,
+    atomic_write_text,
     load_state,
     load_weights,
+    read_json,
     read_metadata,
     save_state,
     save_weights,
@@ -43,6 +49,8 @@ from flyp.distributed import (
     broadcast_module,
     gather_batch,
     init_distributed,
+    is_main,
+    on_main,
 )
 from flyp.evaluate import evaluate_sets, metrics_from_predictions, summarise
 from flyp.gradcache import autocast, forward_backward
@@ -63,11 +71,33 @@ from flyp.models.base import (
     to_model_layout,
     tune_cpu_bf16,
 )
+from flyp.precision import announce, configure_device, resolve
 from flyp.predict import weights_metadata
 from flyp.probe import choose_c, image_features, probe_to_linear
-from flyp.recipe import Recipe, save_recipe, validate
+from flyp.recipe import (
+    RESUME_SETTABLE,
+    Recipe,
+    check_device,
+    differences,
+    fingerprint,
+    load_recipe,
+    run_settings,
+    save_recipe,
+    validate,
+)
 from flyp.reuse import DecodedImages, FrozenFeatures
-from flyp.tracking import check_trackers, close_tracker, finish_tracker, open_tracker
+from flyp.tracking import bar as progress_bar
+from flyp.tracking import (
+    check_trackers,
+    clock,
+    close_tracker,
+    finish_tracker,
+    named,
+    note,
+    open_tracker,
+    running,
+    say,
+)
 
 
 class RunError(RuntimeError):
@@ -137,7 +167,18 @@ def param_groups(classifier: Classifier, cfg) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def effective_warmup(warmup: int, total: int) -> int:
+    """The warmup a run of ``total`` steps gets: ``train.warmup_steps``, at most half the run.
+
+    A warmup as long as the run would never reach ``train.lr`` (20 warmup steps in a 14-step
+    run peak at 0.75 of it); capped at half, the run reaches its learning rate and spends the
+    rest on the cosine decay. Runs whose warmup is at most half of them are unchanged."""
+    return min(warmup, total // 2)
+
+
 def warmup_cosine(warmup: int, total: int):
+    warmup = effective_warmup(warmup, total)
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -184,6 +225,7 @@ def _eval_dataset(exp: Experiment, name: str, samples: list) -> torch.utils.data
             exp.recipe.eval.batch_size,
             exp.recipe.data.num_workers,
             channels_last=prefers_channels_last(exp.bundle.model),
+            device=exp.bundle.model.logit_scale.device,  # pinned for a GPU
         )
     return dataset
 
@@ -196,6 +238,7 @@ def _eval_loaders(
             _eval_dataset(exp, name, samples),
             exp.recipe.eval.batch_size,
             exp.recipe.data.num_workers,
+            exp.bundle.model.logit_scale.device,
         )
         for name, samples in exp.benchmark.eval_sets().items()
         if names is None or name in names
@@ -248,12 +291,10 @@ def _features(classifier: Classifier, loader) -> tuple[torch.Tensor, torch.Tenso
 
 def _tower_features(
     classifier: Classifier, exp: Experiment, key: str, loader
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The pretrained image tower's (features, labels) of a set, computed once per evaluation
-    precision; None when the classifier's image tower is no longer the pretrained one."""
-    if exp.frozen is None or not exp.frozen.matches(classifier.model):
-        return None
-    precision = exp.recipe.eval.precision
+    precision (the caller has checked that the classifier's image tower is the pretrained one)."""
+    precision = resolve(exp.recipe.eval.precision, classifier.model.logit_scale.device).name
     return exp.frozen.get(f"{key} {precision}", lambda: _features(classifier, loader))
 
 
@@ -265,7 +306,7 @@ def evaluate_classifier(
             exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates
         )
     loaders, scorer = _eval_loaders(exp, names), classifier
-    precision = exp.recipe.eval.precision
+    precision = resolve(exp.recipe.eval.precision, classifier.model.logit_scale.device).name
     if classifier.channels_last:  # weights too, as training has them (a no-op when they are)
         classifier.model.to(memory_format=torch.channels_last)
     if classifier.model.logit_scale.device.type == "cpu":
@@ -273,8 +314,12 @@ def evaluate_classifier(
         if precision == "bf16":
             tune_cpu_bf16(classifier.model)
     with autocast(classifier.model.logit_scale.device, precision):
-        cached = {name: _tower_features(classifier, exp, name, loader) for name, loader in loaders.items()}
-        if all(pair is not None for pair in cached.values()):
+        # One bitwise check of the image tower per evaluation, not one per set.
+        if exp.frozen is not None and exp.frozen.matches(classifier.model):
+            cached = {
+                name: _tower_features(classifier, exp, name, loader)
+                for name, loader in loaders.items()
+            }
             # The pretrained image tower: its features once per set, then only the head runs
             # (in the same batches, so the logits are the ones the full pass gives).
             loaders = {
@@ -309,15 +354,18 @@ def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
         exp.recipe.data.num_workers,
     )
     decoded = exp.train_images.get(exp.benchmark.train, exp.recipe.data.cache_gb)
+    pretrained_tower = exp.frozen is not None and exp.frozen.matches(classifier.model)
 
     def features(name: str, samples: list, decoded=None) -> tuple[np.ndarray, np.ndarray]:
-        loader = eval_loader(ImageDataset(samples, transform, decoded=decoded), bs, workers)
+        dataset = ImageDataset(samples, transform, decoded=decoded)
+        loader = eval_loader(dataset, bs, workers, classifier.model.logit_scale.device)
         with autocast(classifier.model.logit_scale.device, exp.recipe.eval.precision):
-            cached = _tower_features(classifier, exp, f"probe {name}", loader)
-            if cached is not None:
+            if pretrained_tower:
+                cached = _tower_features(classifier, exp, f"probe {name}", loader)
                 return cached[0].numpy(), cached[1].numpy()
-            return image_features(classifier.model, loader, f"probe {name}")
+            return image_features(classifier.model, loader, named(f"probe {name}"))
 
+    note("fitting the linear probe (C chosen on ID validation)")
     train_x, train_y = features("train", exp.benchmark.train, decoded)
     val_x, val_y = features("val", exp.benchmark.val)
     metric, groups = exp.benchmark.metric, exp.benchmark.groups.get("val")
@@ -329,10 +377,11 @@ def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
     probe, scores = choose_c(train_x, train_y, val_x, val_y, score=score)
     device = classifier.model.logit_scale.device
     classifier.head = probe_to_linear(probe, len(exp.benchmark.class_names)).to(device)
-    atomic_write_json(
-        run_dir / "probe.json",
-        {"chosen_C": probe.C, "metric": metric, f"val_{metric}_by_C": {str(c): a for c, a in scores.items()}},
-    )
+    if is_main():  # under torchrun every rank fits the same probe; rank 0 writes it
+        atomic_write_json(
+            run_dir / "probe.json",
+            {"chosen_C": probe.C, "metric": metric, f"val_{metric}_by_C": {str(c): a for c, a in scores.items()}},
+        )
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:
@@ -341,13 +390,22 @@ def _append_log(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a resumed run restarts from."""
+    """Drop log lines written after the checkpoint a resumed run restarts from, and a last
+    line cut short by the kill (written after that checkpoint: each step logs, then saves)."""
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines, kept = path.read_text().splitlines(), []
+    for number, line in enumerate(lines, 1):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            if number < len(lines):
+                raise CheckpointError(
+                    f"{path} line {number} is not a log record, so the run's log is damaged; "
+                    "delete that line to resume, or start the run again in a new run directory"
+                ) from None
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _check_speed_options(cfg, env: DistEnv) -> None:
@@ -375,29 +433,70 @@ def _place_model(classifier: Classifier, ctx: LossContext, cfg, env: DistEnv) ->
         model.encode_text = torch.compile(model.encode_text, dynamic=True)
 
 
+TOWER_METHODS = ("encode_image", "encode_text")
+
+
+@contextmanager
+def _towers_restored(model: nn.Module) -> Iterator[None]:
+    """Put back the model's own ``encode_image``/``encode_text`` when a run ends, however it
+    ends. train.compile wraps them on the model itself, which flyp compare shares between runs:
+    left there, a later run would train through the wrappers, and lipsum-ft's frozen copy
+    would call the live model through them (its penalty silently ~0)."""
+    own = {name: vars(model)[name] for name in TOWER_METHODS if name in vars(model)}
+    try:
+        yield
+    finally:
+        for name in TOWER_METHODS:
+            vars(model).pop(name, None)
+        vars(model).update(own)
+
+
 LOCK_NAME = ".flyp.lock"
 
 
-def _claim(run_dir: Path, resume: bool) -> Any:
-    """Claim ``run_dir`` for this process (an exclusive lock held until the process ends, so a
-    killed run frees it) and check it can be used as asked. Returns the open lock file."""
+def _lock(path: Path) -> Any:
+    """Open and exclusively lock ``path`` (held until closed, so a killed run frees it).
+
+    A run removes its lock file when it ends. A process that opened the file just before that
+    may then lock a file no longer in the folder: it checks that the file it holds is still
+    the one at ``path``, and opens the new one if not, so two live runs never hold two files."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock, the emptiness check below still applies
-        fcntl = None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / LOCK_NAME, "a+")
-    if fcntl is not None:
+    except ImportError:  # not POSIX: no lock, the emptiness check of _claim still applies
+        return open(path, "a+")
+    while True:
+        lock = open(path, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
             raise RunError(
-                f"run directory {run_dir} is in use by another flyp process; wait for it to "
-                "finish, or pick another --out"
+                f"run directory {path.parent} is in use by another flyp process; wait for it "
+                "to finish, or pick another --out"
             ) from None
-    if not resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()  # removed (or replaced) by the run that held it: lock the file there now
+
+
+def _release(run_dir: Path, lock: Any) -> None:
+    """Remove the lock file, then let go of it: a finished (or failed) run leaves no lock."""
+    try:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    finally:
         lock.close()
+
+
+def _claim(run_dir: Path, resume: bool) -> Any:
+    """Claim ``run_dir`` for this process (an exclusive lock held until the run ends or the
+    process dies) and check it can be used as asked. Returns the open lock file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(run_dir / LOCK_NAME)
+    if not resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        _release(run_dir, lock)
         raise RunError(
             f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it"
         )
@@ -409,6 +508,39 @@ def _clear_run_dir(run_dir: Path) -> None:
     for path in run_dir.iterdir():
         if path.name != LOCK_NAME:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def saved_settings(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """The run settings (flyp.recipe.run_settings) of the run in ``run_dir``, and the file they
+    come from: a finished run's metrics.json, else its recipe.yaml (a killed run, or a run
+    from before metrics.json held them); (None, None) for a folder that holds no run."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        settings = read_json(metrics, ("sets",)).get("settings")
+        if settings is not None:
+            return settings, metrics
+    path = run_dir / "recipe.yaml"
+    if path.is_file():
+        return run_settings(load_recipe(path)), path
+    return None, None
+
+
+def check_same_run(run_dir: Path, recipe: Recipe, seed_free: bool = False) -> None:
+    """A run directory about to be reused or resumed must hold a run of ``recipe``: a rerun
+    with other settings into the same --out would otherwise report the old run as the new one.
+    Only what a resumed run may change (flyp.recipe.RESUME_SETTABLE: paths, device, speed) and
+    what does not change the run's numbers may differ; ``seed_free``: the seed too (zeroshot and
+    lp do not depend on it)."""
+    saved, source = saved_settings(Path(run_dir))
+    if saved is None:
+        return
+    ignore = ("train.seed",) if seed_free else ()
+    diff = differences(saved, run_settings(recipe), ignore)
+    if diff:
+        raise RunError(
+            f"{run_dir} holds a run made with other settings ({diff}; from its {source.name}): "
+            "it belongs to another experiment; pass a new --out (or the settings it used)"
+        )
 
 
 def finetune(
@@ -423,12 +555,15 @@ def finetune(
     """
     validate(recipe)  # also a recipe changed after it was loaded (flyp compare sets method, seed)
     check_trackers(recipe)  # a missing tracker package fails before anything is built or written
+    check_device(recipe.train.device)  # a GPU asked for where there is none: before any work
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
-    env = init_distributed(recipe.train.device)  # one process unless started by torchrun
+    # one process unless started by torchrun
+    env = init_distributed(recipe.train.device, recipe.train.dist_timeout_s)
     if resume and not state_path.exists():
-        if (run_dir / "metrics.json").exists():
-            return json.loads((run_dir / "metrics.json").read_text())
+        if (run_dir / "metrics.json").exists():  # finished: its results, if it is this run
+            check_same_run(run_dir, recipe)
+            return read_json(run_dir / "metrics.json", ("sets",))
         if not (run_dir / "recipe.yaml").exists():
             raise RunError(f"nothing to resume in {run_dir}: no state.pt; start it without --resume")
     cfg = recipe.train
@@ -443,7 +578,9 @@ def finetune(
             resume = False
             if env.is_main:
                 _clear_run_dir(run_dir)
-        return _train(recipe, run_dir, resume, exp, env, method)
+        # running names its progress lines and bars; the towers come back uncompiled
+        with running(f"{cfg.method} seed {cfg.seed}"), _towers_restored(exp.bundle.model):
+            return _train(recipe, run_dir, resume, exp, env, method)
     except BaseException:
         # Nothing resumable was written: leave the directory as it was found.
         if env.is_main and not state_path.exists() and not (run_dir / "metrics.json").exists():
@@ -455,7 +592,7 @@ def finetune(
     finally:
         close_tracker(run_dir)  # a run that raised closes its trackers now
         if lock is not None:
-            lock.close()
+            _release(run_dir, lock)
 
 
 def _train(
@@ -470,6 +607,16 @@ def _train(
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     ctx = loss_context(exp)
+    settings = run_settings(recipe)
+    state = load_state(state_path) if resume else None
+    if state is not None and "settings" in state:  # before recipe.yaml is written again
+        diff = differences(state["settings"], settings)
+        if diff:
+            raise RunError(
+                f"{run_dir} was started with other settings than it is resumed with ({diff}); "
+                "put those back in its recipe.yaml, or start a new run with --out (a resume "
+                f"may change only {', '.join(RESUME_SETTABLE)})"
+            )
     if env.is_main:
         save_recipe(recipe, run_dir / "recipe.yaml")
     model = exp.bundle.model
@@ -478,9 +625,15 @@ def _train(
     channels_last = prefers_channels_last(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    # "auto": bf16 where this device has it natively (flyp.precision); said in one line
+    precision = resolve(cfg.precision, env.device)
+    eval_precision = resolve(exp.recipe.eval.precision, env.device)
+    if env.is_main:
+        announce(None if method.objective == "none" else precision, eval_precision)
+    configure_device(env.device)  # TF32 and cuDNN autotuning on CUDA
     if env.device.type == "cpu":
         keep_freed_memory()
-        if "bf16" in (cfg.precision, exp.recipe.eval.precision):
+        if "bf16" in (precision.name, eval_precision.name):
             tune_cpu_bf16(model)
     if cfg.init_logit_scale is not None:
         with torch.no_grad():
@@ -496,21 +649,24 @@ def _train(
     if method.lipsum:  # a frozen copy of the pretrained model: one more model in memory
         ctx.reference = frozen_reference(model)  # before _place_model compiles the towers
         ctx.lipsum_weight, ctx.lipsum_texts = cfg.lipsum_weight, cfg.lipsum_texts
+        ctx.lipsum_text = cfg.lipsum_text
         ctx.seed = cfg.seed
 
     if method.objective == "none":
-        if not env.is_main:
-            return {"rank": env.rank, "steps": 0}
-        open_tracker(recipe, run_dir, env.is_main)  # _finish sends it the metrics and closes it
-        return _finish(
-            classifier,
-            exp,
-            run_dir,
-            selected_epoch=0,
-            started=time.time(),
-            train_seconds=0.0,
-            images_seen=0,
-        )
+
+        def finish_untrained() -> dict[str, Any]:
+            open_tracker(recipe, run_dir, True)  # _finish sends it the metrics and closes it
+            return _finish(
+                classifier,
+                exp,
+                run_dir,
+                selected_epoch=0,
+                started=time.time(),
+                train_seconds=0.0,
+                images_seen=0,
+            )
+
+        return on_main(finish_untrained)  # rank 0 evaluates and writes; every rank gets metrics
 
     _place_model(classifier, ctx, cfg, env)
     dataset = ImageDataset(
@@ -534,6 +690,18 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.warmup_steps, total_steps)
     )
+    warmup = effective_warmup(cfg.warmup_steps, total_steps)
+    if env.is_main:
+        note(
+            f"training {cfg.epochs} epochs of {steps_per_epoch} steps (batch {cfg.batch_size}, "
+            f"lr {cfg.lr:g} after {warmup} warmup steps)"
+        )
+        if warmup < cfg.warmup_steps:  # said on a terminal too: the recipe asked for more
+            say(
+                f"train.warmup_steps={cfg.warmup_steps} is more than half of this run's "
+                f"{total_steps} steps; warming up over {warmup} so that it reaches "
+                f"train.lr={cfg.lr:g} (set train.warmup_steps to choose)"
+            )
     scale_trains = model.logit_scale.requires_grad
     # The temperature may not go below 1/100 (CLIP's clamp), or the model's own start if that
     # is lower (SigLIP starts near 1/112): a bound that never moves a pretrained model at step 0.
@@ -542,8 +710,7 @@ def _train(
     step, best, validated = 0, {"val": -1.0, "epoch": 0}, 0
     train_seconds, images_seen = 0.0, 0
     log_path = run_dir / "log.jsonl"
-    if resume:
-        state = load_state(state_path)
+    if state is not None:
         load_weights(classifier, run_dir / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -555,6 +722,39 @@ def _train(
             _truncate_log(log_path, step)
     tracker = open_tracker(recipe, run_dir, env.is_main, step)  # _finish closes it
     started = time.time()
+
+    # (step, epoch, lr, loss, temperature) of the steps since the last log point
+    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor]] = []
+
+    def log_pending(bar) -> list[float]:
+        """Write the log records of the steps since the last log point, and return their losses.
+
+        The losses and temperatures stay on the device until now and come back in one transfer:
+        the host waits for the device once every ``train.log_every`` steps, not at every step.
+        A non-finite loss stops the run, naming the first step that gave one (the records
+        before it are written; no checkpoint is saved after it, as each waits for this check).
+        """
+        if not pending:
+            return []
+        numbers = torch.stack([torch.stack((v.float(), t.float())) for *_, v, t in pending])
+        losses = []
+        for (at, in_epoch, lr, *_), (value, temperature) in zip(
+            pending, numbers.tolist(), strict=True
+        ):
+            if not math.isfinite(value):
+                raise RunError(
+                    f"the loss is {value} at step {at}: training diverged and nothing was "
+                    f"recorded as finished; lower train.lr (now {cfg.lr:g}) and start again"
+                )
+            record = {"step": at, "epoch": in_epoch, "loss": round(value, 6), "lr": lr}
+            record["temperature"] = temperature
+            if env.is_main:
+                _append_log(log_path, record)
+                tracker.log(record, at)
+            losses.append(value)
+        pending.clear()
+        bar.set_postfix(loss=f"{round(losses[-1], 6):.3f}")
+        return losses
 
     def checkpoint() -> None:
         if not env.is_main:
@@ -570,24 +770,26 @@ def _train(
                 "validated": validated,
                 "train_seconds": train_seconds,
                 "images_seen": images_seen,
+                "settings": settings,  # a resume with other settings is refused
             },
             state_path,
         )
 
+    # One loader for the whole run: its workers persist across epochs (the sampler is told each
+    # epoch's order); batches pinned for a GPU, copied with non_blocking.
+    local_batch = cfg.batch_size // env.world  # batch_size is the global batch
+    sampler = EpochSampler(len(dataset), local_batch, cfg.seed, 0, 0, env.rank, env.world)
+    loader = train_loader(
+        dataset, sampler, local_batch, exp.recipe.data.num_workers, device=env.device
+    )
     while True:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         if done_in_epoch == 0 and epoch > validated:
             # The end of an epoch: validate (also when the run stopped right after its last
             # step and resumes here), keep the best weights, then checkpoint.
-            if env.is_main and select:
-                val = validation_score(classifier, exp)
-                metric = exp.benchmark.metric
-                entry = {"step": step, "epoch": epoch, "val": val, "val_metric": metric}
-                _append_log(log_path, entry)
-                tracker.log(entry, step)
-                if best["epoch"] == 0 or val > best["val"]:  # NaN never wins, the first is kept
-                    best = {"val": val, "epoch": epoch}
-                    save_weights(classifier, run_dir / "model.safetensors", _metadata(exp, classifier))
+            if select:  # rank 0 validates and keeps the best; every rank holds its choice
+                validate = partial(_validate_epoch, classifier, exp, run_dir, tracker, best)
+                best = on_main(partial(validate, step, epoch))
             validated = epoch
             checkpoint()
         if step >= total_steps:
@@ -596,31 +798,23 @@ def _train(
             checkpoint()
             tracker.close()
             return {"stopped_at_step": step}
-        local_batch = cfg.batch_size // env.world  # batch_size is the global batch
-        sampler = EpochSampler(
-            len(dataset), local_batch, cfg.seed, epoch, done_in_epoch, env.rank, env.world
-        )
+        sampler.set_epoch(epoch, done_in_epoch)
         classifier.train()
         if cfg.batchnorm == "frozen":
             freeze_batchnorm_stats(classifier)
-        tick = time.time()
-        bar = tqdm(
-            train_loader(
-                dataset,
-                sampler,
-                local_batch,
-                exp.recipe.data.num_workers,
-                pin_memory=env.device.type == "cuda",
-            ),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=None if env.is_main else True,
+        tick = epoch_started = time.time()
+        epoch_loss, epoch_steps, epoch_images = 0.0, 0, 0  # for its progress line
+        bar = progress_bar(
+            iter(loader),  # one iterator: tqdm.auto would start the workers' epoch twice
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not env.is_main,
             initial=done_in_epoch,
             total=steps_per_epoch,
         )
         for images, labels, seeds in bar:
             images = images.to(env.device, non_blocking=True)
             images = to_model_layout(images, channels_last)
-            labels = labels.to(env.device, non_blocking=True)
+            # labels and seeds stay on the host: forward_backward builds captions from them
             if env.enabled:  # dropout: distinct per rank, and replayed exactly on resume
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + env.rank)
             optimizer.zero_grad(set_to_none=True)
@@ -633,15 +827,9 @@ def _train(
                 step,
                 ctx,
                 micro_batch=cfg.micro_batch,
-                precision=cfg.precision,
+                precision=precision.name,
                 gather=gather_batch if env.enabled else None,
             )
-            value = loss.detach().item()
-            if not math.isfinite(value):
-                raise RunError(
-                    f"the loss is {value} at step {step + 1}: training diverged and nothing was "
-                    f"recorded as finished; lower train.lr (now {cfg.lr:g}) and start again"
-                )
             if env.enabled:
                 average_gradients(
                     [p for p in classifier.parameters() if p.requires_grad], env.world
@@ -659,20 +847,17 @@ def _train(
                     model.logit_scale.clamp_(0, max_log_scale)
             step += 1
             images_seen += len(labels) * env.world  # this rank saw its share of the global batch
-            record = {
-                "step": step,
-                "epoch": epoch + 1,
-                "loss": round(value, 6),
-                "lr": scheduler.get_last_lr()[0],
-                "temperature": float(1 / model.logit_scale.detach().exp()),
-            }
-            if env.is_main:
-                _append_log(log_path, record)
-                tracker.log(record, step)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            epoch_images += len(labels) * env.world
+            # the step's numbers stay on the device until the next log point (log_pending)
+            temperature = 1 / model.logit_scale.detach().exp()
+            pending.append((step, epoch + 1, scheduler.get_last_lr()[0], loss, temperature))
             at_epoch_end = step % steps_per_epoch == 0
             stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or stopping) and not at_epoch_end:
+            saving = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or stopping
+            if step % cfg.log_every == 0 or at_epoch_end or saving:  # a checkpoint after a check
+                for value in log_pending(bar):
+                    epoch_loss, epoch_steps = epoch_loss + value, epoch_steps + 1
+            if saving and not at_epoch_end:
                 train_seconds += time.time() - tick
                 tick = time.time()
                 checkpoint()
@@ -682,18 +867,56 @@ def _train(
             if at_epoch_end:
                 break  # the epoch-end work (validation, checkpoint) runs at the top of the loop
         train_seconds += time.time() - tick
+        if env.is_main and epoch_steps and step % steps_per_epoch == 0:
+            seconds = max(time.time() - epoch_started, 1e-9)
+            note(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {epoch_loss / epoch_steps:.4f}  "
+                f"{epoch_images / seconds:.1f} images/s  elapsed {clock(time.time() - started)}"
+            )
 
-    if not env.is_main:  # rank 0 selects, evaluates and writes; the others are done
-        return {"rank": env.rank, "steps": step}
-    if select:
-        load_weights(classifier, run_dir / "model.safetensors")
-    else:  # the last weights: written by _finish
-        best["epoch"] = cfg.epochs
-    return _finish(classifier, exp, run_dir, best["epoch"], started, train_seconds, images_seen)
+    def finish() -> dict[str, Any]:
+        if select:
+            load_weights(classifier, run_dir / "model.safetensors")
+        epoch = best["epoch"] if select else cfg.epochs  # not selecting: the last weights
+        return _finish(classifier, exp, run_dir, epoch, started, train_seconds, images_seen)
+
+    # Rank 0 evaluates and writes while the others wait at a barrier (within the process
+    # group's timeout, train.dist_timeout_s); every rank returns its metrics (flyp compare and
+    # flyp sweep go on from them on every rank).
+    return on_main(finish)
+
+
+def _validate_epoch(
+    classifier: Classifier,
+    exp: Experiment,
+    run_dir: Path,
+    tracker: Any,
+    best: dict[str, Any],
+    step: int,
+    epoch: int,
+) -> dict[str, Any]:
+    """An epoch's end: the ID validation score logged, and the weights kept when they are the
+    best so far (the first of equals; NaN never wins). Returns the best {"val", "epoch"}."""
+    val = validation_score(classifier, exp)
+    metric = exp.benchmark.metric
+    entry = {"step": step, "epoch": epoch, "val": val, "val_metric": metric}
+    _append_log(run_dir / "log.jsonl", entry)
+    tracker.log(entry, step)
+    if best["epoch"] == 0 or val > best["val"]:
+        save_weights(classifier, run_dir / "model.safetensors", _metadata(exp, classifier))
+        return {"val": val, "epoch": epoch}
+    return best
 
 
 def _metadata(exp: Experiment, classifier: Classifier, tensors: str = "full") -> dict[str, Any]:
     return weights_metadata(exp.bundle, exp.recipe, exp.benchmark, classifier, tensors)
+
+
+def _precisions(exp: Experiment, classifier: Classifier, untrained: bool) -> dict[str, Any]:
+    """The precisions the run computed in, resolved on its device (``auto`` chooses per machine)."""
+    device = classifier.model.logit_scale.device
+    train = None if untrained else resolve(exp.recipe.train.precision, device).name
+    return {"train": train, "eval": resolve(exp.recipe.eval.precision, device).name}
 
 
 def _finish(
@@ -732,6 +955,10 @@ def _finish(
         "train_images_per_second": round(images_seen / train_seconds, 2) if train_seconds else None,
         "eval_seconds": round(time.time() - tick, 2),
         "skipped_images": exp.benchmark.skipped_images,
+        "precision": _precisions(exp, classifier, untrained),
+        # what decides these numbers: a rerun (flyp compare, flyp sweep) or a report checks it
+        "settings": run_settings(exp.recipe),
+        "fingerprint": fingerprint(run_settings(exp.recipe)),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
     for leftover in ("state.pt", "last.safetensors"):

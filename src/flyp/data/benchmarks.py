@@ -17,6 +17,7 @@ from flyp.data.check import CheckReport
 from flyp.data.folders import (
     DataError,
     Sample,
+    check_domain_names,
     check_same_classes,
     list_domain,
     near_hint,
@@ -77,6 +78,7 @@ def _assemble(
     """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole."""
     from flyp.data.paper import finish  # paper imports this module
 
+    check_domain_names([cfg.id_domain, *cfg.ood_domains])  # not 'val', 'train', 'test'
     train, val, test = stratified_split(
         domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
     )

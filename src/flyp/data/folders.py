@@ -2,20 +2,29 @@
 the file or folder at fault and the fix.
 
 Names are compared in Unicode NFC: macOS writes folder names decomposed (NFD), so 'café' from a
-Mac and 'café' typed in a recipe or a CSV are different strings until normalised.
+Mac and 'café' typed in a recipe or a CSV are different strings until normalised. Two names that
+differ only in case, spaces or underscores ('Dog', ' dog', 'dog') are refused rather than made two
+classes (or domains): they become the same caption, and one image listed under both would land in
+two splits.
+
+Text files (CSVs) are read as UTF-8, with or without the byte-order mark Excel writes, or as
+UTF-16/32 with a byte-order mark; anything else is refused in one line rather than guessed.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
+import io
+import os
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -43,6 +52,87 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def name_key(name: str) -> str:
+    """What two names must differ in to be two classes or domains: not case, Unicode form,
+    surrounding or repeated whitespace, or underscores (folder names show '_' as a space)."""
+    folded = unicodedata.normalize("NFKC", name).casefold().replace("_", " ")
+    return " ".join(folded.split())
+
+
+# flyp's own set names: the ID splits, keys of the evaluation sets (``Benchmark.eval_sets``), the
+# columns of ``flyp data`` and of metrics.json's "sets". A domain may not be called like one.
+OWN_SETS = {
+    "train": "the ID training split",
+    "val": "the ID validation split",
+    "test": "the ID test split",
+}
+# The columns next to one per set in a comparison's report.md and results.csv
+# (flyp.report.table_rows); the ID set's column is '<id> (ID)'.
+REPORT_COLUMNS = ("method", "OOD mean", "WiSE α", "WiSE ID", "WiSE OOD mean")
+
+
+def reserved_names(id_name: str) -> dict[str, str]:
+    """{name_key: what it is} of the names that flyp's own sets and columns take, next to which
+    set names become keys: a set named like one would replace it or read as it."""
+    reserved = {key: f"flyp's own '{key}' set ({what})" for key, what in OWN_SETS.items()}
+    reserved |= {name_key(c): f"the report's '{c}' column" for c in REPORT_COLUMNS}
+    reserved[name_key(f"{id_name} (ID)")] = f"the report's column of the ID set '{id_name} (ID)'"
+    return reserved
+
+
+def check_domain_names(names: Sequence[str]) -> None:
+    """Refuse a domain named like one of flyp's own sets or report columns (an OOD domain 'val'
+    would replace the ID validation split that epochs, WiSE-FT's alpha and the probe's C are
+    chosen on), and two domains whose names differ only in case, spaces or underscores.
+    ``names``: the ID domain first."""
+    reserved = reserved_names(names[0]) if names else {}
+    seen: dict[str, str] = {}
+    for name in names:
+        key = name_key(name)
+        if key in reserved:
+            raise DataError(
+                f"domain '{name}' has the name of {reserved[key]}, and their results would be "
+                "mixed up; rename the domain (its folder or CSV file, and data.id_domain / "
+                "data.ood_domains)"
+            )
+        if key in seen:
+            raise DataError(
+                f"domains '{seen[key]}' and '{name}' differ only in case, spaces or underscores; "
+                "rename one so the two sets cannot be mistaken for each other"
+            )
+        seen[key] = name
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The text of ``path``: UTF-8 (a byte-order mark, as Excel writes, is dropped), or UTF-16 /
+    UTF-32 with a byte-order mark. Other bytes are refused in one line naming the fix."""
+    data = Path(path).read_bytes()
+    encoding = "utf-8-sig"
+    for bom, name in (
+        (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16: its mark starts with UTF-16 LE's
+        (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
+        if data.startswith(bom):
+            encoding = name
+            break
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{what} {path} is not {encoding.upper().replace('-SIG', '')} text (byte "
+            f"0x{data[err.start]:02x} at offset {err.start}); save it as UTF-8 (or UTF-16 with "
+            "a byte-order mark)"
+        ) from None
+    if "\x00" in text:
+        raise DataError(
+            f"{what} {path} holds NUL characters (UTF-16 without a byte-order mark?); save it "
+            "as UTF-8"
+        )
+    return text
+
+
 def near_hint(name: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -55,20 +145,47 @@ def require_dir(path: Path, what: str, fix: str) -> Path:
     return path
 
 
+def subfolder_paths(folder: Path) -> list[Path]:
+    """Visible sub-folders of ``folder``, sorted (a symbolic link that loops is none)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
+
+
 def subfolders(folder: Path) -> dict[str, str]:
-    """Visible sub-folders of ``folder`` as {NFC name: name on disk}, sorted by NFC name."""
+    """Visible sub-folders of ``folder`` as {NFC name: name on disk}, sorted by NFC name.
+
+    Two folders whose names differ only in Unicode form, case, spaces or underscores ('Dog/'
+    and 'dog/') are refused: as classes they would be one caption split in two labels."""
     found: dict[str, str] = {}
-    for p in sorted(folder.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
-            continue
+    keys: dict[str, str] = {}
+    for p in subfolder_paths(folder):
         key = nfc(p.name)
         if key in found:
             raise DataError(
                 f"folders '{found[key]}' and '{p.name}' in {folder} are the same name in two "
                 "Unicode forms; merge them into one folder"
             )
-        found[key] = p.name
+        if not name_key(key):
+            raise DataError(
+                f"folder '{p.name}' in {folder} has no name but spaces or underscores; "
+                "rename it after its class or domain"
+            )
+        if name_key(key) in keys:
+            raise DataError(
+                f"folders '{keys[name_key(key)]}' and '{p.name}' in {folder} differ only in "
+                "case, spaces or underscores; merge them into one folder (or rename one)"
+            )
+        found[key] = keys[name_key(key)] = p.name
     return dict(sorted(found.items()))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted; hidden ones ('.DS_Store', macOS's
+    '._photo.jpg' resource forks, which end in .jpg but hold no image) are not images."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def class_folders(domain_dir: Path) -> list[str]:
@@ -79,8 +196,18 @@ def class_folders(domain_dir: Path) -> list[str]:
 def check_same_classes(root: Path, domains: Sequence[str]) -> list[str]:
     """All domains must have the same class folders (compared in NFC); the first is the reference.
 
-    ``domains`` are folder names under ``root``. Returns the NFC class names, sorted.
+    ``domains`` are folder names under ``root``. Returns the NFC class names, sorted. An image
+    directly in a domain folder is refused: no class folder labels it.
     """
+    for domain in domains:
+        stray = [p.name for p in image_files(root / domain) if p.is_file()]
+        if stray:
+            more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""
+            raise DataError(
+                f"{root / domain} holds image files directly ({', '.join(stray[:3])}{more}), "
+                "outside any class folder; expected <domain>/<class>/<image>: move them into "
+                "their class folder or remove them"
+            )
     reference = list(subfolders(root / domains[0]))
     if not reference:
         raise DataError(
@@ -114,10 +241,18 @@ def list_domain(root: Path, domain: str, classes: Sequence[str]) -> list[Sample]
     samples = []
     for label, name in enumerate(classes):
         folder = root / domain / on_disk[nfc(name)]
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        nested = [p.name for p in subfolder_paths(folder) if image_files(p)]
+        if nested:
+            raise DataError(
+                f"class folder {folder} holds folders of images ({', '.join(sorted(nested)[:3])})"
+                "; only the images directly in a class folder are read: move them up into it "
+                "or remove them"
+            )
+        files = image_files(folder)
         if not files:
             raise DataError(
-                f"class folder {folder} holds no images; add images or remove the folder"
+                f"class folder {folder} holds no images; add images or remove the folder "
+                f"(image files end in {', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         samples.extend(Sample(str(p), label) for p in files)
     return samples
@@ -126,34 +261,52 @@ def list_domain(root: Path, domain: str, classes: Sequence[str]) -> list[Sample]
 def read_csv(path: Path) -> list[tuple[str, str]]:
     """Rows of (image path, class name in NFC) from a CSV with a header naming 'path' and 'label'.
 
-    Relative image paths are resolved against the CSV file's folder.
+    Relative image paths are resolved against the CSV file's folder. Whitespace around a cell
+    or a header name is dropped (``img.png, dog`` as people type it: `` dog`` is ``dog``).
+    Refused, naming both lines: an image listed twice (under two labels it is one image in two
+    classes; even under one, its copies could land in train and in test), and two labels that
+    differ only in case, spaces or underscores ('dog' and 'Dog': one class split in two).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(
             f"CSV file {path} does not exist; write it or fix data.root / the domain name"
         )
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "path" not in fields or "label" not in fields:
+    text = io.StringIO(read_text(path, "CSV file"), newline="")
+    reader = csv.DictReader(text, skipinitialspace=True)
+    fields = [name.strip() for name in reader.fieldnames or []]
+    if "path" not in fields or "label" not in fields:
+        raise DataError(
+            f"{path} needs a header with columns 'path' and 'label', found {fields}; "
+            "add the header line 'path,label'"
+        )
+    reader.fieldnames = fields
+    rows = []
+    images: dict[str, tuple[int, str]] = {}  # normalised path -> (line, label)
+    spellings: dict[str, tuple[int, str]] = {}  # name_key(label) -> (line, label)
+    for row in reader:
+        line = reader.line_num
+        cell, label = (row["path"] or "").strip(), nfc((row["label"] or "").strip())
+        if not cell or not label:
             raise DataError(
-                f"{path} needs a header with columns 'path' and 'label', found {fields}; "
-                "add the header line 'path,label'"
+                f"{path}, line {line}: empty path or label; fill it in or delete the line"
             )
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            if not row["path"] or not row["label"]:
-                raise DataError(
-                    f"{path}, line {line}: empty path or label; fill it in or delete the line"
-                )
-            image = Path(row["path"])
-            rows.append(
-                (
-                    str(image if image.is_absolute() else path.parent / image),
-                    nfc(row["label"].strip()),
-                )
+        image = Path(cell)
+        full = str(image if image.is_absolute() else path.parent / image)
+        before, before_label = images.setdefault(os.path.normpath(full), (line, label))
+        if before != line:
+            how = "twice" if before_label == label else f"as '{before_label}' and as '{label}'"
+            raise DataError(
+                f"{path}, lines {before} and {line}: image {cell} is listed {how}; list each "
+                "image once, under its one label"
             )
+        before, spelt = spellings.setdefault(name_key(label), (line, label))
+        if spelt != label:
+            raise DataError(
+                f"{path}, lines {before} and {line}: labels '{spelt}' and '{label}' differ only "
+                "in case, spaces or underscores; spell each class one way"
+            )
+        rows.append((full, label))
     if not rows:
         raise DataError(f"{path} has a header but no rows; add one 'path,label' line per image")
     return rows
@@ -171,8 +324,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     - transparency (RGBA, LA, PA, or a palette/grey/RGB image with a transparent colour) is
       composited on white: transparent pixels often store black, and a sketch drawn in black
       on them would otherwise vanish;
-    - everything else (L, P, 1, CMYK, YCbCr...) goes through PIL's own conversion.
+    - everything else (L, P, 1, CMYK, YCbCr...) goes through PIL's own conversion;
+
+    and turned upright first as its EXIF orientation tag says (:func:`upright`).
     """
+    img = upright(img)
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
@@ -189,8 +345,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: phones store a photo as the sensor read it and tag
+    its rotation (EXIF orientation); shown untagged it is sideways or mirrored. An unreadable
+    EXIF block leaves the pixels as stored: it says nothing about the orientation."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
+        return img
+    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+
+
 def decode_rgb(path: str) -> Image.Image:
-    """Open, decode every pixel and convert to RGB; any failure raises (PIL's own exception)."""
+    """Open, decode every pixel, turn upright and convert to RGB; any failure raises (PIL's own
+    exception). Every image flyp reads goes through here: training, evaluation, the decoded-image
+    cache, the image check and predict."""
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)

@@ -8,9 +8,11 @@ uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
@@ -77,6 +79,11 @@ class EpochSampler(Sampler):
     def steps_per_epoch(self) -> int:
         return self.n // (self.batch_size * self.world)
 
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Draw ``epoch``'s order from step ``start`` on at the next iteration: one loader (and
+        its persistent workers) serves every epoch, with the order a fresh sampler would give."""
+        self.epoch, self.start = epoch, start
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
@@ -90,21 +97,78 @@ class EpochSampler(Sampler):
         return (self.steps_per_epoch() - self.start) * self.batch_size
 
 
+WORKER_CAP = 16  # more decoding processes than this per GPU only add memory and start time
+PREFETCH = 4  # batches each worker keeps ready ahead of the step
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a job
+    scheduler's share), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS / Windows
+        return os.cpu_count() or 1
+
+
+def local_processes(device: torch.device) -> int:
+    """flyp processes on this machine sharing its cores: torchrun's LOCAL_WORLD_SIZE, else the
+    local GPUs in use by a process group started otherwise, else this one process."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        return min(world, torch.cuda.device_count()) if device.type == "cuda" else world
+    return 1
+
+
+def auto_workers(device: torch.device | str, cores: int | None = None) -> int:
+    """``data.num_workers: auto``: loader workers for one process of this machine.
+
+    Each local process gets an equal share of the available cores. On a GPU the main process
+    only feeds the device, so it keeps one core and the rest decode (at most WORKER_CAP). On a
+    CPU the step itself runs on those cores with torch's threads, so a worker takes time from
+    it: one worker of 2 cores ran the step at 0.98x of none (docs/scale_and_speed.md); only a
+    quarter of the share decodes, none below 4 cores.
+    """
+    device = torch.device(device)
+    share = (available_cores() if cores is None else cores) // local_processes(device)
+    spare = share // 4 if device.type == "cpu" else share - 1
+    return max(0, min(spare, WORKER_CAP))
+
+
+def worker_count(setting: int | str, device: torch.device | str = "cpu") -> int:
+    """``data.num_workers`` as a number: itself, or :func:`auto_workers` for "auto"."""
+    return auto_workers(device) if setting == "auto" else int(setting)
+
+
+def pins(device: torch.device | str | None) -> bool:
+    """Page-locked host memory where batches go to a CUDA device: the copy is then
+    asynchronous (``non_blocking``) and faster; elsewhere pinning buys nothing."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
 def train_loader(
     dataset: ImageDataset,
     sampler: EpochSampler,
     batch_size: int,
-    num_workers: int,
-    pin_memory: bool = False,
+    num_workers: int | str,
+    pin_memory: bool | None = None,
+    device: torch.device | str | None = None,
 ) -> DataLoader:
+    """The run's one training loader: built once, iterated once per epoch after
+    ``sampler.set_epoch``. Its workers persist between epochs (no new processes, no second
+    copy of the decoded-image cache each epoch) and keep PREFETCH batches ready each.
+    ``pin_memory`` None: pinned iff ``device`` is CUDA."""
+    workers = worker_count(num_workers, device or "cpu")
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=workers,
         drop_last=True,
-        persistent_workers=False,
-        pin_memory=pin_memory,  # page-locked batches: faster, asynchronous copies to a GPU
+        persistent_workers=workers > 0,
+        prefetch_factor=PREFETCH if workers else None,
+        pin_memory=pins(device) if pin_memory is None else pin_memory,
         generator=_own_generator(),
     )
 
@@ -125,11 +189,22 @@ class TensorBatches:
 
 
 def eval_loader(
-    dataset: ImageDataset | TensorDataset, batch_size: int, num_workers: int
+    dataset: ImageDataset | TensorDataset,
+    batch_size: int,
+    num_workers: int | str,
+    device: torch.device | str | None = None,
 ) -> DataLoader | TensorBatches:
+    """Batches in order; ``device``: where they go (pinned for CUDA, and "auto" workers)."""
     if isinstance(dataset, TensorDataset):  # already in memory: slices of it
         return TensorBatches(dataset, batch_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=_own_generator())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=worker_count(num_workers, device or "cpu"),
+        pin_memory=pins(device),
+        generator=_own_generator(),
+    )
 
 
 def _own_generator() -> torch.Generator:
@@ -140,15 +215,24 @@ def _own_generator() -> torch.Generator:
 
 
 def materialize(
-    dataset: ImageDataset, batch_size: int, num_workers: int, channels_last: bool = False
+    dataset: ImageDataset,
+    batch_size: int,
+    num_workers: int | str,
+    channels_last: bool = False,
+    device: torch.device | str | None = None,
 ) -> TensorDataset:
-    """Every (image, label) of an evaluation dataset, decoded and transformed once, in memory."""
+    """Every (image, label) of an evaluation dataset, decoded and transformed once, in memory:
+    page-locked when ``device`` is CUDA, so that every later pass copies its batches (views of
+    the cache, pinned too) asynchronously."""
     images, labels = [], []
-    for batch_images, batch_labels, _ in eval_loader(dataset, batch_size, num_workers):
+    workers = worker_count(num_workers, device or "cpu")
+    for batch_images, batch_labels, _ in eval_loader(dataset, batch_size, workers):
         images.append(batch_images)
         labels.append(batch_labels)
     labels_t = torch.cat(labels)
     # stored in the layout the image tower runs in, so every later pass takes views of it
     layout = torch.channels_last if channels_last else torch.contiguous_format
     images_t = torch.cat(images).contiguous(memory_format=layout)
+    if pins(device):
+        images_t = images_t.pin_memory()
     return TensorDataset(images_t, labels_t, torch.full_like(labels_t, -1))

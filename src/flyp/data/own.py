@@ -15,34 +15,58 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from flyp.data.folders import IMAGE_SUFFIXES, DataError
+from flyp.data.folders import IMAGE_SUFFIXES, DataError, image_files
+
+LAYOUTS = "DIR/<class>/<image> or DIR/<domain>/<class>/<image>"
 
 
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _has_images(folder: Path) -> bool:
-    return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+def _images(folder: Path) -> list[str]:
+    """Names of the image files directly in ``folder`` (hidden files are not images)."""
+    return [p.name for p in image_files(folder) if p.is_file()]
+
+
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def domains_of(folder: Path) -> list[str] | None:
-    """The domain names of a DIR/<domain>/<class>/<image> tree, or None for DIR/<class>/<image>."""
+    """The domain names of a DIR/<domain>/<class>/<image> tree, or None for DIR/<class>/<image>.
+
+    Images outside the layout (next to class folders, or directly in DIR) are refused by name:
+    no class folder labels them, and leaving them out silently would change the counts."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise DataError(f"--data {folder} does not exist or is not a folder; pass a folder of images")
+        raise DataError(
+            f"--data {folder} does not exist or is not a folder; pass a folder of images"
+        )
     subs = _subfolders(folder)
     if not subs:
-        raise DataError(
-            f"--data {folder} has no sub-folders; expected DIR/<class>/<image> or "
-            "DIR/<domain>/<class>/<image>"
-        )
-    with_images = [s.name for s in subs if _has_images(s)]
-    with_classes = [s.name for s in subs if any(_has_images(c) for c in _subfolders(s))]
+        raise DataError(f"--data {folder} has no sub-folders; expected {LAYOUTS}")
+    images = {s.name: _images(s) for s in subs}
+    with_images = [s.name for s in subs if images[s.name]]
+    with_classes = [s.name for s in subs if any(_images(c) for c in _subfolders(s))]
+    for name in with_images:
+        if name in with_classes:
+            raise DataError(
+                f"--data {folder}: {folder / name} holds image files ({_some(images[name])}) "
+                f"next to folders of images; expected {LAYOUTS}: move those images into a "
+                "class folder or remove them"
+            )
     if with_images and with_classes:
         raise DataError(
-            f"--data {folder} mixes class folders ({with_images[0]}) and domain folders "
-            f"({with_classes[0]}); use DIR/<class>/<image> or DIR/<domain>/<class>/<image>"
+            f"--data {folder} mixes class folders (images directly in {with_images[0]}) and "
+            f"domain folders (class folders in {with_classes[0]}); use {LAYOUTS}"
+        )
+    stray = _images(folder)
+    if stray and (with_images or with_classes):
+        raise DataError(
+            f"--data {folder} holds image files directly ({_some(stray)}), outside any class "
+            f"folder; expected {LAYOUTS}: move them into a class folder or remove them"
         )
     if with_images:
         return None

@@ -12,7 +12,7 @@ from pathlib import Path
 from flyp.data import templates as tpl
 from flyp.data.benchmarks import Benchmark
 from flyp.data.check import check_samples
-from flyp.data.folders import IMAGE_SUFFIXES, DataError, Sample, nfc
+from flyp.data.folders import IMAGE_SUFFIXES, DataError, Sample, name_key, nfc, reserved_names
 from flyp.data.splits import stratified_subsample
 from flyp.recipe import DataConfig
 
@@ -37,8 +37,13 @@ def k_shot(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
 
 
 def images_in(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files directly inside ``folder``, sorted (hidden files, such as macOS's '._x.jpg'
+    resource forks, are not images)."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def labelled_folders(folder: Path, index: Mapping[str, int], what: str) -> list[Sample]:
@@ -53,6 +58,40 @@ def labelled_folders(folder: Path, index: Mapping[str, int], what: str) -> list[
     if not samples:
         raise DataError(f"{folder} holds no <class>/<image> files for {what}")
     return samples
+
+
+def check_sets(
+    train: list[Sample], val: list[Sample], tests: Mapping[str, list[Sample]], id_name: str
+) -> None:
+    """Every set has a name of its own, and every image is in one set only.
+
+    The evaluation sets are keyed {"val", <test sets>} (``Benchmark.eval_sets``), shown next
+    to "train" and become report columns next to "OOD mean" and others: a test set named like
+    those (in any case or spacing) would replace the ID validation split or read as it. An image
+    in two sets (a CSV domain listing another's images, a symlink) is trained on and tested on,
+    or counted twice.
+    """
+    reserved = reserved_names(id_name)
+    reserved.pop("test")  # the ID test set's name where no domain names it (transfer benchmarks)
+    seen: dict[str, str] = {}
+    for name in tests:
+        key = name_key(name)
+        if key in reserved or key in seen:
+            what = reserved.get(key) or f"the set '{seen[key]}'"
+            raise DataError(
+                f"evaluation set '{name}' has the name of {what}; rename it (the domain's "
+                "folder or CSV file, and data.id_domain / data.ood_domains)"
+            )
+        seen[key] = name
+    where: dict[str, str] = {}
+    for name, part in {"train": train, "val": val, **tests}.items():
+        for sample in part:
+            first = where.setdefault(os.path.abspath(sample.path), name)
+            if first != name:
+                raise DataError(
+                    f"image {sample.path} is in both the '{first}' and the '{name}' set; an image "
+                    "may be in one set only: remove it from one domain's folder or CSV file"
+                )
 
 
 def set_root(cfg: DataConfig, name: str, default: str | None) -> Path | None:
@@ -85,6 +124,7 @@ def finish(
     ``group_of`` maps an image path to its group (FMoW region); every evaluation set then
     gets its per-sample group list, computed after subsampling so the two stay aligned.
     """
+    check_sets(train, val, tests, id_name)
     if cfg.k_shot is not None:
         train = k_shot(train, cfg.k_shot, cfg.split_seed)
     train = stratified_subsample(train, cfg.max_train, cfg.split_seed)

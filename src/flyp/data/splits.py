@@ -39,14 +39,48 @@ def stratified_split(
     return [sorted(p) for p in parts]
 
 
+def allocate(counts: dict[int, int], limit: int, rng: random.Random) -> dict[int, int]:
+    """How many samples of each class (``counts``: class -> size) a cap of ``limit`` keeps, in
+    all exactly ``min(limit, total)``.
+
+    Each class gets its share ``limit * size / total`` rounded down, and the seats left go to
+    the largest remainders (largest-remainder allocation). Every class then keeps at least one,
+    taken from the class furthest above its share. A cap below the number of classes keeps one
+    sample of as many classes as fit, the largest classes first. Ties go by a shuffle of
+    ``rng``, so the allocation is the same for the same seed.
+    """
+    total = sum(counts.values())
+    if limit >= total:
+        return dict(counts)
+    order = sorted(counts)
+    rng.shuffle(order)  # the tie-break: sorts below are stable
+    if limit <= len(order):
+        chosen = set(sorted(order, key=lambda c: -counts[c])[:limit])
+        return {c: int(c in chosen) for c in counts}
+    take = {c: limit * counts[c] // total for c in order}
+    remainder = {c: limit * counts[c] % total for c in order}
+    for c in sorted(order, key=lambda c: -remainder[c])[: limit - sum(take.values())]:
+        take[c] += 1
+    for c in order:
+        if take[c] == 0:  # from the class furthest above its share (in units of 1/total)
+            donor = max(
+                (d for d in order if take[d] > 1), key=lambda d: take[d] * total - limit * counts[d]
+            )
+            take[donor] -= 1
+            take[c] = 1
+    return take
+
+
 def stratified_subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> list[Sample]:
-    """At most ``limit`` samples keeping class proportions (each class keeps at least one)."""
+    """At most ``limit`` samples (exactly ``limit`` when there are more), seeded, keeping class
+    proportions as :func:`allocate` shares them out (each class keeps one when the cap allows)."""
     if limit is None or limit >= len(samples):
         return list(samples)
     rng = random.Random(seed)
-    out: list[Sample] = []
-    for _, group in _by_class(samples).items():
+    groups = {}
+    for label, group in _by_class(samples).items():
         group = sorted(group)
         rng.shuffle(group)
-        out.extend(group[: max(1, round(limit * len(group) / len(samples)))])
-    return sorted(out)
+        groups[label] = group
+    take = allocate({label: len(g) for label, g in groups.items()}, limit, rng)
+    return sorted(s for label, group in groups.items() for s in group[: take[label]])

@@ -8,6 +8,10 @@ picks another list by name with ``data.templates``.
 
 from __future__ import annotations
 
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
 
 class WithArticle(str):
     """A template whose ``{}`` takes the class name after its indefinite article ("an airport",
@@ -132,4 +136,68 @@ def get_templates(name: str) -> list[str]:
         raise ValueError(
             f"unknown template set '{name}'; known: {', '.join(sorted(TEMPLATE_SETS))}"
         )
-    return list(TEMPLATE_SETS[name])
+    return check_templates(TEMPLATE_SETS[name], f"template set '{name}'")
+
+
+# ---- the one rule for a template, wherever it comes from (set, file, weights metadata) ----
+
+
+class TemplateError(ValueError):
+    """A template that does not take exactly one class name; the message says where it is."""
+
+
+def template_problem(template: object) -> str | None:
+    """What is wrong with one template, or None: it must be a string with exactly one ``{}``
+    field, positional and plain (no name, index, conversion or format spec); literal braces are
+    written ``{{`` and ``}}``."""
+    if not isinstance(template, str):
+        return f"{template!r} is not text"
+    try:
+        fields = [(f, s, c) for _, f, s, c in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:  # "Single '}' encountered", "expected '}' before end of string"
+        return f"{template!r} has unbalanced braces ({err}); write literal braces as {{{{ and }}}}"
+    bad = [(f, spec, conv) for f, spec, conv in fields if f or spec or conv]
+    if bad:
+        f, spec, conv = bad[0]
+        shown = "{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        return f"{template!r} has the field {shown}; use a plain {{}} for the class name"
+    if len(fields) != 1:
+        return (
+            f"{template!r} has {len(fields)} {{}} fields; a template has exactly one {{}} "
+            "for the class name, e.g. 'a photo of a {}.'"
+        )
+    return None
+
+
+def check_templates(templates: Sequence[object], where: str) -> list[str]:
+    """``templates`` if every one is valid and there is at least one; else a TemplateError
+    naming ``where`` and the template's position (1-based)."""
+    templates = list(templates)
+    if not templates:
+        raise TemplateError(f"{where}: no templates; give at least one, e.g. 'a photo of a {{}}.'")
+    for i, template in enumerate(templates, start=1):
+        problem = template_problem(template)
+        if problem:
+            raise TemplateError(f"{where}, template {i}: {problem}")
+    return templates
+
+
+def read_templates_file(path: str | Path) -> list[str]:
+    """The templates of a text file, one a line (blank lines skipped); a bad one is refused
+    with its line number."""
+    from flyp.data.folders import DataError, read_text
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"templates file {file} does not exist; write one template per line")
+    lines = read_text(file, "templates file").splitlines()  # UTF-8, or UTF-16/32 with a BOM
+    templates = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            problem = template_problem(line.strip())
+            if problem:
+                raise DataError(f"templates file {file}, line {number}: {problem}")
+            templates.append(line.strip())
+    if not templates:
+        raise DataError(f"templates file {file} is empty; write one template per line")
+    return templates

@@ -1,7 +1,9 @@
 """Hugging Face CLIP and SigLIP model folders (``save_pretrained`` output), loaded offline.
 
 ``hf:/path/to/dir`` needs config.json, the weights, and a tokenizer the folder can load;
-preprocessor_config.json, if present, gives the image size, mean and std.
+preprocessor_config.json, if present, gives the image preprocessing (resize, crop,
+interpolation, mean and std), read by transformers' own image processor; without it, the
+defaults of the model type's processor at the config's image size.
 
 The transformers model is regrouped into flyp's interface: ``visual`` (vision tower and
 projection: every image parameter is named ``visual.*``), ``text`` (text tower and
@@ -10,7 +12,7 @@ projection), and the model's own ``logit_scale`` (and SigLIP's ``logit_bias``) p
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -21,6 +23,15 @@ from flyp.models.base import ModelBundle, ModelSpecError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# PIL's resampling codes, as image processors store them, in torchvision's names
+RESAMPLE = {
+    0: T.InterpolationMode.NEAREST,
+    1: T.InterpolationMode.LANCZOS,
+    2: T.InterpolationMode.BILINEAR,
+    3: T.InterpolationMode.BICUBIC,
+    4: T.InterpolationMode.BOX,
+    5: T.InterpolationMode.HAMMING,
+}
 
 
 class Tower(nn.Module):
@@ -78,18 +89,106 @@ class HFTokenizer:
         return out["input_ids"]
 
 
-def _image_settings(folder: Path, config_size: int, siglip: bool) -> tuple[int, tuple, tuple]:
-    mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (CLIP_MEAN, CLIP_STD)
-    path = folder / "preprocessor_config.json"
-    if not path.is_file():
-        return config_size, mean, std
-    pre = json.loads(path.read_text())
-    crop = pre.get("crop_size") or pre.get("size") or {}
-    if isinstance(crop, dict):
-        size = crop.get("height") or crop.get("shortest_edge") or config_size
+@dataclass
+class ImageSettings:
+    """The preprocessing the weights were trained with, as the model's image processor does it:
+    ``resize`` to a shortest edge (an int) or to exactly (height, width), then an optional
+    centre ``crop`` to the model's input ``size``, then normalisation (``mean`` / ``std``, or
+    none)."""
+
+    size: int
+    resize: int | tuple[int, int] | None
+    crop: bool
+    interpolation: T.InterpolationMode
+    mean: tuple | None
+    std: tuple | None
+
+    def at(self, size: int) -> ImageSettings:
+        """The same preprocessing for an input of ``size`` px (``model.image_size``)."""
+        if isinstance(self.resize, int):
+            resize = round(self.resize * size / self.size)
+        else:
+            resize = (size, size) if self.resize is not None else None
+        return ImageSettings(size, resize, self.crop, self.interpolation, self.mean, self.std)
+
+
+def _image_processor(folder: Path, config_size: int, siglip: bool):
+    """The folder's image processor (preprocessor_config.json), or the model type's default
+    processor at the config's image size (CLIP: shortest edge + centre crop; SigLIP: squash)."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor, SiglipImageProcessor
+
+    if (folder / "preprocessor_config.json").is_file():
+        try:
+            return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ModelSpecError(
+                f"hf:{folder}: preprocessor_config.json is not an image processor config "
+                f"({_reason(err)}); fix it, or remove it to use the model type's defaults"
+            ) from None
+    if siglip:
+        return SiglipImageProcessor(size={"height": config_size, "width": config_size})
+    square = {"height": config_size, "width": config_size}
+    return CLIPImageProcessor(size={"shortest_edge": config_size}, crop_size=square)
+
+
+def _image_settings(folder: Path, config_size: int, siglip: bool) -> ImageSettings:
+    pre = _image_processor(folder, config_size, siglip)
+
+    def edge(sizes, key: str):
+        return sizes.get(key) if isinstance(sizes, dict) else getattr(sizes, key, None)
+
+    size, crop = getattr(pre, "size", None), getattr(pre, "crop_size", None)
+    resize = None
+    if getattr(pre, "do_resize", True) and size is not None:
+        if edge(size, "shortest_edge"):
+            resize = int(edge(size, "shortest_edge"))
+        elif edge(size, "height"):
+            resize = (int(edge(size, "height")), int(edge(size, "width")))
+    crops = (
+        bool(getattr(pre, "do_center_crop", False)) and crop is not None and edge(crop, "height")
+    )
+    if crops:
+        model_size = int(edge(crop, "height"))
+    elif isinstance(resize, tuple):
+        model_size = resize[0]
     else:
-        size = crop or config_size
-    return int(size), tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+        model_size = resize or config_size
+    normalize = getattr(pre, "do_normalize", True)
+    resample = getattr(pre, "resample", 3)
+    return ImageSettings(
+        size=model_size,
+        resize=resize,
+        crop=bool(crops),
+        interpolation=RESAMPLE.get(int(resample), T.InterpolationMode.BICUBIC),
+        mean=tuple(pre.image_mean) if normalize else None,
+        std=tuple(pre.image_std) if normalize else None,
+    )
+
+
+def image_transforms(settings: ImageSettings) -> tuple[T.Compose, T.Compose]:
+    """(train, eval): training draws a random 90-100% crop at the input size; evaluation is the
+    image processor's resize and crop. Both end in the processor's normalisation."""
+    tail = [T.ToTensor()]
+    if settings.mean is not None:
+        tail.append(T.Normalize(settings.mean, settings.std))
+    how = settings.interpolation
+    train = T.Compose(
+        [T.RandomResizedCrop(settings.size, scale=(0.9, 1.0), interpolation=how), *tail]
+    )
+    steps = [T.Resize(settings.resize, interpolation=how)] if settings.resize else []
+    if settings.crop:
+        steps.append(T.CenterCrop(settings.size))
+    return train, T.Compose([*steps, *tail])
+
+
+def context_length_of(config, tokenizer) -> int:
+    """The text length the model was trained with: the tokenizer's ``model_max_length`` (77
+    for CLIP, 64 for SigLIP) where it is set, never more than the position embeddings."""
+    positions = int(config.text_config.max_position_embeddings)
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_max, int) and 0 < tokenizer_max < positions:
+        return tokenizer_max
+    return positions
 
 
 def _reason(err: Exception) -> str:
@@ -151,27 +250,22 @@ def load_hf(
         raise ModelSpecError(
             f"hf:{path} has no tokenizer files flyp can load offline ({err})"
         ) from err
-    size, mean, std = _image_settings(folder, config.vision_config.image_size, siglip)
+    settings = _image_settings(folder, config.vision_config.image_size, siglip)
     native = config.vision_config.image_size
-    size = image_size or size
-    max_length = context_length or config.text_config.max_position_embeddings
-    normalize = T.Normalize(mean, std)
-    bicubic = T.InterpolationMode.BICUBIC
-    train_tf = T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=bicubic),
-            T.ToTensor(),
-            normalize,
-        ]
+    if image_size:
+        settings = settings.at(image_size)
+    size = settings.size
+    train_tf, eval_tf = image_transforms(settings)
+    own, positions = (
+        context_length_of(config, tokenizer),
+        config.text_config.max_position_embeddings,
     )
-    if siglip:
-        eval_tf = T.Compose(
-            [T.Resize((size, size), interpolation=bicubic), T.ToTensor(), normalize]
+    if context_length is not None and context_length > positions:
+        raise ModelSpecError(
+            f"model.context_length {context_length} is more than hf:{path} has positions for "
+            f"({positions}); leave it unset to use the model's own ({own})"
         )
-    else:
-        eval_tf = T.Compose(
-            [T.Resize(size, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(), normalize]
-        )
+    max_length = context_length or own
     return ModelBundle(
         HFTwoTower(model, siglip, interpolate=size != native),
         HFTokenizer(tokenizer, max_length, pad_to_max=siglip),

@@ -2,22 +2,153 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import types
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flyp.models.base import ModelBundle, ModelSpecError, trim_padding
 
 HUB_PROBE_SECONDS = 2.0  # the whole reachability check, name lookup included
+# Entries of OpenAI's own checkpoints (ViT-B-16.pt, ...) that open_clip's files never hold.
+OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """What a checkpoint's weights were trained with that its architecture name does not say.
+
+    open_clip 3.x builds ``ViT-B-16`` and most other architectures with ``nn.GELU``, but
+    OpenAI's weights (and those of several other tags) were trained with QuickGELU: loaded
+    into GELU they run a different network (ImageNet zero-shot 64.4 instead of 68.3 for
+    ViT-B-16, and open_clip only warns). ``quick_gelu`` turns QuickGELU on, never off (an
+    architecture named ``-quickgelu`` stays as named); ``preprocess`` holds the mean, std,
+    interpolation and resize mode the weights expect (empty: the architecture's defaults)."""
+
+    quick_gelu: bool = False
+    preprocess: dict = field(default_factory=dict)
+
+
+def tag_pretraining(arch: str, tag: str) -> Pretraining:
+    """A pretrained tag's settings, from open_clip's own metadata (``open_clip.pretrained``)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    preprocess = {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
+    return Pretraining(bool(cfg.get("quick_gelu", False)), preprocess)
+
+
+def _common_preprocess(arch: str) -> dict:
+    """The preprocessing every pretrained tag of ``arch`` shares (e.g. SigLIP's mean and std
+    of 0.5), or nothing where they differ: a checkpoint file of such an architecture is almost
+    always one of those weights, or finetuned from them."""
+    import open_clip
+
+    found = [
+        tag_pretraining(arch, t).preprocess for t in open_clip.list_pretrained_tags_by_model(arch)
+    ]
+    return found[0] if found and all(p == found[0] for p in found) else {}
+
+
+def file_pretraining(arch: str, path: Path, openai: bool) -> Pretraining:
+    """A local checkpoint file's settings: OpenAI's own files (``openai``) were trained with
+    QuickGELU and OpenAI's preprocessing; an ``open_clip_config.json`` beside the file (open_clip's
+    folder format, a Hugging Face download, a flyp export) says what it holds; otherwise the
+    activation is the architecture's and the preprocessing its tags' common one."""
+    if openai:
+        return _openai_pretraining()
+    beside = path.parent / "open_clip_config.json"
+    try:
+        config = json.loads(beside.read_text()) if beside.is_file() else {}
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and isinstance(config.get("model_cfg"), dict):
+        preprocess = config.get("preprocess_cfg") or {}
+        return Pretraining(
+            bool(config["model_cfg"].get("quick_gelu", False)),
+            {k: preprocess[k] for k in PREPROCESS_KEYS if k in preprocess},
+        )
+    return Pretraining(False, _common_preprocess(arch))
+
+
+def _openai_pretraining() -> Pretraining:
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return Pretraining(
+        True,
+        {
+            "mean": OPENAI_DATASET_MEAN,
+            "std": OPENAI_DATASET_STD,
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    )
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI distributes its CLIP checkpoints as TorchScript archives (zip files with
+    constants.pkl); ``torch.load(weights_only=True)``, which open_clip uses, refuses them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def openai_state_dict(path: Path) -> dict[str, Tensor] | None:
+    """The weights of ``path`` if it is one of OpenAI's own CLIP checkpoints (a TorchScript
+    archive, or a state dict with OpenAI's ``input_resolution`` / ``context_length`` /
+    ``vocab_size`` entries), without those entries; None for any other file."""
+    if _is_torchscript(path):
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    elif path.suffix in (".safetensors", ".npz", ".npy"):
+        return None  # OpenAI never shipped these; open_clip loads them
+    else:
+        try:  # memory-mapped: a look at the keys costs no copy of the weights
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a zip-format file (or not a checkpoint): open_clip says which
+            return None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not any(k in state for k in OPENAI_ONLY_KEYS):
+            return None
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k not in OPENAI_ONLY_KEYS}
+
+
+def _load_openai_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load OpenAI's weights into an open_clip model of the same architecture, as open_clip's
+    ``load_checkpoint`` does for its own files (the positional embedding resized to the
+    model's image size). Buffers the model computes itself (attention masks) are skipped."""
+    from open_clip.model import resize_pos_embed
+
+    kept = model.state_dict().keys()
+    computed = {name for name, _ in model.named_buffers() if name not in kept}
+    # fp32 as the model is: OpenAI's files hold fp16 matrices, which resizing cannot take
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k not in computed}
+    resize_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """Whether an open_clip model runs QuickGELU (what its config's ``quick_gelu`` says)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
 
 
 def _offline_requested() -> bool:
@@ -66,6 +197,8 @@ def _is_cached(cfg: dict) -> bool:
     """Whether open_clip finds the tag's weights without a network."""
     import open_clip
 
+    if "file" in cfg:  # a tag registered with a local file, which open_clip uses as is
+        return Path(cfg["file"]).is_file()
     if cfg.get("hf_hub"):
         with _hub_offline():
             try:
@@ -106,10 +239,17 @@ def _resolve_pretrained(arch: str, weights: str | None) -> tuple[str | None, boo
         return weights, False
     if _offline_requested() or not _hub_reachable():
         why = "HF_HUB_OFFLINE is set" if _offline_requested() else "no model hub is reachable"
+        quick = (
+            f"; a copy in open_clip's format, trained with QuickGELU: "
+            f"open_clip:{arch}-quickgelu:/path/to/weights.pt"
+            if tag_pretraining(arch, weights).quick_gelu
+            and f"{arch}-quickgelu" in open_clip.list_models()
+            else ""
+        )
         raise ModelSpecError(
             f"open_clip:{arch}:{weights} is not in the local cache and {why}. "
             f"Download the weights elsewhere and pass the file: open_clip:{arch}:/path/to/weights.pt "
-            f"(or a Hugging Face CLIP directory: hf:/path/to/dir)"
+            f"(or a Hugging Face CLIP directory: hf:/path/to/dir{quick})"
         )
     return weights, True
 
@@ -129,6 +269,10 @@ def load_open_clip(
 ) -> ModelBundle:
     """``arch`` is an open_clip architecture name or a path to a model config JSON file.
 
+    The model is built as its weights were trained (see :class:`Pretraining`): QuickGELU for
+    tags trained with it and for OpenAI's own checkpoint files, and the tag's (or the file's)
+    image preprocessing.
+
     ``trim_text``: cut tokens to the longest caption of each batch where that leaves the
     features unchanged (see :func:`trim_text_context`); otherwise open_clip's full context."""
     import open_clip
@@ -145,9 +289,28 @@ def load_open_clip(
     spec = f"open_clip:{arch}:{weights}" if weights else f"open_clip:{arch}"
     with nullcontext() if online else _hub_offline():
         try:
+            openai_state = None
+            if not weights:
+                settings = Pretraining()
+            elif _is_file_spec(weights):
+                path = Path(weights).expanduser()
+                openai_state = openai_state_dict(path) if pretrained else None
+                settings = file_pretraining(arch, path, openai=openai_state is not None)
+            else:
+                settings = tag_pretraining(arch, weights)
             model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-                arch, pretrained=pretrained, force_image_size=image_size
+                arch,
+                pretrained=None if openai_state is not None else pretrained,
+                pretrained_text=openai_state is None,  # no hub download for OpenAI's files
+                force_image_size=image_size,
+                force_quick_gelu=settings.quick_gelu,
+                image_mean=settings.preprocess.get("mean"),
+                image_std=settings.preprocess.get("std"),
+                image_interpolation=settings.preprocess.get("interpolation"),
+                image_resize_mode=settings.preprocess.get("resize_mode"),
             )
+            if openai_state is not None:
+                _load_openai_state(model, openai_state)
         except Exception as err:
             if pretrained is None or online:
                 raise

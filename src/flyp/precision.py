@@ -1,0 +1,196 @@
+"""Precision and device settings in one place: the precision a run computes in, chosen by the
+hardware, and the backend switches a CUDA device wants.
+
+``train.precision`` and ``eval.precision`` are ``auto`` (the default), ``fp32`` or ``bf16``.
+``auto`` is bf16 where the hardware computes it natively, fp32 elsewhere:
+
+- a CUDA device that supports bf16 (``torch.cuda.is_bf16_supported``: Ampere and later);
+- a CPU with AMX or AVX512-BF16 (x86) or Arm's BF16 extension, as torch reports them;
+- anything else (an AVX2-only CPU, an older GPU, MPS): fp32.
+
+bf16 means autocast of the towers; weights, optimizer, logits and losses stay fp32. Without
+native support bf16 is emulated and slow: on an AVX2-only EPYC a 1024² bf16 matmul ran at
+0.9 GFLOP/s against 134 in fp32, and a CIFAR finetune took 814 s in bf16 against 78 s in fp32.
+An explicit ``bf16`` there still runs, with a warning naming the slowdown.
+
+Evaluation, ``flyp evaluate`` and ``flyp predict`` resolve ``eval.precision`` by this one rule,
+so on one machine a run's reported accuracy and ``predict`` on the same images agree.
+``FLYP_AUTO_PRECISION=fp32`` (or ``bf16``) makes ``auto`` choose that on any hardware: the test
+suite sets it, so that its pinned numbers are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from flyp.recipe import RecipeError
+from flyp.tracking import say
+
+PRECISIONS = ("auto", "fp32", "bf16")
+AUTO_ENV = "FLYP_AUTO_PRECISION"
+# What bf16 costs where it is emulated (measured on an AVX2-only AMD EPYC): in the warning.
+SLOWDOWN = (
+    "expect it to run about 10x slower than fp32 (on an AVX2-only EPYC a 1024² bf16 matmul ran "
+    "at 0.9 GFLOP/s against 134 in fp32, and a CIFAR finetune took 814 s against 78 s)"
+)
+
+
+def _cpu_query(name: str) -> bool:
+    query = getattr(torch.cpu, name, None)  # private in torch; absent in some versions
+    return bool(query()) if query is not None else False
+
+
+def cpu_bf16_feature() -> str | None:
+    """The CPU feature that computes bf16 natively, as torch sees it ("AMX", "AVX512-BF16",
+    "Arm BF16"), or None: oneDNN then emulates bf16, far slower than fp32."""
+    if _cpu_query("_is_amx_tile_supported"):
+        return "AMX"
+    if _cpu_query("_is_avx512_bf16_supported"):
+        return "AVX512-BF16"
+    arm = platform.machine().lower() in ("arm64", "aarch64")
+    if arm and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "Arm BF16"
+    return None
+
+
+def _cuda_name(device: torch.device) -> str:
+    try:
+        return f"CUDA device {torch.cuda.get_device_name(device)!r}"
+    except (AssertionError, RuntimeError):  # no CUDA here (tests mock the capability query)
+        return f"CUDA device {device}"
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively, and a phrase saying why (for the run's line)."""
+    if device.type == "cuda":
+        name = _cuda_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{name} supports bf16"
+        return False, f"{name} has no native bf16"
+    if device.type == "cpu":
+        feature = cpu_bf16_feature()
+        if feature:
+            return True, f"this CPU has native bf16 ({feature})"
+        return False, "this CPU has no native bf16 (neither AMX nor AVX512-BF16)"
+    return False, f"bf16 autocast is not used on {device.type}"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What was asked for (auto, fp32, bf16), what runs (``name``: fp32 or bf16), and why."""
+
+    asked: str
+    name: str
+    device: str  # the device type it was resolved for
+    native: bool  # whether the device computes bf16 natively
+    hardware: str  # that, in words ("this CPU has native bf16 (AVX512-BF16)")
+    forced: bool = False  # auto chose by FLYP_AUTO_PRECISION, not by the hardware
+
+    @property
+    def emulated(self) -> bool:
+        """bf16 on hardware without native bf16: it runs, slowly."""
+        return self.name == "bf16" and not self.native
+
+    @property
+    def why(self) -> str:
+        if self.forced:
+            return f"auto: {AUTO_ENV}={self.name}"
+        if self.asked == "auto":
+            return f"auto: {self.hardware}"
+        return f"asked for, though {self.hardware}" if self.emulated else "asked for"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.why})"
+
+
+def resolve(asked: str, device: torch.device | str) -> Precision:
+    """The precision ``asked`` (auto, fp32, bf16) means on ``device``."""
+    if asked not in PRECISIONS:
+        raise ValueError(f"unknown precision '{asked}'; choose one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    native, hardware = native_bf16(device)
+    name, forced = asked, False
+    if asked == "auto":
+        name = "bf16" if native else "fp32"
+        override = os.environ.get(AUTO_ENV)
+        if override:
+            if override not in ("fp32", "bf16"):
+                raise RecipeError(f"{AUTO_ENV}={override!r} is not fp32 or bf16; unset it or fix it")
+            name, forced = override, True
+    return Precision(asked, name, device.type, native, hardware, forced)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the towers (weights and optimizer stay fp32), or nothing; ``auto`` is
+    resolved for ``device`` first (callers in a loop pass the name they resolved once)."""
+    if precision not in ("fp32", "bf16"):
+        precision = resolve(precision, device).name
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def run_line(train: Precision | None, evaluation: Precision) -> str:
+    """The one line a run starts with: which precision was chosen, and why."""
+    if train is None:  # nothing trains (zeroshot, lp)
+        return f"precision: eval {evaluation}"
+    if train == evaluation:
+        return f"precision: train and eval {train}"
+    return f"precision: train {train}, eval {evaluation}"
+
+
+def warning(key: str, chosen: Precision) -> str | None:
+    """The warning line for ``key`` (e.g. train.precision) when it asked for bf16 on hardware
+    without native bf16, else None."""
+    if not chosen.emulated:
+        return None
+    cost = SLOWDOWN if chosen.device == "cpu" else "expect it to run slower than fp32"
+    return (
+        f"warning: {key} bf16, but {chosen.hardware}: bf16 is emulated there, {cost}; "
+        f"use {key} auto (or fp32)"
+    )
+
+
+def announce(train: Precision | None, evaluation: Precision) -> None:
+    """Say on stderr which precision a run chose and why, with a warning for emulated bf16."""
+    say(run_line(train, evaluation))
+    for key, chosen in (("train.precision", train), ("eval.precision", evaluation)):
+        line = warning(key, chosen) if chosen is not None else None
+        if line:
+            say(line)
+
+
+def announce_predict(chosen: Precision, given: bool, run_used: str | None) -> None:
+    """Say on stderr which precision ``flyp predict`` chose (from ``--precision`` when
+    ``given``, else the run's eval.precision), and when it is not what the run's evaluation
+    computed in (``run_used``, from the weights' metadata: another machine), that it differs."""
+    key = "--precision" if given else "the run's eval.precision"
+    line = f"precision: {chosen}, from {key}"
+    if run_used and run_used != chosen.name:
+        line += (
+            f"; the run's evaluation computed in {run_used}, so probabilities may differ slightly "
+            f"from its metrics.json (--precision {run_used} to match)"
+        )
+    say(line)
+    alarm = warning("--precision" if given else "eval.precision", chosen)
+    if alarm:
+        say(alarm)
+
+
+def configure_device(device: torch.device | str) -> list[str]:
+    """The backend settings of a run on ``device``, set once where a run starts (training,
+    ``flyp evaluate``, ``flyp predict``). On CUDA: TF32 for float32 matmuls and convolutions
+    (10-bit mantissa products, fp32 accumulation: what bf16 autocast leaves in fp32 runs on the
+    tensor cores) and cuDNN autotuning (fixed image sizes: the fastest convolution algorithm is
+    chosen once per shape). Nothing elsewhere. Returns what was set."""
+    if torch.device(device).type != "cuda":
+        return []
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return ["tf32 matmul", "tf32 cudnn", "cudnn benchmark"]

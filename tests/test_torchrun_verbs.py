@@ -1,0 +1,291 @@
+"""`flyp compare` and `flyp sweep` under torchrun (gloo on the CPU) equal one process; the
+process group's timeout and device binding; rank 0's answers shared with every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fakes import error_lines, tiny_overrides
+from flyp import distributed
+from flyp.cli import main
+from flyp.distributed import init_distributed, on_main
+from flyp.recipe import RecipeError, load_recipe, run_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the process group: timeout (train.dist_timeout_s) and device_id ----------------------------
+
+
+@pytest.fixture
+def group_calls(monkeypatch) -> list[tuple[tuple, dict]]:
+    """init_process_group recorded instead of run, as torchrun's rank 1 of 2 would call it."""
+    calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    return calls
+
+
+def test_init_binds_the_local_gpu_and_passes_the_timeout_on_cuda(group_calls, monkeypatch):
+    bound = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    env = init_distributed("auto", 600)
+    assert env.device == torch.device("cuda", 1) and (env.rank, env.world) == (1, 2)
+    assert bound == [torch.device("cuda", 1)]
+    assert group_calls == [
+        (("nccl",), {"timeout": timedelta(seconds=600), "device_id": torch.device("cuda", 1)})
+    ]
+
+
+def test_init_on_the_cpu_is_gloo_with_the_timeout_and_no_device_id(group_calls):
+    init_distributed("cpu", 42.5)
+    assert group_calls == [(("gloo",), {"timeout": timedelta(seconds=42.5)})]
+
+
+def test_init_default_timeout_is_the_recipe_default_1800_s(group_calls):
+    init_distributed("cpu")
+    assert group_calls[0][1]["timeout"] == timedelta(seconds=1800)
+    assert load_recipe(None, []).train.dist_timeout_s == 1800
+
+
+def test_one_process_never_creates_a_group(group_calls, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert init_distributed("cpu").world == 1 and group_calls == []
+
+
+class Joined(Exception):
+    """Stops a verb right after it joined the process group."""
+
+
+@pytest.mark.parametrize("verb", ["finetune", "compare", "sweep"])
+def test_every_torchrun_verb_joins_with_train_dist_timeout_s(verb, fake_pacs, tmp_path, monkeypatch):
+    """finetune, compare and sweep pass the recipe's train.dist_timeout_s to the group."""
+    timeouts = []
+
+    def record(*args, timeout=None, **kwargs):
+        timeouts.append(timeout)
+        raise Joined
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", record)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = [verb, "--out", str(tmp_path / "out")]
+    argv += [f"--set={o}" for o in tiny_overrides(fake_pacs, "train.dist_timeout_s=120")]
+    argv += {"finetune": [], "compare": ["--methods", "ft"], "sweep": ["--grid", "train.lr=1e-3,1e-2"]}[verb]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    with pytest.raises(Joined):
+        main([argv[0], str(recipe), *argv[1:]])
+    assert timeouts == [timedelta(seconds=120)]
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_dist_timeout_that_is_not_positive_is_refused(value, fake_pacs, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    argv = ["finetune", str(recipe), "--out", str(tmp_path / "run")]
+    argv += [f"--set={o}" for o in tiny_overrides(fake_pacs, f"train.dist_timeout_s={value}")]
+    assert main(argv) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert err == [f"error: train.dist_timeout_s: {float(value)} is out of range; it must be > 0"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_dist_timeout_is_not_a_run_setting():
+    """Resume may change it: how long ranks wait decides no number."""
+    recipe = load_recipe(None, ["train.dist_timeout_s=60"])
+    assert run_settings(recipe) == run_settings(load_recipe(None, []))
+
+
+# --- on_main: rank 0 works, every rank gets its answer (or its error) ----------------------------
+
+
+def _on_main_worker(rank: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ran = []
+    try:
+        value = on_main(lambda: ran.append(rank) or {"decided_by": rank})
+        try:
+            on_main(lambda: (_ for _ in ()).throw(RecipeError(f"bad on rank {rank}")))
+            error = None
+        except RecipeError as err:
+            error = str(err)
+        main_flags = [distributed.is_main()]
+        Path(out, f"rank{rank}.json").write_text(json.dumps([value, ran, error, main_flags]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_on_main_runs_once_and_gives_every_rank_rank0s_result_and_error(tmp_path):
+    mp.spawn(_on_main_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    zero = json.loads((tmp_path / "rank0.json").read_text())
+    one = json.loads((tmp_path / "rank1.json").read_text())
+    assert zero == [{"decided_by": 0}, [0], "bad on rank 0", [True]]
+    assert one == [{"decided_by": 0}, [], "bad on rank 0", [False]]
+
+
+def test_on_main_in_one_process_just_runs():
+    assert on_main(lambda: 7) == 7 and distributed.is_main()
+
+
+# --- the verbs under torchrun equal one process -------------------------------------------------
+
+# Run as each rank: every write under the output folder by a rank other than 0 is recorded
+# (flyp writes through os.replace, os.rename, open and copytree), then flyp's CLI runs.
+GUARD = """
+import builtins, io, os, shutil, sys
+log, out, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+if os.environ["RANK"] != "0":
+    real_open = builtins.open
+    def record(what, path):
+        if str(path).startswith(out):
+            with real_open(log, "a") as f:
+                f.write(f"{what} {path}\\n")
+    def wrap(what, call, path_arg=0):
+        def guarded(*a, **k):
+            record(what, a[path_arg])
+            return call(*a, **k)
+        return guarded
+    def opened(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+"):
+            record("open", file)
+        return real_open(file, mode, *a, **k)
+    builtins.open = io.open = opened
+    os.replace = wrap("replace", os.replace, 1)
+    os.rename = wrap("rename", os.rename, 1)
+    shutil.copytree = wrap("copytree", shutil.copytree, 1)
+from flyp.cli import main
+sys.exit(main(args))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flyp_args(data: Path, recipe: Path, out: Path, verb: list[str]) -> list[str]:
+    sets = tiny_overrides(
+        data, "data.ood_domains=[art]", "train.epochs=1", "train.device=cpu",
+        "eval.wise_alphas=[0,0.5,1]", "data.num_workers=0",
+    )  # fmt: skip
+    return [verb[0], str(recipe), *[f"--set={s}" for s in sets], "--out", str(out), *verb[1:]]
+
+
+def _launch(tmp_path: Path, args: list[str], out: Path, nodes: int) -> None:
+    """torchrun with 2 processes: one node of 2, or 2 "nodes" of 1 on localhost."""
+    guard = tmp_path / "guard.py"
+    guard.write_text(GUARD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    script = [str(guard), str(tmp_path / "rank_writes.log"), str(out), *args]
+    if nodes == 1:
+        commands = [[*run, "--standalone", "--nproc_per_node=2", *script]]
+    else:
+        port = _free_port()
+        commands = [
+            [*run, "--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", *script]
+            for r in range(2)
+        ]  # fmt: skip
+    procs = [
+        subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for c in commands
+    ]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    for p, text in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, text[-4000:]
+    writes = tmp_path / "rank_writes.log"
+    assert not writes.exists(), f"ranks other than 0 wrote: {writes.read_text()}"
+
+
+# Numbers that depend on the clock, and the folders' own paths: everything else must agree.
+TIMING = ("train_seconds", "eval_seconds", "train_images_per_second", "seconds")
+
+
+def assert_same_numbers(a, b, where: str, one: str, two: str) -> None:
+    """Equal structure, equal strings (paths with the out folder swapped), numbers equal within
+    1e-6: the weights agree to float rounding (the global batch and its order are the same),
+    and accuracies are counts of argmaxes that such rounding does not flip."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            if not key.endswith(TIMING):
+                assert_same_numbers(a[key], b[key], f"{where}.{key}", one, two)
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_numbers(x, y, f"{where}[{i}]", one, two)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-6, nan_ok=True), where
+    elif isinstance(a, str) and isinstance(b, str):
+        assert a.replace(one, two) == b, where
+    else:
+        assert a == b, where
+
+
+def assert_same_outputs(one: Path, two: Path, names: tuple[str, ...]) -> None:
+    """Every JSON file named ``names`` under ``one`` exists under ``two`` with the same numbers;
+    every other file too (less the images), and nothing more."""
+    files_one = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    files_two = sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert files_one == files_two
+    compared = 0
+    for rel in files_one:
+        if rel.name in names:
+            a, b = (json.loads((root / rel).read_text()) for root in (one, two))
+            assert_same_numbers(a, b, str(rel), str(one), str(two))
+            compared += 1
+    assert compared >= len(names)
+
+
+@pytest.mark.slow
+def test_compare_with_sweep_under_two_processes_equals_one_process(fake_pacs, tmp_path):
+    """`flyp compare --sweep` (sweep of 2 points, then zeroshot + ft with WiSE-FT) under
+    torchrun on one node of 2 processes: the same files and numbers as 1 process (sweep
+    choice, every run's metrics, WiSE alpha, report), written by rank 0 alone."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    verb = ["compare", "--methods", "zeroshot", "ft", "--sweep", "train.lr=1e-3,3e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_flyp_args(fake_pacs, recipe, one, verb)) == 0
+    _launch(tmp_path, _flyp_args(fake_pacs, recipe, two, verb), two, nodes=1)
+    names = ("metrics.json", "wise.json", "sweep.json", "sweeps.json", "results.json")
+    assert_same_outputs(one, two, names)
+    assert (two / "report.md").read_text().replace(str(two), str(one)) == (
+        one / "report.md"
+    ).read_text()
+
+
+@pytest.mark.slow
+def test_sweep_on_two_nodes_equals_one_process(fake_pacs, tmp_path):
+    """`flyp sweep` (2 grid points) on 2 "nodes" of 1 process each (torchrun --nnodes 2,
+    rendezvous on 127.0.0.1): the same choice and numbers as 1 process, written by rank 0."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    verb = ["sweep", "--grid", "train.lr=1e-3,3e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_flyp_args(fake_pacs, recipe, one, verb)) == 0
+    _launch(tmp_path, _flyp_args(fake_pacs, recipe, two, verb), two, nodes=2)
+    assert_same_outputs(one, two, ("metrics.json", "sweep.json"))
+    chosen = json.loads((two / "sweep.json").read_text())["chosen"]["name"]
+    assert chosen == json.loads((one / "sweep.json").read_text())["chosen"]["name"]

@@ -114,9 +114,8 @@ def flyp_path(args, device: torch.device, context_length: int | None, card) -> d
     classifier.train()
     ctx = LossContext(bundle.tokenizer, CLASSES, TEMPLATES)
     optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=1e-5, weight_decay=0.1)
-    images, labels = batch_data(args, device, bundle.image_size)
-    labels = labels.to(device)
-    seeds = torch.arange(args.batch)
+    images, labels = batch_data(args, device, bundle.image_size)  # labels on the host, as
+    seeds = torch.arange(args.batch)  # flyp's loader gives them: captions are built there
     method = get_method("flyp")
 
     def step(n: int = 1, micro: int | None = None, batch: int = args.batch) -> None:
@@ -144,7 +143,8 @@ def gradcache_memory(step, args, device: torch.device) -> dict:
     optimizer state and gradients already allocated in both)."""
     base = torch.cuda.memory_allocated(device)
     result = {}
-    for name, batch, micro in [("micro_alone", args.micro, None), ("cached", args.batch, args.micro)]:
+    chunks = [("micro_alone", args.micro, None), ("cached", args.batch, args.micro)]
+    for name, batch, micro in chunks:
         step(1, micro, batch)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -237,7 +237,8 @@ def activation_check() -> dict:
     kinds = {type(m.gelu).__name__ for m in model.modules() if hasattr(m, "c_fc")}
     count = sum(1 for m in model.modules() if hasattr(m, "c_fc"))
     ok = kinds == {QuickGELU.__name__}
-    return {"spec": "open_clip:ViT-B-16:openai", "mlps": count, "activations": sorted(kinds), "ok": ok}
+    spec = "open_clip:ViT-B-16:openai"
+    return {"spec": spec, "mlps": count, "activations": sorted(kinds), "ok": ok}
 
 
 def main() -> int:
@@ -264,7 +265,7 @@ def main() -> int:
         "mfu_note": (
             f"against {name}'s datasheet bf16 dense peak, {card} TFLOP/s"
             if card
-            else f"no MFU: no datasheet bf16 peak listed for {name} (PEAK_BF16_TFLOPS)"
+            else f"not given: no datasheet bf16 peak listed for {name} (PEAK_BF16_TFLOPS)"
         ),
         "paths": [],
     }
@@ -309,7 +310,8 @@ def print_table(result: dict) -> None:
         f"device {result['device']}, torch {result['torch']}, {result['model']} random init, "
         f"batch {result['batch']}, {result['precision']}; MFU {result['mfu_note']}"
     )
-    print(f"{'path':<16} {'images/s':>9} {'step s':>8} {'GFLOP/step':>10} {'MFU':>6} {'peak GiB':>8}")
+    heads = ("images/s", "step s", "GFLOP/step", "MFU", "peak GiB")
+    print(f"{'path':<16} {heads[0]:>9} {heads[1]:>8} {heads[2]:>10} {heads[3]:>6} {heads[4]:>8}")
     for p in result["paths"]:
         mfu = "-" if p["mfu"] is None else f"{p['mfu']:.1%}"
         mem = "-" if p["peak_memory_gb"] is None else f"{p['peak_memory_gb']:.2f}"
@@ -328,7 +330,8 @@ def print_table(result: dict) -> None:
     if "activation_check" in result:
         a = result["activation_check"]
         verdict = "ok" if a["ok"] else "WRONG, expected QuickGELU only"
-        print(f"activation: {a['spec']} builds with {', '.join(a['activations'])} in its {a['mlps']} MLPs: {verdict}")
+        kinds = ", ".join(a["activations"])
+        print(f"activation: {a['spec']} builds with {kinds} in its {a['mlps']} MLPs: {verdict}")
     for failure in result["failures"]:
         print(f"FAILED {failure}")
 

@@ -21,9 +21,9 @@
 # are marked "not run"). Exit status: 0 if every stage passed, 1 if any failed, 143 if stopped.
 # With OUT set (the device tool sets it), everything printed goes to $OUT/gpu_check.log, the
 # summary to $OUT/summary.txt as each stage ends, and the figures and report under $OUT.
-# Env: PYTHON (interpreter), PYTEST_ARGS (tests to run instead of the whole suite), PYTEST_FLAGS
-# (more pytest flags), SITE (wheel target), WORK (scratch), BUDGET (seconds for the whole check:
-# 420 on the GPU, 3600 for the CPU dry run).
+# Env: PYTHON (interpreter), WHEELS (the carried wheels' folder, .whl), PYTEST_ARGS (tests to
+# run instead of the whole suite), PYTEST_FLAGS (more pytest flags), SITE (wheel target), WORK
+# (scratch), BUDGET (seconds for the whole check: 420 on the GPU, 3600 for the CPU dry run).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 while [ $# -gt 0 ]; do
@@ -43,6 +43,7 @@ cd "$ROOT"
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 SITE=${SITE:-/tmp/site}
+WHEELS=${WHEELS:-.whl}  # the carried wheels' folder (benchmarks/gpu_fetch_wheels.sh)
 WORK=${WORK:-/tmp/flyp_gpu_check}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT/src"
 [ "$DEVICE" = cpu ] && export CUDA_VISIBLE_DEVICES=""  # train.device=auto then picks the CPU
@@ -118,7 +119,7 @@ stopped() {  # the trap: stop the running stage, print the summary, exit 143
 
 install_wheels() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl
+    --target "$SITE" "$WHEELS"/*.whl
 }
 
 versions() {  # what the check runs with, and whether it can use the device asked for
@@ -171,7 +172,7 @@ run_tests() {
 }
 
 export -f install_wheels versions run_tests speed
-export PY SITE DEVICE ROOT WORK
+export PY SITE WHEELS DEVICE ROOT WORK
 
 main() {
   trap stopped TERM INT HUP
@@ -179,10 +180,10 @@ main() {
   mkdir -p "$(dirname "$SUMMARY")"
   echo "gpu_check: device $DEVICE, $(date -u '+%F %T') UTC," \
     "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), budget $BUDGET s"
-  [ -d .whl ] && PLANNED+=("install carried wheels")
+  [ -d "$WHEELS" ] && PLANNED+=("install carried wheels")
   PLANNED+=("versions" "speed (gpu_check.py)" "compare + bf16 run" "test suite")
   local failed=0
-  if [ -d .whl ]; then
+  if [ -d "$WHEELS" ]; then
     stage "install carried wheels" $T_INSTALL install_wheels || failed=1
     export PYTHONPATH="$ROOT/src:$SITE"
   fi

@@ -31,7 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise pytest.UsageError(
-            f"FLYP_TEST_DEVICE={TEST_DEVICE} but torch sees no GPU here; unset it to test on the CPU"
+            f"FLYP_TEST_DEVICE={TEST_DEVICE} but torch sees no GPU here; "
+            "unset it to test on the CPU"
         )
 
 

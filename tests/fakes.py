@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 COLOURS = [
@@ -55,6 +56,20 @@ def tiny_overrides(root: Path, *extra: str) -> list[str]:
         "train.warmup_steps=2",
         *extra,
     ]
+
+
+# CUDA float32 matmuls as TF32 (10-bit mantissa, ~5e-4 relative), as flyp.precision.
+# configure_device sets them for a run or predict on a GPU: the absolute error that allows in a
+# tiny model's probabilities and unit features.
+TF32_ATOL = 2e-3
+
+
+def tf32_atol(atol: float) -> float:
+    """``atol`` for a value computed on the device against one computed on the CPU, widened to
+    TF32's where CUDA float32 matmuls run as TF32 (FLYP_TEST_DEVICE=cuda); on the CPU as given."""
+    if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32:
+        return max(atol, TF32_ATOL)
+    return atol
 
 
 def error_lines(err: str) -> list[str]:

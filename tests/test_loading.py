@@ -318,3 +318,24 @@ def test_a_frozen_reference_never_calls_the_live_model_through_a_wrapper(wrappin
         frozen = normalized_image_features(reference, images, False)
     assert torch.equal(frozen, expected) and not torch.allclose(frozen, live)
     assert vars(model)["encode_image"] is wrapper  # the live model is left as it was
+
+
+def test_a_frozen_reference_keeps_the_models_own_trimmed_text_tower_bound_to_itself(tmp_path):
+    """open_clip models carry an instance-level ``encode_text`` (the trimmed context): under a
+    compiled wrapper, the copy gets that method again, bound to the copy."""
+    config = tmp_path / "flyp-loading-vit.json"
+    config.write_text(json.dumps(TINY_VIT))
+    model = load_model(f"open_clip:{config}").model
+    trimmed = vars(model)["encode_text"]
+    model.encode_text = fake_compile([])(model.encode_text)
+    reference = frozen_reference(model)
+    own = vars(reference)["encode_text"]
+    assert own.__self__ is reference and own.__func__ is trimmed.__func__
+    assert "encode_image" not in vars(reference)
+
+
+TINY_VIT = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}

@@ -206,7 +206,8 @@ def scripted_validation(monkeypatch, scores: list[float]) -> list[dict[str, torc
     seen: list[dict[str, torch.Tensor]] = []
 
     def fake(classifier, exp) -> float:
-        seen.append({k: v.detach().clone() for k, v in classifier.state_dict().items()})
+        # on the CPU: the run may train on FLYP_TEST_DEVICE, the saved weights are CPU tensors
+        seen.append({k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()})
         return scores[len(seen) - 1]
 
     monkeypatch.setattr(flyp.train, "validation_score", fake)
@@ -315,11 +316,12 @@ def test_l2sp_anchor_stays_at_the_pretrained_weights(fake_pacs, tmp_path, monkey
     assert set(ctx.theta0) == image_names  # the trainable weights: the image tower
     for name in image_names:
         torch.testing.assert_close(
-            ctx.theta0[name], pretrained.get_parameter(name).detach(), rtol=0, atol=0, msg=name
-        )
+            ctx.theta0[name].cpu(), pretrained.get_parameter(name).detach(), rtol=0, atol=0,
+            msg=name,
+        )  # fmt: skip
     moved = l2sp_penalty(exp.bundle.model, ctx.theta0).item()
     expected = sum(
-        (exp.bundle.model.get_parameter(n).detach() - pretrained.get_parameter(n).detach())
+        (exp.bundle.model.get_parameter(n).detach().cpu() - pretrained.get_parameter(n).detach())
         .pow(2)
         .sum()
         .item()

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import flyp
-from fakes import COLOURS, make_domains, tiny_overrides
+from fakes import COLOURS, make_domains, tf32_atol, tiny_overrides
 from flyp.checkpoint import CheckpointError, load_weights, read_metadata, save_weights
 from flyp.cli import main
 from flyp.data.loader import ImageDataset, eval_loader
@@ -79,7 +79,7 @@ def test_predict_top1_equals_what_evaluate_predicts(runs, method, tmp_path, caps
     for p, expected in zip(paths, probs, strict=True):
         assert sorted(c for c, _ in rows[p]) == CLASSES
         for name, q in rows[p]:  # the evaluation's softmax, to the CSV's 6 decimals
-            assert q == pytest.approx(float(expected[CLASSES.index(name)]), abs=2e-6)
+            assert q == pytest.approx(float(expected[CLASSES.index(name)]), abs=tf32_atol(2e-6))
         probs = [q for _, q in rows[p]]
         assert probs == sorted(probs, reverse=True)
         assert sum(probs) == pytest.approx(1.0, abs=3e-6)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from fakes import error_lines, tiny_overrides
 from flyp import distributed
@@ -191,8 +192,9 @@ def _flyp_args(data: Path, recipe: Path, out: Path, verb: list[str]) -> list[str
     return [verb[0], str(recipe), *[f"--set={s}" for s in sets], "--out", str(out), *verb[1:]]
 
 
-def _launch(tmp_path: Path, args: list[str], out: Path, nodes: int) -> None:
-    """torchrun with 2 processes: one node of 2, or 2 "nodes" of 1 on localhost."""
+def _launch(tmp_path: Path, args: list[str], out: Path, nodes: int) -> list[str]:
+    """torchrun with 2 processes: one node of 2, or 2 "nodes" of 1 on localhost. Returns each
+    node's output."""
     guard = tmp_path / "guard.py"
     guard.write_text(GUARD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -216,16 +218,23 @@ def _launch(tmp_path: Path, args: list[str], out: Path, nodes: int) -> None:
         assert p.returncode == 0, text[-4000:]
     writes = tmp_path / "rank_writes.log"
     assert not writes.exists(), f"ranks other than 0 wrote: {writes.read_text()}"
+    return outputs
 
 
-# Numbers that depend on the clock, and the folders' own paths: everything else must agree.
+# Numbers that depend on the clock: everything else must agree.
 TIMING = ("train_seconds", "eval_seconds", "train_images_per_second", "seconds")
+# Temperature scaling's T, fitted by scipy's bounded minimiser on the NLL of 9 validation images:
+# where that NLL is flat, logits equal to 1e-7 give a T that differs in the 4th digit (measured:
+# 1.00512 against 1.00463, 0.39495 against 0.39520), and the ECE and NLL after scaling move with
+# it (measured: by 1.5e-4 at most).
+FITTED = ("temperature", "_ts")
 
 
 def assert_same_numbers(a, b, where: str, one: str, two: str) -> None:
     """Equal structure, equal strings (paths with the out folder swapped), numbers equal within
-    1e-6: the weights agree to float rounding (the global batch and its order are the same),
-    and accuracies are counts of argmaxes that such rounding does not flip."""
+    1e-6 (FITTED ones within 1e-3): the weights agree to float rounding, since the
+    global batch, its order and the averaged gradient are the same, and accuracies are counts
+    of argmaxes that such rounding does not flip (measured: equal; ECE and NLL within 3e-8)."""
     if isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), where
         for key in a:
@@ -235,8 +244,10 @@ def assert_same_numbers(a, b, where: str, one: str, two: str) -> None:
         assert isinstance(b, list) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_numbers(x, y, f"{where}[{i}]", one, two)
+    elif isinstance(a, float) and isinstance(b, float) and where.endswith(FITTED):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-3, nan_ok=True), where
     elif isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, abs=1e-6, nan_ok=True), where
+        assert a == pytest.approx(b, rel=0, abs=1e-6, nan_ok=True), where
     elif isinstance(a, str) and isinstance(b, str):
         assert a.replace(one, two) == b, where
     else:
@@ -251,6 +262,11 @@ def assert_same_outputs(one: Path, two: Path, names: tuple[str, ...]) -> None:
     assert files_one == files_two
     compared = 0
     for rel in files_one:
+        if rel.suffix == ".safetensors":  # the weights: to float rounding
+            a, b = (load_file(str(root / rel)) for root in (one, two))
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=f"{rel} {key}")
         if rel.name in names:
             a, b = (json.loads((root / rel).read_text()) for root in (one, two))
             assert_same_numbers(a, b, str(rel), str(one), str(two))
@@ -285,7 +301,9 @@ def test_sweep_on_two_nodes_equals_one_process(fake_pacs, tmp_path):
     verb = ["sweep", "--grid", "train.lr=1e-3,3e-2"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_flyp_args(fake_pacs, recipe, one, verb)) == 0
-    _launch(tmp_path, _flyp_args(fake_pacs, recipe, two, verb), two, nodes=2)
+    node0, node1 = _launch(tmp_path, _flyp_args(fake_pacs, recipe, two, verb), two, nodes=2)
     assert_same_outputs(one, two, ("metrics.json", "sweep.json"))
     chosen = json.loads((two / "sweep.json").read_text())["chosen"]["name"]
     assert chosen == json.loads((one / "sweep.json").read_text())["chosen"]["name"]
+    # rank 0 prints the table and the choice; rank 1, with the same results, prints nothing
+    assert "chosen on ID validation" in node0 and "chosen on ID validation" not in node1

@@ -27,6 +27,12 @@ def wandb_sandbox(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+def needs_wandb() -> None:
+    """Skips a test that writes W&B runs where wandb is not installed (the GPU machine of
+    benchmarks/gpu_check.sh), with the reason in pytest -rs."""
+    pytest.importorskip("wandb", reason="W&B tests need wandb: pip install 'flyp[wandb]'")
+
+
 def tiny_recipe(root, *extra):
     return load_recipe(None, tiny_overrides(root, *extra))
 
@@ -130,6 +136,7 @@ def test_tensorboard_event_file_holds_the_logged_scalars(fake_pacs, tmp_path):
 def test_resumed_run_shows_each_step_once(fake_pacs, tmp_path):
     """Killed after step 6 with its last checkpoint at step 4: the resumed run logs steps 5 and
     6 again, and TensorBoard shows them once, as log.jsonl does."""
+    needs_wandb()
     import wandb
 
     run_dir = tmp_path / "run"
@@ -159,6 +166,7 @@ def test_resumed_run_shows_each_step_once(fake_pacs, tmp_path):
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_steps_config_and_summary(fake_pacs, tmp_path):
+    needs_wandb()
     run_dir = tmp_path / "flyp-s0"
     recipe = tiny_recipe(fake_pacs, "train.log_to=[wandb]", "train.epochs=2")
     recipe.name = "trackme"
@@ -185,6 +193,7 @@ def test_wandb_offline_run_holds_steps_config_and_summary(fake_pacs, tmp_path):
 
 
 def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
+    needs_wandb()
     recipe = load_recipe(None, ["train.log_to=[wandb]"])
     tracker = open_tracker(recipe, tmp_path / "offline", is_main=True)
     tracker.close()
@@ -239,6 +248,7 @@ def test_missing_tracker_package_refused_leaving_nothing(
 
 @pytest.mark.slow
 def test_compare_logs_one_tracker_run_per_method_and_seed(fake_pacs, tmp_path):
+    needs_wandb()
     recipe = tiny_recipe(fake_pacs, "train.log_to=[tensorboard, wandb]", "train.epochs=1")
     recipe.name = "cmp"
     out = tmp_path / "out"

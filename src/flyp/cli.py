@@ -138,6 +138,13 @@ def resume_recipe(run_dir: Path, overrides: list[str]):
     return recipe, changed
 
 
+def _is_main() -> bool:
+    """Whether this process prints a verb's results: rank 0 under torchrun, or the only one."""
+    from flyp.distributed import is_main
+
+    return is_main()
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from flyp.recipe import RecipeError, save_recipe
     from flyp.train import finetune
@@ -161,7 +168,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         metrics = finetune(recipe, run_dir, resume=bool(args.resume))
     except KeyboardInterrupt:
         raise Interrupted(_kept_run(run_dir)) from None
-    _print_metrics(metrics, run_dir)
+    if _is_main():  # under torchrun every rank holds rank 0's metrics; one prints them
+        _print_metrics(metrics, run_dir)
     return 0
 
 
@@ -256,6 +264,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             write_sweeps(sweeps, out)
     except KeyboardInterrupt:
         raise Interrupted(_kept_runs(out, args.argv)) from None
+    if not _is_main():  # under torchrun rank 0 prints; every rank has the same results
+        return 0
     print(for_terminal_lines((out / "report.md").read_text()))
     print(
         f"report: {out / 'report.md'}  figure: {out / 'figure.png'}  ({len(results['methods'])} methods)"
@@ -273,6 +283,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result = sweep(recipe, grid, out)
     except KeyboardInterrupt:
         raise Interrupted(_kept_runs(out, args.argv)) from None
+    if not _is_main():  # under torchrun rank 0 prints; every rank has the same choice
+        return 0
     print((out / "sweep.md").read_text())
     chosen = " ".join(result["chosen"]["overrides"])
     print(f"chosen on ID validation: {chosen}  (sweep: {out / 'sweep.json'})")

@@ -351,8 +351,7 @@ def compare(
         if name == "zeroshot":
             zeroshot_sets = _finished_sets(run_dir)
         elif wise:
-            sweep = partial(_wise_sweep_if_stale, exp, run_dir, pretrained, zeroshot_sets)
-            on_main(sweep)
+            on_main(partial(_wise_sweep_if_stale, exp, run_dir, pretrained, zeroshot_sets))
     extra: list[Path] = []
     kinds = [*(SOUPS if soups else ()), *(["model stock"] if stock else [])]
     if kinds and len(seeds) > 1:

@@ -346,7 +346,7 @@ def lipsum_text_features(step: int, ctx: LossContext, device: torch.device) -> T
         tokens = ctx.tokenizer(random_texts(ctx.lipsum_texts, ctx.seed, step))
     else:
         tokens = random_token_ids(ctx.tokenizer, ctx.lipsum_texts, ctx.seed, step)
-    tokens = tokens.to(device)
+    tokens = tokens.to(device, non_blocking=True)  # a blocking copy would wait for the device
     with torch.no_grad():
         text = ctx.reference.encode_text(tokens)
         with full_precision(device):
@@ -404,7 +404,7 @@ def compute_loss(
         g = torch.Generator().manual_seed(step)
         picks = torch.randint(0, len(ctx.templates), (len(ctx.class_names),), generator=g).tolist()
         prompts = [ctx.templates[t].format(c) for t, c in zip(picks, ctx.class_names, strict=True)]
-        text = model.encode_text(ctx.tokenizer(prompts).to(images.device))
+        text = model.encode_text(ctx.tokenizer(prompts).to(images.device, non_blocking=True))
         image = model.encode_image(images)
         with full_precision(images.device):  # the logits in fp32
             text, image = F.normalize(text.float(), dim=-1), F.normalize(image.float(), dim=-1)

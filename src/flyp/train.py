@@ -2,7 +2,8 @@
 
 run_dir/
   recipe.yaml         the resolved recipe
-  log.jsonl           one line per step (loss, lr, temperature) and per validation
+  log.jsonl           one line per step (loss, lr, temperature) and per validation; the steps'
+                      lines written every train.log_every steps, at checkpoints and epoch ends
   state.pt            resumable state (optimizer, scheduler, RNG, step, best so far)
   last.safetensors    weights at the last checkpoint (for resume)
   model.safetensors   the selected weights (best ID validation epoch, or the last)

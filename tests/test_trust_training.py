@@ -103,7 +103,7 @@ def test_probe_features_come_back_to_the_cpu_for_scikit_learn():
 def test_runs_that_do_not_train_evaluate_on_the_runs_device(method, fake_pacs, tmp_path, monkeypatch):
     """zeroshot and lp never enter the training loop; their model must still be moved."""
     seen = []
-    monkeypatch.setattr(train_mod, "init_distributed", lambda device: train_mod.DistEnv(device=META))
+    monkeypatch.setattr(train_mod, "init_distributed", lambda device, *a, **k: train_mod.DistEnv(device=META))
     monkeypatch.setattr(train_mod, "save_weights", lambda *a: None)
     monkeypatch.setattr(
         train_mod, "image_features", lambda *a: (np.eye(32, dtype=np.float32)[:9], np.arange(9) % 3)

@@ -196,6 +196,15 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
             "load it with the model spec it was trained with (see the run's recipe.yaml)"
         )
+    # A NaN or inf weight makes every probability NaN and every argmax class 0: predictions
+    # printed as "nan" and an accuracy of 1/classes, with no error. Parameters are never
+    # legitimately non-finite (buffers may be: -inf attention masks), so those are refused.
+    for name, param in model.named_parameters():
+        if name in state and param.is_floating_point() and not torch.isfinite(param).all():
+            raise CheckpointError(
+                f"{path} holds non-finite values (NaN or inf) in {name}; these weights cannot "
+                "classify: use the weights of a run that finished, or retrain"
+            )
 
 
 def save_state(state: dict[str, Any], path: Path) -> None:

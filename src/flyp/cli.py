@@ -88,14 +88,32 @@ def _run_recipe_path(run_dir: Path, what: str) -> Path:
     return path
 
 
-def _out_folder(out: str | None, inputs=(), writes=()) -> Path | None:
+def _out_folder(out: str | None, inputs=(), writes=(), data=()) -> Path | None:
     """An --out folder, checked before anything runs (flyp.outputs.check_output): not a file,
-    not an input, not a run's own file."""
+    not an input, not a run's own file or a run directory, not in a data folder."""
     from flyp.outputs import check_output
 
     if out is None:
         return None
-    return check_output(out, inputs, folder=True, writes=writes)
+    return check_output(out, inputs, folder=True, writes=writes, data=data)
+
+
+def _data_folders(recipe) -> list[str]:
+    """The data folders a recipe reads (flyp.outputs.data_folders): no output may go in them."""
+    from flyp.outputs import data_folders
+
+    return data_folders(recipe)
+
+
+def _run_data_folders(run_dir: Path) -> list[str]:
+    """The data folders of the run in ``run_dir`` (none when its recipe.yaml does not load: the
+    verb reading the run says why)."""
+    from flyp.recipe import RecipeError
+
+    try:
+        return _data_folders(load_recipe(run_dir / "recipe.yaml"))
+    except (RecipeError, OSError):
+        return []
 
 
 def _given(args: argparse.Namespace) -> list[str]:
@@ -116,6 +134,29 @@ def _unfinished(run_dir: Path, allowed: bool) -> None:
         )
     if reason:
         print(f"warning: {reason}; the numbers are not the finished run's", file=sys.stderr)
+
+
+# What evaluating a finished run (flyp evaluate, flyp wise) may change in its recipe: which OOD
+# sets and how many images are evaluated, and how (besides where the data lives, the device and
+# speed: RESUME_SETTABLE). Anything else would split, build or load another model than the one
+# trained: another data.split_seed or test_fraction tests on images the run trained on.
+EVAL_SETTABLE = ("data.ood_domains", "data.max_eval", "data.on_bad_image", "eval.")
+
+
+def _same_run(run_dir: Path, recipe, verb: str) -> None:
+    """Refuse a recipe (its --set / --recipe changes) that reads ``run_dir`` as another run."""
+    from flyp.recipe import RecipeError, differences, run_settings
+
+    saved, settings = run_settings(load_recipe(run_dir / "recipe.yaml")), run_settings(recipe)
+    ignore = tuple(k for k in {**saved, **settings} if k.startswith(EVAL_SETTABLE))
+    diff = differences(saved, settings, ignore=ignore)
+    if diff:
+        raise RecipeError(
+            f"{verb} {run_dir} with other settings than it was trained with ({diff}): other "
+            "splits would score images it trained on, another model or head is not this run; "
+            "drop those changes (only data.ood_domains, data.max_eval, eval.* and where the data "
+            "lives may differ)"
+        )
 
 
 def resume_recipe(run_dir: Path, overrides: list[str]):
@@ -161,8 +202,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             save_recipe(recipe, run_dir / "recipe.yaml")  # the applied overrides are kept
     else:
         recipe = _recipe(args)
-        run_dir = _out_folder(args.out, _given(args)) or _default_run_dir(
-            recipe.name, recipe.train.method, recipe.train.seed
+        run_dir = _out_folder(
+            args.out or _default_run_dir(recipe.name, recipe.train.method, recipe.train.seed),
+            _given(args),
+            data=_data_folders(recipe),
         )
     try:
         metrics = finetune(recipe, run_dir, resume=bool(args.resume))
@@ -212,6 +255,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, [target, weights, recipe_path])
     recipe = load_recipe(recipe_path, args.set)
+    if target.is_dir():
+        _same_run(target, recipe, "evaluating")
+    if args.out:
+        check_output(args.out, data=_data_folders(recipe))
     check_device(recipe.train.device)
     exp = _on_device(prepare(recipe))
     method = get_method(recipe.train.method)
@@ -247,7 +294,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     grid = parse_grid(args.sweep, "--sweep") if args.sweep is not None else None
     recipe = _recipe(args)  # as written: the demo's quick settings live in recipes/pacs_demo.yaml
     check_request(recipe, args.methods, args.seeds, args.soups, args.stock)  # before any sweep
-    out = _out_folder(args.out, _given(args)) or Path("runs") / f"{recipe.name}-compare"
+    out = _out_folder(
+        args.out or Path("runs") / f"{recipe.name}-compare", _given(args), data=_data_folders(recipe)
+    )
     try:
         sweeps = sweep_methods(recipe, args.methods, args.seeds, grid, out) if grid else {}
         results = compare(
@@ -278,7 +327,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     grid = parse_grid(args.grid)
     recipe = _recipe(args)
-    out = _out_folder(args.out, _given(args)) or Path("runs") / f"{recipe.name}-{recipe.train.method}-sweep"
+    out = _out_folder(
+        args.out or Path("runs") / f"{recipe.name}-{recipe.train.method}-sweep",
+        _given(args),
+        data=_data_folders(recipe),
+    )
     try:
         result = sweep(recipe, grid, out)
     except KeyboardInterrupt:
@@ -323,7 +376,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             "finish or resume them with flyp finetune --resume RUN_DIR"
         )
     reads = [r / name for r in expanded for name in ("metrics.json", "wise.json")]
-    out = _out_folder(args.out, reads, ("results.json", "results.csv", "figure.png", "report.md"))
+    data = [p for r in expanded for p in _run_data_folders(r)]
+    writes = ("results.json", "results.csv", "figure.png", "report.md")
+    out = _out_folder(args.out, reads, writes, data)
     write_report(expanded, out)
     print(for_terminal_lines((out / "report.md").read_text()))
     return 0
@@ -343,6 +398,7 @@ def cmd_wise(args: argparse.Namespace) -> int:
             f"{run_dir} has no metrics.json: is the run finished? "
             f"(resume it with flyp finetune --resume {run_dir})"
         )
+    _same_run(run_dir, recipe, "a WiSE-FT sweep of")
     alphas = args.alphas or recipe.eval.wise_alphas
     bad = [a for a in alphas if not 0 <= a <= 1]
     if bad:

@@ -27,6 +27,7 @@ from flyp.checkpoint import (
     atomic_write_text,
     load_weights,
     read_json,
+    read_metadata,
     save_weights,
 )
 from flyp.distributed import init_distributed, on_main
@@ -56,6 +57,7 @@ from flyp.reuse import FrozenFeatures
 from flyp.train import (
     LOCK_NAME,
     Experiment,
+    RunError,
     check_same_run,
     evaluate_classifier,
     finetune,
@@ -267,10 +269,13 @@ def check_request(
 
 def _copy_seed_free(source: Path, target: Path, recipe: Recipe) -> None:
     """A seed-free run (lp) reported for another seed: ``source``'s files, its recipe, metrics
-    and WiSE sweep relabelled with ``recipe``'s seed and marked as the same run."""
+    and WiSE sweep relabelled with ``recipe``'s seed and marked as the same run. Its tracker
+    logs stay behind: they name the run that was trained, and this one was not."""
     staging = target.parent / f".{target.name}.copying"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging, ignore=shutil.ignore_patterns(LOCK_NAME))
+    shutil.copytree(
+        source, staging, ignore=shutil.ignore_patterns(LOCK_NAME, "wandb", "tensorboard")
+    )
     save_recipe(recipe, staging / "recipe.yaml")
     metrics = read_json(staging / "metrics.json", ("sets",))
     settings = run_settings(recipe)
@@ -293,6 +298,35 @@ def _wise_is_current(run_dir: Path, alphas: Sequence[float]) -> bool:
     run = read_json(run_dir / "metrics.json", ("sets",)).get("fingerprint")
     swept = [p.get("alpha") for p in wise["points"] if isinstance(p, dict)]
     return swept == list(alphas) and wise.get("fingerprint") == run
+
+
+def check_same_data(run_dir: Path, exp: Experiment) -> None:
+    """A finished run about to be reused must have been trained on the data the recipe reads
+    now. data.root may change without changing the run (the data moved), so a rerun pointed at
+    another dataset with the same domain names would report runs of the old one: the run's
+    classes (its weights metadata) and the size of each evaluation set must match."""
+    if not (run_dir / "metrics.json").is_file():
+        return
+    bench = exp.benchmark
+    metrics = read_json(run_dir / "metrics.json", ("sets",))
+    weights = run_dir / "model.safetensors"
+    classes = (read_metadata(weights) or {}).get("class_names") if weights.is_file() else None
+    sizes = {name: len(samples) for name, samples in bench.eval_sets().items()}
+    was = {name: s.get("n") for name, s in metrics["sets"].items() if name in sizes}
+    if metrics.get("skipped_images"):  # images skipped then may be read now: no size check
+        was = {}
+    differs = [f"{n} {was[n]} -> {sizes[n]} images" for n in was if was[n] != sizes[n]]
+    if classes is not None and list(classes) != list(bench.class_names):
+        differs.insert(0, f"classes {_some(classes)} -> {_some(bench.class_names)}")
+    if differs:
+        raise RunError(
+            f"{run_dir} holds a run trained on other data than {exp.recipe.data.root} "
+            f"({', '.join(differs[:3])}): it belongs to another experiment; pass a new --out"
+        )
+
+
+def _some(names: Sequence[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def compare(
@@ -333,6 +367,8 @@ def compare(
     init_distributed(recipe.train.device, recipe.train.dist_timeout_s)
     on_main(check_plan)
     exp = prepare(recipe)
+    for _, _, run_dir in plan:  # settings alike, but trained on another dataset (data.root)?
+        on_main(partial(check_same_data, run_dir, exp))
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
     image_names = image_tower_names(exp.bundle.model, exp.bundle.image_size)
     exp.frozen = FrozenFeatures.of(pretrained, exp.bundle.model, image_names)

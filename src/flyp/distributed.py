@@ -12,12 +12,19 @@ parameter gradients over ranks then gives ``sum_r dL/df_r * df_r/dθ = dL/dθ``:
 single-process gradient. The logit scale gets ``dL/ds`` on every rank; the average keeps it.
 Cross-entropy methods need no gather: the average of per-rank means is the global mean.
 
-Why a flat all-reduce instead of DistributedDataParallel: the gradient cache runs one backward
-per chunk and the towers are called through ``encode_image``/``encode_text``, not ``forward``;
-DDP's reducer expects one ``forward`` per backward (and ``find_unused_parameters`` for a frozen
-tower). One all-reduce of the flattened gradients after the step is the same average, works with
-any number of backward passes, and costs one collective per step (no overlap with backward,
-which matters little on one node at these model sizes).
+The average is PyTorch's own DistributedDataParallel (:func:`ddp_for`): bucketed all-reduces
+that overlap the backward pass. DDP's reducer is prepared by ``forward`` and expects one forward
+per synchronised backward, while flyp calls the towers through ``encode_image``/``encode_text``
+and the gradient cache runs one backward per chunk. So the step's work (a chunk's embeddings, or
+a cross-entropy chunk's loss) runs as the ``forward`` of a small wrapper (:class:`Through`), every
+chunk but the last under ``no_sync`` (its gradients accumulate locally, the last chunk's backward
+all-reduces the sum), and the gradient cache's gradient-free first pass bypasses DDP. Frozen
+parameters are not DDP's; ``find_unused_parameters`` covers a trainable one a method leaves out.
+The logit scale (and SigLIP's bias) is left out of DDP: it is used outside the wrapper's forward
+(in the loss over the gathered batch), and is averaged by hand (:func:`average_gradients`).
+Buffers are not broadcast by DDP; BatchNorm in train mode gets rank 0's statistics after each
+step. On 2 gloo CPU processes DDP was not slower than the flat all-reduce of every gradient after
+the step that it replaced (benchmarks/ddp_vs_flat.py; figures in docs/scale_and_speed.md).
 
 Evaluation, and every decision read from or written to the output folder, happen on rank 0
 alone (:func:`on_main`): epoch selection, the final metrics, and in ``flyp compare`` / ``flyp
@@ -26,7 +33,9 @@ choice and the report. The other ranks wait at an explicit barrier, bounded by t
 group's timeout (``train.dist_timeout_s``), then get rank 0's answer by broadcast, so every rank
 takes the same branch and no rank sits in a training collective while rank 0 evaluates. The
 output folder must be one every node sees (as resuming already needs): each rank reads the
-checkpoint to resume from there. Numbers equal a single process's to float rounding: the global
+checkpoint to resume from there. Work on a node's own disk that every rank needs, the image
+check, runs once per node (:func:`on_node_main`): local rank 0 works, its node's ranks get its
+answer. Numbers equal a single process's to float rounding: the global
 batch, its order and the averaged gradient are the same (see above), and evaluation is the same
 code on the same weights.
 """
@@ -43,6 +52,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,53 @@ def average_gradients(params: list[nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
+class Through(nn.Module):
+    """Runs ``work()`` as its ``forward``: what DDP needs to prepare its reducer for a backward,
+    whatever the work calls (``encode_image``, ``encode_text``, a method's loss)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, work: Callable[[], Any]) -> Any:
+        return work()
+
+
+def ddp_for(
+    classifier: nn.Module, device: torch.device
+) -> tuple[DistributedDataParallel | None, list[nn.Parameter]]:
+    """DDP over the classifier's trainable parameters, and the ones left to :func:`average_gradients`
+    (the logit scale and bias). Built once per run; the classifier itself is not replaced, so
+    evaluation, checkpoints and state dicts see the same module and keys as in one process."""
+    from flyp.methods import is_scale_param
+
+    trainable = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
+    scales = {n for n, _ in classifier.named_parameters() if is_scale_param(n.split(".")[-1])}
+    by_hand = [p for n, p in trainable if n in scales]
+    if len(by_hand) == len(trainable):  # nothing for DDP (it refuses a module without any)
+        return None, by_hand
+    through = Through(classifier)
+    ignored = [f"classifier.{n}" for n in scales]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(through, ignored)
+    ddp = DistributedDataParallel(
+        through,
+        device_ids=[device] if device.type == "cuda" else None,
+        broadcast_buffers=False,  # BatchNorm statistics: broadcast_buffers after the step
+        gradient_as_bucket_view=True,
+        find_unused_parameters=True,  # a trainable parameter a method's loss leaves out
+    )
+    return ddp, by_hand
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm statistics) to every rank."""
+    with torch.no_grad():
+        for tensor in module.buffers():
+            staged = tensor.data.contiguous()  # collectives need the default layout
+            dist.broadcast(staged, src)
+            tensor.data.copy_(staged)
+
+
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (same start, same BN statistics)."""
     with torch.no_grad():
@@ -193,3 +250,42 @@ def _portable(err: BaseException) -> BaseException:
         return pickle.loads(pickle.dumps(err))
     except Exception:
         return RuntimeError(f"rank 0 failed: {type(err).__name__}: {err}")
+
+
+def local_rank() -> int:
+    """This process's rank on its node: torchrun's LOCAL_RANK, else its global rank (a group
+    started without torchrun is taken as one node), 0 for a single process."""
+    if not _several():
+        return 0
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+
+
+def on_node_main(work: Callable[[], T]) -> T:
+    """``work()`` run by each node's local rank 0 alone, its result (or its error) returned
+    (raised) on every rank of that node.
+
+    For work on the node's own disk and cores that every rank needs the answer of, such as the
+    image check: done once per node instead of once per process. The other ranks wait at a
+    barrier over the whole group (within train.dist_timeout_s), then take their node's answer
+    from an all-gather. torchrun numbers the ranks of a node consecutively, so a node's local
+    rank 0 is global rank ``rank - local_rank``.
+    """
+    if not _several():
+        return work()
+    mine: Any = None
+    failure: BaseException | None = None
+    if local_rank() == 0:
+        try:
+            mine = ("result", work())
+        except BaseException as err:  # Ctrl-C too: the node's other ranks must not wait for it
+            failure = err
+            mine = ("error", _portable(err))
+    dist.barrier()
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, mine)
+    if failure is not None:
+        raise failure  # the node's rank 0 keeps its own traceback
+    kind, value = outcomes[dist.get_rank() - local_rank()]
+    if kind == "error":
+        raise value
+    return value

@@ -36,7 +36,7 @@ from flyp.checkpoint import load_weights
 from flyp.methods import Classifier, get_method
 from flyp.models import ModelBundle, load_model
 from flyp.models.openclip import uses_quick_gelu
-from flyp.outputs import check_output, md_cell
+from flyp.outputs import check_output, data_folders, md_cell
 from flyp.recipe import Recipe, load_recipe
 from flyp.train import RunError
 
@@ -114,10 +114,11 @@ def _check(run_dir: Path, fmt: str, out: Path) -> Recipe:
                 f"{run_dir} is not a finished run (no {name}); finish it first: "
                 f"flyp finetune --resume {run_dir}"
             )
-    check_output(out, [run_dir], folder=True)  # never the run itself, nor one of its files
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    data = data_folders(recipe)  # nor in the data the run read
+    check_output(out, [run_dir], folder=True, data=data)  # never the run, nor one of its files
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not empty; pass a new or empty folder")
-    recipe = load_recipe(run_dir / "recipe.yaml")
     spec = recipe.model.spec
     kind = spec.partition(":")[0]
     if fmt != "flyp" and kind not in ("open_clip", "hf"):

@@ -15,12 +15,15 @@ samples of a batch (BatchNorm in train mode) would see chunks, not the batch: ke
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from flyp.methods import (
     Classifier,
@@ -61,6 +64,18 @@ def chunks(n: int, micro_batch: int | None) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _through(ddp: DistributedDataParallel | None, work: Callable[[], Any]) -> Any:
+    """``work()``, as the forward of DDP's wrapper when there is one (flyp.distributed.Through),
+    so that DDP all-reduces the gradients of the backward that follows."""
+    return work() if ddp is None else ddp(work)
+
+
+def _syncing(ddp: DistributedDataParallel | None, last: bool) -> contextlib.AbstractContextManager:
+    """Every chunk but the last accumulates its gradients locally (DDP's ``no_sync``); the last
+    chunk's backward all-reduces the sum, overlapped with that backward."""
+    return ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+
+
 def forward_backward(
     method: Method,
     classifier: Classifier,
@@ -73,6 +88,7 @@ def forward_backward(
     micro_batch: int | None = None,
     precision: str = "fp32",
     gather: Gather | None = None,
+    ddp: DistributedDataParallel | None = None,
 ) -> Tensor:
     """Accumulate the step's gradients into ``.grad``; return the loss (detached, on the device).
 
@@ -80,21 +96,27 @@ def forward_backward(
     and the labels are moved to the device here, so that a step never waits for the device
     (nor does the caller: it reads the loss back only when it logs, see ``train.log_every``).
     ``gather`` (see :func:`flyp.distributed.gather_batch`) makes the contrastive loss global
-    over processes; cross-entropy losses are per-sample means and need none.
+    over processes; cross-entropy losses are per-sample means and need none. ``ddp`` (see
+    :func:`flyp.distributed.ddp_for`) averages the gradients over processes as they are made.
     """
     if method.objective == "contrastive":
-        return _contrastive(classifier, images, labels, seeds, ctx, micro_batch, precision, gather)
+        return _contrastive(
+            classifier, images, labels, seeds, ctx, micro_batch, precision, gather, ddp
+        )
     labels = labels.to(images.device, non_blocking=True)
     # Means over samples: accumulate chunk losses weighted by their share of the batch.
     total = torch.zeros((), device=images.device)
     n = len(labels)
-    for part in chunks(n, micro_batch):
-        with autocast(images.device, precision):
-            loss = compute_loss(
-                method, classifier, images[part], labels[part], seeds[part], step, ctx
-            )
-        share = (part.stop - part.start) / n
-        (loss.float() * share).backward()
+    parts = chunks(n, micro_batch)
+    for i, part in enumerate(parts):
+        work = partial(
+            compute_loss, method, classifier, images[part], labels[part], seeds[part], step, ctx
+        )
+        with _syncing(ddp, i == len(parts) - 1):
+            with autocast(images.device, precision):
+                loss = _through(ddp, work)
+            share = (part.stop - part.start) / n
+            (loss.float() * share).backward()
         total += loss.detach().float() * share
     return total
 
@@ -108,6 +130,7 @@ def _contrastive(
     micro_batch: int | None,
     precision: str,
     gather: Gather | None,
+    ddp: DistributedDataParallel | None,
 ) -> Tensor:
     model = classifier.model
     device = images.device
@@ -122,7 +145,7 @@ def _contrastive(
         return image.float(), text.float()  # the loss in fp32
 
     if len(parts) == 1:
-        image, text = embed(parts[0])
+        image, text = _through(ddp, partial(embed, parts[0]))
         loss = contrastive_loss(image, text, model, labels, ctx, gather=gather)
         loss.backward()
         return loss.detach()
@@ -139,14 +162,17 @@ def _contrastive(
     text = torch.cat(text_parts).requires_grad_()
     loss = contrastive_loss(image, text, model, labels, ctx, gather=gather)
     loss.backward()  # gradients of the embeddings, and of the scale (and bias)
-    for part, state in zip(parts, states, strict=True):
+    for i, (part, state) in enumerate(zip(parts, states, strict=True)):
         state.restore()
-        pairs = [
-            (out, cached.grad[part])
-            for out, cached in zip(embed(part), (image, text), strict=True)
-            if out.requires_grad  # a frozen tower gives nothing to backpropagate
-        ]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        with _syncing(ddp, i == len(parts) - 1):
+            pairs = [
+                (out, cached.grad[part])
+                for out, cached in zip(
+                    _through(ddp, partial(embed, part)), (image, text), strict=True
+                )
+                if out.requires_grad  # a frozen tower gives nothing to backpropagate
+            ]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     after.restore()
     return loss.detach()

@@ -55,12 +55,23 @@ def _same(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def data_folders(recipe) -> list[str]:
+    """The data folders a recipe reads whose layout is discovered (domain and class folders,
+    stray images refused): no output may go in them. A CSV benchmark lists its images, so
+    what is written next to them is never read; its folder is left out."""
+    data = recipe.data
+    if data.benchmark == "csv":
+        return []
+    return [str(p) for p in (data.root, *data.roots.values()) if p]
+
+
 def check_output(
     target: str | Path,
     inputs: Iterable[str | Path] = (),
     *,
     folder: bool = False,
     writes: Iterable[str] = (),
+    data: Iterable[str | Path | None] = (),
     flag: str = "--out",
 ) -> Path:
     """Refuse an output ``target`` that would destroy something; return it as a Path.
@@ -68,7 +79,9 @@ def check_output(
     ``folder``: the target is a folder the verb writes ``writes`` (file names) into; otherwise a
     file. Refused: a file target that is a folder or a folder target that is a file; a target
     under a path that is a file; a written file that is one of ``inputs`` (the same file after
-    resolving symlinks) or one of a run directory's own files (:data:`RUN_FILES`).
+    resolving symlinks) or one of a run directory's own files (:data:`RUN_FILES`); a folder
+    target that is a run directory; a target in one of the ``data`` folders the verb reads (what
+    it writes there would be read back as a domain, class or image by the next run).
     """
     target = Path(target)
     if folder and target.exists() and not target.is_dir():
@@ -94,6 +107,17 @@ def check_output(
                 f"{real.parent}, which only training writes; choose a path outside the run's own "
                 "files"
             )
+    for root in (Path(p) for p in data if p):
+        if _same(target, root) or root.resolve() in target.resolve().parents:
+            raise OutputError(
+                f"{flag} {target} lies in the data folder {root}, where what flyp writes would "
+                "be read as a domain, class or image by the next run; choose a path outside it"
+            )
+    if folder and is_run_dir(target):
+        raise OutputError(
+            f"{flag} {target} is a run directory; pass a new folder (flyp finetune --resume "
+            f"{target} continues a killed run)"
+        )
     return target
 
 

@@ -268,6 +268,12 @@ def validate(recipe: Recipe) -> Recipe:
     from flyp.methods import METHODS  # flyp.methods imports this module
 
     _check_finite(recipe, "")
+    name = recipe.name
+    if name.strip() in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise RecipeError(
+            f"name: {name!r} cannot name a run folder (runs/<name>-<method>-s<seed>); use letters, "
+            "digits, spaces, '-' or '_', with no '/', no control characters"
+        )
     for key, allowed in CHOICES.items():
         _choice(key, _get(recipe, key), allowed)
     _choice("train.method", recipe.train.method, list(METHODS))
@@ -384,6 +390,21 @@ class _NoAliasLoader(yaml.SafeLoader):
                 None, None, f"alias *{event.anchor} is not allowed", event.start_mark
             )
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is refused: PyYAML would keep the last silently, so
+        a recipe could read as one learning rate and train with another."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # PyYAML's own check refuses it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def safe_yaml(text: str) -> Any:

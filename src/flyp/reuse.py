@@ -52,7 +52,12 @@ def decode_images(
 @dataclass
 class DecodedImages:
     """The training images of an experiment, decoded once (on first use) and shared by its runs;
-    the random crop and flip then apply to the decoded image as they would to a fresh one."""
+    the random crop and flip then apply to the decoded image as they would to a fresh one.
+
+    Under torchrun each process holds its own copy of every image, not its shard: the sampler
+    draws a new permutation each epoch, so a rank draws a share 1 - (1 - 1/world)^epochs of the
+    images over a run (88% for 8 ranks and 16 epochs), the runs of a comparison sharing this
+    cache have other seeds, and LP-FT's probe reads every training image on each rank."""
 
     images: dict[int, Image.Image] | None = None
 

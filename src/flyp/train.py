@@ -47,7 +47,9 @@ from flyp.distributed import (
     DistEnv,
     average_gradients,
     barrier,
+    broadcast_buffers,
     broadcast_module,
+    ddp_for,
     gather_batch,
     init_distributed,
     is_main,
@@ -670,6 +672,9 @@ def _train(
         return on_main(finish_untrained)  # rank 0 evaluates and writes; every rank gets metrics
 
     _place_model(classifier, ctx, cfg, env)
+    # Several processes: DDP averages the gradients in the backward (once per run; the classifier
+    # stays the module that is evaluated and saved); the logit scale is averaged by hand.
+    ddp, by_hand = ddp_for(classifier, env.device) if env.enabled else (None, [])
     dataset = ImageDataset(
         exp.benchmark.train,
         exp.bundle.train_transform,
@@ -830,13 +835,12 @@ def _train(
                 micro_batch=cfg.micro_batch,
                 precision=precision.name,
                 gather=gather_batch if env.enabled else None,
+                ddp=ddp,
             )
             if env.enabled:
-                average_gradients(
-                    [p for p in classifier.parameters() if p.requires_grad], env.world
-                )
+                average_gradients(by_hand, env.world)
                 if cfg.batchnorm == "train":
-                    broadcast_module(classifier)  # rank 0's BN statistics, as DDP does
+                    broadcast_buffers(classifier)  # rank 0's BN statistics
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
@@ -850,7 +854,7 @@ def _train(
             images_seen += len(labels) * env.world  # this rank saw its share of the global batch
             epoch_images += len(labels) * env.world
             # the step's numbers stay on the device until the next log point (log_pending)
-            temperature = 1 / model.logit_scale.detach().exp()
+            temperature = 1 / model.logit_scale.detach().exp().reshape(())  # SigLIP's is [1]
             pending.append((step, epoch + 1, scheduler.get_last_lr()[0], loss, temperature))
             at_epoch_end = step % steps_per_epoch == 0
             stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps

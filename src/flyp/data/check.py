@@ -7,7 +7,8 @@ so threads run decoders side by side with no start-up, pickling or fork cost, an
 processes). Why a manifest: a full decode costs ~0.3 ms per PACS image but several ms per
 ImageNet image, over an hour for its 1.28M images in one thread; an image checked once is known
 good by its (path, size, modification time) until it changes, so later runs, and every run of a
-comparison, only ``stat`` the files.
+comparison, only ``stat`` the files. Under torchrun the check runs once per node (its local rank
+0 checks, the node's other ranks take its report), not once per process.
 
 The manifest lives in the user's cache folder ($FLYP_CACHE, else $XDG_CACHE_HOME/flyp, else
 ~/.cache/flyp), never in the dataset (which may be shared or read-only): one JSON file per data
@@ -25,12 +26,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import PIL
 from PIL import Image
 
 from flyp.data.folders import SKIP_HINT, DataError, Sample, decode_rgb
+from flyp.distributed import local_rank, on_node_main
 
 CHECK_VERSION = 1  # bump when what the check accepts changes: older manifests are then ignored
 CHUNK = 64  # images per task: few enough futures for 1.28M images, small enough to spread
@@ -145,7 +148,17 @@ def _stat(path: str) -> list[int] | None:
 
 
 def check_paths(paths: Sequence[str], workers: int | None = None) -> CheckReport:
-    """Decode every image not known good; returns the report (``bad`` names each failure)."""
+    """Decode every image not known good; returns the report (``bad`` names each failure).
+
+    Under torchrun the check runs once per node, not once per process: the node's local rank 0
+    decodes (and writes the manifest), its other ranks wait and get its report, good or bad,
+    so every rank keeps or refuses the same images with the same message.
+    """
+    return on_node_main(partial(_check_here, paths, workers))
+
+
+def _check_here(paths: Sequence[str], workers: int | None) -> CheckReport:
+    """The check in this process alone."""
     start = time.perf_counter()
     unique = sorted({os.path.abspath(p) for p in paths})
     report = CheckReport(images=len(unique), workers=workers or default_workers())
@@ -208,9 +221,10 @@ def check_samples(
         raise DataError(
             f"cannot read image {path} ({reason}){more}; remove or replace it, or {SKIP_HINT}"
         )
-    for path, reason in sorted(report.bad.items())[:SHOW_SKIPPED]:
-        print(f"image check: skipped {path} ({reason})", file=sys.stderr)
-    if len(report.bad) > SHOW_SKIPPED:
-        print(f"image check: skipped {len(report.bad) - SHOW_SKIPPED} more", file=sys.stderr)
+    if local_rank() == 0:  # said once per node: its other ranks hold the same report
+        for path, reason in sorted(report.bad.items())[:SHOW_SKIPPED]:
+            print(f"image check: skipped {path} ({reason})", file=sys.stderr)
+        if len(report.bad) > SHOW_SKIPPED:
+            print(f"image check: skipped {len(report.bad) - SHOW_SKIPPED} more", file=sys.stderr)
     kept = [s for s in samples if os.path.abspath(s.path) not in report.bad]
     return kept, report

@@ -280,12 +280,20 @@ def read_csv(path: Path) -> list[tuple[str, str]]:
             f"{path} needs a header with columns 'path' and 'label', found {fields}; "
             "add the header line 'path,label'"
         )
+    twice = [name for name in ("path", "label") if fields.count(name) > 1]
+    if twice:  # csv.DictReader would keep the last column of that name without a word
+        raise DataError(f"{path}: the header names the column '{twice[0]}' twice; keep one")
     reader.fieldnames = fields
     rows = []
     images: dict[str, tuple[int, str]] = {}  # normalised path -> (line, label)
     spellings: dict[str, tuple[int, str]] = {}  # name_key(label) -> (line, label)
     for row in reader:
         line = reader.line_num
+        if None in row:  # more cells than the header: an unquoted comma in a path or label
+            raise DataError(
+                f"{path}, line {line}: more cells than the header has columns; quote a path or "
+                'label that holds a comma ("hot, dog")'
+            )
         cell, label = (row["path"] or "").strip(), nfc((row["label"] or "").strip())
         if not cell or not label:
             raise DataError(

@@ -5,13 +5,12 @@ backward (flyp.distributed.average_gradients). DDP instead all-reduces buckets o
 while the backward still runs. This script times both on the same global batch, in alternating
 rounds, and checks first that both give the same gradients (so the race is a fair one).
 
-The DDP step is written the way flyp would use it: the two towers are called through one
-wrapper ``forward`` (DDP's reducer is prepared by ``forward``); the gradient cache's first,
-gradient-free pass calls the towers directly, and its re-forwards run under ``no_sync`` for all
-but the last chunk, so one bucketed all-reduce covers the whole accumulated gradient;
-``gradient_as_bucket_view=True``; no buffer broadcast (BatchNorm is frozen in FLYP). The logit
-scale is left out of DDP: every rank takes the same loss over the gathered batch, so its
-gradient is already the same on every rank (and it is not used inside the wrapper's forward).
+The DDP step is flyp's own (flyp.gradcache.forward_backward with flyp.distributed.ddp_for): a
+chunk's work runs as the forward of DDP's wrapper; the gradient cache's first, gradient-free pass
+bypasses DDP, and its re-forwards run under ``no_sync`` for all but the last chunk, so one
+bucketed all-reduce covers the whole accumulated gradient; ``gradient_as_bucket_view=True``; no
+buffer broadcast (BatchNorm is frozen in FLYP). The logit scale is left out of DDP (it is used
+outside the wrapper's forward) and averaged by hand.
 
   HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/ddp_vs_flat.py --models tiny vit
 """
@@ -19,7 +18,6 @@ gradient is already the same on every rank (and it is not used inside the wrappe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -32,29 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 HERE = Path(__file__).resolve().parent
 MODELS = {
     "tiny": ("tiny", 32),
     "vit": (f"open_clip:{HERE / 'configs' / 'flyp-bench-vit.json'}", None),  # 128 px, random
 }
-
-
-class Towers(nn.Module):
-    """Both towers in one ``forward``: what DDP needs to prepare its reducer once per backward."""
-
-    def __init__(self, model: nn.Module, unique: bool):
-        super().__init__()
-        self.model = model
-        self.unique = unique
-
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        from flyp.methods import encode_captions
-
-        image = self.model.encode_image(images)
-        text = encode_captions(self.model, tokens, self.unique, images.device)
-        return image.float(), text.float()
 
 
 def setup(spec: str, size: int | None, batch: int, world: int, rank: int):
@@ -87,38 +68,19 @@ def flat_step(method, classifier, local, ctx, micro_batch):
     return loss
 
 
-def ddp_step(ddp: DDP, model, local, ctx, micro_batch):
-    """flyp.gradcache._contrastive with DDP doing the gradient communication."""
-    from flyp.distributed import gather_batch
-    from flyp.gradcache import RngState, chunks
-    from flyp.methods import captions_for, contrastive_loss
+def ddp_step(method, classifier, ddp, by_hand, local, ctx, micro_batch):
+    """flyp's own step with DDP doing the gradient communication (flyp.distributed.ddp_for), as
+    flyp.train runs it under torchrun."""
+    from flyp.distributed import average_gradients, gather_batch
+    from flyp.gradcache import forward_backward
 
     images, labels, seeds = local
-    tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))
-    parts = chunks(len(labels), micro_batch)
-    if len(parts) == 1:
-        image, text = ddp(images, tokens)
-        loss = contrastive_loss(image, text, model, labels, ctx, gather=gather_batch)
-        loss.backward()
-        return loss.detach()
-    states, image_parts, text_parts = [], [], []
-    with torch.no_grad():
-        for part in parts:
-            states.append(RngState.capture(images.device))
-            image, text = ddp.module(images[part], tokens[part])
-            image_parts.append(image)
-            text_parts.append(text)
-    image = torch.cat(image_parts).requires_grad_()
-    text = torch.cat(text_parts).requires_grad_()
-    loss = contrastive_loss(image, text, model, labels, ctx, gather=gather_batch)
-    loss.backward()
-    for i, (part, state) in enumerate(zip(parts, states, strict=True)):
-        state.restore()
-        last = i == len(parts) - 1
-        with contextlib.nullcontext() if last else ddp.no_sync():
-            out = ddp(images[part], tokens[part])
-            torch.autograd.backward(list(out), [image.grad[part], text.grad[part]])
-    return loss.detach()
+    loss = forward_backward(
+        method, classifier, images, labels, seeds, 0, ctx, micro_batch=micro_batch,
+        gather=gather_batch, ddp=ddp,
+    )  # fmt: skip
+    average_gradients(by_hand, 2)  # the logit scale: DDP leaves it out
+    return loss
 
 
 def grads(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,6 +88,8 @@ def grads(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def worker(rank: int, world: int, init: str, args, queue) -> None:
+    from flyp.distributed import ddp_for
+
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecation notices
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(args.threads)
@@ -138,14 +102,13 @@ def worker(rank: int, world: int, init: str, args, queue) -> None:
             flat_model = copy.deepcopy(model)
             flat_classifier = Classifier(flat_model)
             ddp_model = copy.deepcopy(model)
-            towers = Towers(ddp_model, ctx.unique_captions)
-            DDP._set_params_and_buffers_to_ignore_for_model(towers, ["model.logit_scale"])
-            ddp = DDP(towers, broadcast_buffers=False, gradient_as_bucket_view=True)
+            ddp_classifier = Classifier(ddp_model)
+            ddp, by_hand = ddp_for(ddp_classifier, torch.device("cpu"))
             for net in (flat_model, ddp_model):
                 net.train()
             # the same gradients first: the same step, the same weights
             flat_step(method, flat_classifier, local, ctx, micro_batch)
-            ddp_step(ddp, ddp_model, local, ctx, micro_batch)
+            ddp_step(method, ddp_classifier, ddp, by_hand, local, ctx, micro_batch)
             a, b = grads(flat_model), grads(ddp_model)
             worst = max((a[k] - b[k]).abs().max().item() for k in a)
             assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
@@ -159,8 +122,8 @@ def worker(rank: int, world: int, init: str, args, queue) -> None:
                             flat_model.zero_grad(set_to_none=True)
                             flat_step(method, flat_classifier, local, ctx, micro_batch)
                         else:
-                            ddp.zero_grad(set_to_none=True)
-                            ddp_step(ddp, ddp_model, local, ctx, micro_batch)
+                            ddp_model.zero_grad(set_to_none=True)
+                            ddp_step(method, ddp_classifier, ddp, by_hand, local, ctx, micro_batch)
                     seconds = torch.tensor(time.perf_counter() - tick)
                     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slower rank's time
                     speed[kind].append(args.batch * args.steps / seconds.item())

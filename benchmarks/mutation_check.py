@@ -248,6 +248,9 @@ MUTANTS: list[Mutant] = [
     M("X02", "distributed.py",
       "torch.cat(all_gather(image_features), dim=0)",
       "torch.cat(all_gather(image_features.detach()), dim=0)", "distributed"),
+    M("X04", "gradcache.py",  # DDP: the last gradient-cache chunk under no_sync too
+      "ddp.no_sync() if ddp is not None and not last", "ddp.no_sync() if ddp is not None",
+      "distributed"),
     M("X03", "distributed.py",
       "return images, texts, torch.cat(gathered)",
       "return images, texts, torch.cat(gathered[::-1])", "distributed"),
@@ -269,7 +272,7 @@ MUTANTS: list[Mutant] = [
       "evaluation"),
     # --- gradient cache ---------------------------------------------------------------------
     M("G01", "gradcache.py",
-      "        state.restore()\n        pairs = [", "        pairs = [", "gradcache"),
+      "        state.restore()\n        with _syncing(", "        with _syncing(", "gradcache"),
     M("G02", "gradcache.py", "    after.restore()\n", "", "gradcache"),
     M("G03", "gradcache.py",
       "share = (part.stop - part.start) / n", "share = 1 / len(chunks(n, micro_batch))",
@@ -312,7 +315,7 @@ FIRST = {
     "counters": ["test_train.py"],
     "data splits": ["test_data.py"],
     "data loader": ["test_data.py", "test_train.py", "test_distributed.py"],
-    "distributed": ["test_distributed.py"],
+    "distributed": ["test_distributed.py", "test_ddp.py"],
     "evaluation": ["test_evaluate.py", "test_paper_benchmarks.py", "test_methods.py"],
     "gradcache": ["test_gradcache.py", "test_speed_options.py"],
     "speed": ["test_reuse.py", "test_cpu_bf16.py", "test_gradcache.py"],

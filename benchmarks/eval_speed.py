@@ -19,10 +19,9 @@ import time
 
 import torch
 
-from flyp.gradcache import autocast
 from flyp.methods import Classifier
 from flyp.models.base import prefers_channels_last, tune_cpu_bf16
-from flyp.precision import resolve
+from flyp.precision import autocast, resolve
 from flyp.recipe import load_recipe
 from flyp.train import evaluate_classifier, prepare
 

@@ -20,7 +20,7 @@ from flyp.cli import main
 from flyp.data import build_benchmark
 from flyp.data.check import check_paths
 from flyp.data.folders import Sample, load_rgb, to_rgb
-from flyp.data.paper import finish
+from flyp.data.sets import finish
 from flyp.data.splits import stratified_subsample
 from flyp.recipe import load_recipe
 from flyp.reuse import decode_images

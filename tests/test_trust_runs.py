@@ -20,11 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 import flyp.compare
+import flyp.rundir as rundir
 import flyp.train as train_mod
 from fakes import tiny_overrides
 from flyp.cli import main
 from flyp.recipe import load_recipe, run_settings
-from flyp.train import LOCK_NAME, finetune
+from flyp.rundir import LOCK_NAME
+from flyp.train import finetune
 
 
 def sets(root: Path, *extra: str) -> list[str]:
@@ -495,8 +497,8 @@ def test_a_lock_file_removed_by_the_run_that_held_it_is_not_trusted(tmp_path, mo
         opened.append(handle)
         return handle
 
-    monkeypatch.setattr(train_mod, "open", fake_open, raising=False)
-    lock = train_mod._lock(path)
+    monkeypatch.setattr(rundir, "open", fake_open, raising=False)
+    lock = rundir.lock_file(path)
     assert len(opened) == 2 and lock is opened[1]
     assert os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
     with open(path, "a+") as other, pytest.raises(BlockingIOError):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import flyp.rundir as rundir
 import flyp.train as train_mod
 from fakes import error_lines, tiny_overrides
 from flyp.cli import main
@@ -23,7 +24,8 @@ from flyp.losses import siglip_loss
 from flyp.methods import METHODS, Classifier, LossContext, build_classifier
 from flyp.models.tiny import TinyCLIP, WordHashTokenizer
 from flyp.recipe import load_recipe
-from flyp.train import LOCK_NAME, RunError, finetune
+from flyp.rundir import LOCK_NAME
+from flyp.train import RunError, finetune
 
 META = torch.device("meta")
 
@@ -136,21 +138,21 @@ def test_resume_state_holds_the_cuda_generator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7, 8], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.update(state=state, device=device))
     cuda = torch.device("cuda", 0)
-    state = train_mod._rng_state(cuda)
+    state = rundir.rng_state(cuda)
     assert state["cuda"].tolist() == [7, 8]
-    train_mod._set_rng_state(state, cuda)
+    rundir.set_rng_state(state, cuda)
     assert calls["state"].tolist() == [7, 8] and calls["device"] == cuda
-    assert "cuda" not in train_mod._rng_state(torch.device("cpu"))
+    assert "cuda" not in rundir.rng_state(torch.device("cpu"))
 
 
 def test_resume_state_loads_with_weights_only_and_restores_every_generator(tmp_path):
     import random
 
-    state = train_mod._rng_state(torch.device("cpu"))
+    state = rundir.rng_state(torch.device("cpu"))
     torch.save(state, tmp_path / "s.pt")
     loaded = torch.load(tmp_path / "s.pt", weights_only=True)
     expected = (torch.rand(3), random.random(), np.random.rand())
-    train_mod._set_rng_state(loaded, torch.device("cpu"))
+    rundir.set_rng_state(loaded, torch.device("cpu"))
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 

@@ -150,7 +150,7 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
             f"{path}: its flyp metadata is not JSON ({err}); pass the run directory instead "
             "(its recipe.yaml gives the model spec)"
         ) from None
-    if not isinstance(meta, dict):  # the fields are checked by flyp.predict.check_metadata
+    if not isinstance(meta, dict):  # the fields are checked by flyp.metadata.check_metadata
         raise CheckpointError(
             f"{path}: its flyp metadata is a JSON {type(meta).__name__}, not a mapping; pass "
             "the run directory instead (its recipe.yaml gives the model spec)"

@@ -33,6 +33,7 @@ from flyp.checkpoint import (
 from flyp.distributed import init_distributed, on_main
 from flyp.ensemble import greedy_soup, interpolate, model_stock, uniform_soup
 from flyp.evaluate import summarise
+from flyp.metadata import weights_metadata
 from flyp.methods import (
     Classifier,
     build_classifier,
@@ -40,7 +41,6 @@ from flyp.methods import (
     image_tower_names,
     is_scale_param,
 )
-from flyp.predict import weights_metadata
 from flyp.recipe import (
     Recipe,
     RecipeError,
@@ -54,11 +54,10 @@ from flyp.recipe import (
 )
 from flyp.report import write_report
 from flyp.reuse import FrozenFeatures
+from flyp.rundir import LOCK_NAME, check_same_run
 from flyp.train import (
-    LOCK_NAME,
     Experiment,
     RunError,
-    check_same_run,
     evaluate_classifier,
     finetune,
     fit_probe,
@@ -94,7 +93,7 @@ def save_model(
 ) -> None:
     """``classifier`` (a WiSE-FT point or a merge of runs) stored as a finished run stores its
     model, so whatever takes a run takes ``folder``: model.safetensors, self-describing as a
-    run's (flyp.predict.weights_metadata, plus ``merge``: what was merged and how), and the
+    run's (flyp.metadata.weights_metadata, plus ``merge``: what was merged and how), and the
     recipe.yaml of ``source_run``, the run it came from (the experiment's recipe with the run's
     method where the run has none). The caller writes metrics.json last: its presence marks the
     folder finished."""

@@ -34,7 +34,7 @@ from flyp.methods import (
     contrastive_loss,
     encode_captions,
 )
-from flyp.precision import PRECISIONS, autocast  # noqa: F401 (re-exported)
+from flyp.precision import autocast
 
 Gather = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flyp.errors import RecipeError
 from flyp.heads import zeroshot_weights
 from flyp.losses import clip_loss, siglip_loss
 from flyp.models.base import prefers_channels_last, to_model_layout
-from flyp.recipe import RecipeError
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,7 @@ from typing import Any
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be run, with the key at fault and the fix in the message."""
+from flyp.errors import RecipeError  # callers import it from here too
 
 
 @dataclass

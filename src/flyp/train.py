@@ -12,9 +12,7 @@ run_dir/
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import shutil
 import time
@@ -31,9 +29,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from flyp.checkpoint import (
-    CheckpointError,
     atomic_write_json,
-    atomic_write_text,
     load_state,
     load_weights,
     read_json,
@@ -55,8 +51,10 @@ from flyp.distributed import (
     is_main,
     on_main,
 )
+from flyp.errors import RunError  # callers import it from here too
 from flyp.evaluate import evaluate_sets, metrics_from_predictions, summarise
-from flyp.gradcache import autocast, forward_backward
+from flyp.gradcache import forward_backward
+from flyp.metadata import weights_metadata
 from flyp.methods import (
     Classifier,
     LossContext,
@@ -74,8 +72,7 @@ from flyp.models.base import (
     to_model_layout,
     tune_cpu_bf16,
 )
-from flyp.precision import announce, configure_device, resolve
-from flyp.predict import weights_metadata
+from flyp.precision import announce, autocast, configure_device, resolve
 from flyp.probe import choose_c, image_features, probe_to_linear
 from flyp.recipe import (
     RESUME_SETTABLE,
@@ -83,12 +80,21 @@ from flyp.recipe import (
     check_device,
     differences,
     fingerprint,
-    load_recipe,
     run_settings,
     save_recipe,
     validate,
 )
 from flyp.reuse import DecodedImages, FrozenFeatures
+from flyp.rundir import (
+    append_log,
+    check_same_run,
+    claim,
+    clear_run_dir,
+    release,
+    rng_state,
+    set_rng_state,
+    truncate_log,
+)
 from flyp.tracking import bar as progress_bar
 from flyp.tracking import (
     check_trackers,
@@ -101,10 +107,6 @@ from flyp.tracking import (
     running,
     say,
 )
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked."""
 
 
 @dataclass
@@ -189,31 +191,6 @@ def warmup_cosine(warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """Every generator a step draws from, as tensors and plain lists (state.pt loads with
-    ``weights_only=True``: nothing in it can run code)."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": [version, list(mt), gauss],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _eval_dataset(exp: Experiment, name: str, samples: list) -> torch.utils.data.Dataset:
@@ -387,30 +364,6 @@ def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
         )
 
 
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a resumed run restarts from, and a last
-    line cut short by the kill (written after that checkpoint: each step logs, then saves)."""
-    if not path.exists():
-        return
-    lines, kept = path.read_text().splitlines(), []
-    for number, line in enumerate(lines, 1):
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            if number < len(lines):
-                raise CheckpointError(
-                    f"{path} line {number} is not a log record, so the run's log is damaged; "
-                    "delete that line to resume, or start the run again in a new run directory"
-                ) from None
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 def _check_speed_options(cfg, env: DistEnv) -> None:
     """What the recipe alone cannot tell: the number of processes, and option combinations."""
     if cfg.batch_size % env.world:
@@ -454,98 +407,6 @@ def _towers_restored(model: nn.Module) -> Iterator[None]:
         vars(model).update(own)
 
 
-LOCK_NAME = ".flyp.lock"
-
-
-def _lock(path: Path) -> Any:
-    """Open and exclusively lock ``path`` (held until closed, so a killed run frees it).
-
-    A run removes its lock file when it ends. A process that opened the file just before that
-    may then lock a file no longer in the folder: it checks that the file it holds is still
-    the one at ``path``, and opens the new one if not, so two live runs never hold two files."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the emptiness check of _claim still applies
-        return open(path, "a+")
-    while True:
-        lock = open(path, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise RunError(
-                f"run directory {path.parent} is in use by another flyp process; wait for it "
-                "to finish, or pick another --out"
-            ) from None
-        try:
-            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
-                return lock
-        except FileNotFoundError:
-            pass
-        lock.close()  # removed (or replaced) by the run that held it: lock the file there now
-
-
-def _release(run_dir: Path, lock: Any) -> None:
-    """Remove the lock file, then let go of it: a finished (or failed) run leaves no lock."""
-    try:
-        (run_dir / LOCK_NAME).unlink(missing_ok=True)
-    finally:
-        lock.close()
-
-
-def _claim(run_dir: Path, resume: bool) -> Any:
-    """Claim ``run_dir`` for this process (an exclusive lock held until the run ends or the
-    process dies) and check it can be used as asked. Returns the open lock file."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(run_dir / LOCK_NAME)
-    if not resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        _release(run_dir, lock)
-        raise RunError(
-            f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it"
-        )
-    return lock
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    """Remove what a run that never reached its first checkpoint wrote (the lock stays)."""
-    for path in run_dir.iterdir():
-        if path.name != LOCK_NAME:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def saved_settings(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
-    """The run settings (flyp.recipe.run_settings) of the run in ``run_dir``, and the file they
-    come from: a finished run's metrics.json, else its recipe.yaml (a killed run, or a run
-    from before metrics.json held them); (None, None) for a folder that holds no run."""
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        settings = read_json(metrics, ("sets",)).get("settings")
-        if settings is not None:
-            return settings, metrics
-    path = run_dir / "recipe.yaml"
-    if path.is_file():
-        return run_settings(load_recipe(path)), path
-    return None, None
-
-
-def check_same_run(run_dir: Path, recipe: Recipe, seed_free: bool = False) -> None:
-    """A run directory about to be reused or resumed must hold a run of ``recipe``: a rerun
-    with other settings into the same --out would otherwise report the old run as the new one.
-    Only what a resumed run may change (flyp.recipe.RESUME_SETTABLE: paths, device, speed) and
-    what does not change the run's numbers may differ; ``seed_free``: the seed too (zeroshot and
-    lp do not depend on it)."""
-    saved, source = saved_settings(Path(run_dir))
-    if saved is None:
-        return
-    ignore = ("train.seed",) if seed_free else ()
-    diff = differences(saved, run_settings(recipe), ignore)
-    if diff:
-        raise RunError(
-            f"{run_dir} holds a run made with other settings ({diff}; from its {source.name}): "
-            "it belongs to another experiment; pass a new --out (or the settings it used)"
-        )
-
-
 def finetune(
     recipe: Recipe, run_dir: str | Path, resume: bool = False, exp: Experiment | None = None
 ) -> dict[str, Any]:
@@ -574,13 +435,13 @@ def finetune(
     method = get_method(cfg.method)
     exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
     existed = run_dir.exists()
-    lock = _claim(run_dir, resume) if env.is_main else None
+    lock = claim(run_dir, resume) if env.is_main else None
     barrier()  # every rank has waited for rank 0's claim
     try:
         if resume and not state_path.exists():  # killed before its first checkpoint: restart
             resume = False
             if env.is_main:
-                _clear_run_dir(run_dir)
+                clear_run_dir(run_dir)
         # running names its progress lines and bars; the towers come back uncompiled
         with running(f"{cfg.method} seed {cfg.seed}"), _towers_restored(exp.bundle.model):
             return _train(recipe, run_dir, resume, exp, env, method)
@@ -588,14 +449,14 @@ def finetune(
         # Nothing resumable was written: leave the directory as it was found.
         if env.is_main and not state_path.exists() and not (run_dir / "metrics.json").exists():
             if existed:
-                _clear_run_dir(run_dir)
+                clear_run_dir(run_dir)
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
         close_tracker(run_dir)  # a run that raised closes its trackers now
         if lock is not None:
-            _release(run_dir, lock)
+            release(run_dir, lock)
 
 
 def _train(
@@ -720,12 +581,12 @@ def _train(
         load_weights(classifier, run_dir / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], env.device)
+        set_rng_state(state["rng"], env.device)
         step, best = state["step"], state["best"]
         validated = state.get("validated", step // steps_per_epoch)
         train_seconds, images_seen = state["train_seconds"], state["images_seen"]
         if env.is_main:
-            _truncate_log(log_path, step)
+            truncate_log(log_path, step)
     tracker = open_tracker(recipe, run_dir, env.is_main, step)  # _finish closes it
     started = time.time()
 
@@ -755,7 +616,7 @@ def _train(
             record = {"step": at, "epoch": in_epoch, "loss": round(value, 6), "lr": lr}
             record["temperature"] = temperature
             if env.is_main:
-                _append_log(log_path, record)
+                append_log(log_path, record)
                 tracker.log(record, at)
             losses.append(value)
         pending.clear()
@@ -770,7 +631,7 @@ def _train(
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(env.device),
+                "rng": rng_state(env.device),
                 "step": step,
                 "best": best,
                 "validated": validated,
@@ -905,7 +766,7 @@ def _validate_epoch(
     val = validation_score(classifier, exp)
     metric = exp.benchmark.metric
     entry = {"step": step, "epoch": epoch, "val": val, "val_metric": metric}
-    _append_log(run_dir / "log.jsonl", entry)
+    append_log(run_dir / "log.jsonl", entry)
     tracker.log(entry, step)
     if best["epoch"] == 0 or val > best["val"]:
         save_weights(classifier, run_dir / "model.safetensors", _metadata(exp, classifier))

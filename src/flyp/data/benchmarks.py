@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from flyp.data import templates as tpl
-from flyp.data.check import CheckReport
 from flyp.data.folders import (
     DataError,
     Sample,
@@ -27,6 +25,7 @@ from flyp.data.folders import (
     subfolders,
 )
 from flyp.data.lazy import lazy_builder
+from flyp.data.sets import Benchmark, finish
 from flyp.data.splits import stratified_split
 from flyp.recipe import DataConfig
 
@@ -40,34 +39,6 @@ def pacs_default_root() -> Path:
     return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pacs"
 
 
-@dataclass
-class Benchmark:
-    name: str
-    class_names: list[str]
-    templates: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    tests: dict[str, list[Sample]]  # the ID test set first, then each OOD set
-    id_name: str
-    ood_names: list[str]
-    metric: str = "accuracy"  # the headline metric: "accuracy", "macro_f1", "worst_group_accuracy"
-    skipped_images: int = 0
-    # Evaluation sets that cover only some classes (ImageNet-R/A): logits restricted to these.
-    class_subsets: dict[str, list[int]] = field(default_factory=dict)
-    # Group id of every sample of an evaluation set (FMoW regions), for worst-group accuracy.
-    groups: dict[str, list[int]] = field(default_factory=dict)
-    # Sets whose classes each cover several model classes (ObjectNet): a prediction anywhere in
-    # the label's group counts as correct.
-    label_groups: dict[str, list[list[int]]] = field(default_factory=dict)
-    # A per-set step on the PIL image before the model's transform (ObjectNet's border crop).
-    preprocess: dict[str, Callable] = field(default_factory=dict)
-    # What the image check did (how many images, from the manifest, bad, time): `flyp data`.
-    image_check: CheckReport | None = None
-
-    def eval_sets(self) -> dict[str, list[Sample]]:
-        return {"val": self.val, **self.tests}
-
-
 def _assemble(
     cfg: DataConfig,
     name: str,
@@ -76,8 +47,6 @@ def _assemble(
     domains: dict[str, list[Sample]],
 ) -> Benchmark:
     """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole."""
-    from flyp.data.paper import finish  # paper imports this module
-
     check_domain_names([cfg.id_domain, *cfg.ood_domains])  # not 'val', 'train', 'test'
     train, val, test = stratified_split(
         domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed

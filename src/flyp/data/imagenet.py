@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from flyp.data.benchmarks import Benchmark
 from flyp.data.folders import DataError, Sample, require_dir
 from flyp.data.imagenet_meta import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, OBJECTNET_TO_IMAGENET
-from flyp.data.paper import finish, images_in, labelled_folders, set_root
+from flyp.data.paper import images_in, labelled_folders, set_root
+from flyp.data.sets import Benchmark, finish
 from flyp.data.splits import stratified_split
 from flyp.recipe import DataConfig
 

@@ -1,7 +1,9 @@
 """Builders registered by name but imported on first use.
 
-The paper's benchmark modules import :mod:`flyp.data.benchmarks` (for ``Benchmark``), so
-that module registers them through :func:`lazy_builder` instead of importing them.
+The paper's benchmark modules (ImageNet, WILDS, transfer) pull in their metadata tables and
+readers; :mod:`flyp.data.benchmarks` registers them through :func:`lazy_builder` so that a run
+on PACS or a folder never imports them. They sit above it in no way: both import
+:mod:`flyp.data.sets`.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flyp.data import templates as tpl
-from flyp.data.benchmarks import Benchmark
 from flyp.data.folders import DataError, Sample, class_folders, require_dir
-from flyp.data.paper import finish, images_in, k_shot, labelled_folders
+from flyp.data.paper import images_in, labelled_folders
+from flyp.data.sets import Benchmark, finish, k_shot
 from flyp.data.splits import stratified_split
 from flyp.recipe import DataConfig
 

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flyp.data import templates as tpl
-from flyp.data.benchmarks import Benchmark
 from flyp.data.folders import DataError, Sample, require_dir
-from flyp.data.paper import finish, set_root
+from flyp.data.paper import set_root
+from flyp.data.sets import Benchmark, finish
 from flyp.data.wilds_meta import FMOW_CLASSES, IWILDCAM_CLASSES
 from flyp.recipe import DataConfig
 

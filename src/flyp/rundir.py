@@ -1,0 +1,164 @@
+"""The run directory: what a run owns on disk besides its weights.
+
+Claiming it (an exclusive lock, held until the run ends or its process dies, removed when it
+ends), clearing what a run that never reached its first checkpoint wrote, the step log
+(``log.jsonl``: appended per record, cut back to the checkpoint a resumed run restarts from),
+the random generators' state saved with each checkpoint, and the settings a finished or killed
+run was made with (checked before a run directory is reused or resumed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flyp.checkpoint import CheckpointError, atomic_write_text, read_json
+from flyp.errors import RunError
+from flyp.recipe import Recipe, differences, load_recipe, run_settings
+
+LOCK_NAME = ".flyp.lock"
+
+
+def lock_file(path: Path) -> Any:
+    """Open and exclusively lock ``path`` (held until closed, so a killed run frees it).
+
+    A run removes its lock file when it ends. A process that opened the file just before that
+    may then lock a file no longer in the folder: it checks that the file it holds is still
+    the one at ``path``, and opens the new one if not, so two live runs never hold two files."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the emptiness check of claim still applies
+        return open(path, "a+")
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RunError(
+                f"run directory {path.parent} is in use by another flyp process; wait for it "
+                "to finish, or pick another --out"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()  # removed (or replaced) by the run that held it: lock the file there now
+
+
+def release(run_dir: Path, lock: Any) -> None:
+    """Remove the lock file, then let go of it: a finished (or failed) run leaves no lock."""
+    try:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    finally:
+        lock.close()
+
+
+def claim(run_dir: Path, resume: bool) -> Any:
+    """Claim ``run_dir`` for this process (an exclusive lock held until the run ends or the
+    process dies) and check it can be used as asked. Returns the open lock file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_file(run_dir / LOCK_NAME)
+    if not resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        release(run_dir, lock)
+        raise RunError(
+            f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it"
+        )
+    return lock
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove what a run that never reached its first checkpoint wrote (the lock stays)."""
+    for path in run_dir.iterdir():
+        if path.name != LOCK_NAME:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def saved_settings(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """The run settings (flyp.recipe.run_settings) of the run in ``run_dir``, and the file they
+    come from: a finished run's metrics.json, else its recipe.yaml (a killed run, or a run
+    from before metrics.json held them); (None, None) for a folder that holds no run."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        settings = read_json(metrics, ("sets",)).get("settings")
+        if settings is not None:
+            return settings, metrics
+    path = run_dir / "recipe.yaml"
+    if path.is_file():
+        return run_settings(load_recipe(path)), path
+    return None, None
+
+
+def check_same_run(run_dir: Path, recipe: Recipe, seed_free: bool = False) -> None:
+    """A run directory about to be reused or resumed must hold a run of ``recipe``: a rerun
+    with other settings into the same --out would otherwise report the old run as the new one.
+    Only what a resumed run may change (flyp.recipe.RESUME_SETTABLE: paths, device, speed) and
+    what does not change the run's numbers may differ; ``seed_free``: the seed too (zeroshot and
+    lp do not depend on it)."""
+    saved, source = saved_settings(Path(run_dir))
+    if saved is None:
+        return
+    ignore = ("train.seed",) if seed_free else ()
+    diff = differences(saved, run_settings(recipe), ignore)
+    if diff:
+        raise RunError(
+            f"{run_dir} holds a run made with other settings ({diff}; from its {source.name}): "
+            "it belongs to another experiment; pass a new --out (or the settings it used)"
+        )
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator a step draws from, as tensors and plain lists (state.pt loads with
+    ``weights_only=True``: nothing in it can run code)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a resumed run restarts from, and a last
+    line cut short by the kill (written after that checkpoint: each step logs, then saves)."""
+    if not path.exists():
+        return
+    lines, kept = path.read_text().splitlines(), []
+    for number, line in enumerate(lines, 1):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            if number < len(lines):
+                raise CheckpointError(
+                    f"{path} line {number} is not a log record, so the run's log is damaged; "
+                    "delete that line to resume, or start the run again in a new run directory"
+                ) from None
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

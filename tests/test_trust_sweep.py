@@ -99,7 +99,8 @@ def _copy_data(finished, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "verb", ["finetune", "compare", "sweep", "evaluate", "report", "export", "finetune-root"]
+    "verb",
+    ["finetune", "compare", "sweep", "evaluate", "report", "export", "predict", "finetune-root"],
 )
 def test_no_verb_writes_into_the_data_folder(finished, tmp_path, capsys, verb):
     """An --out inside the data folder the run reads (or the folder itself) is refused before any
@@ -114,14 +115,37 @@ def test_no_verb_writes_into_the_data_folder(finished, tmp_path, capsys, verb):
         "finetune-root": ["finetune", *plain, "--out", str(root)],
         "compare": ["compare", *plain, "--methods", "zeroshot", "--seeds", "0", "--out", str(out)],
         "sweep": ["sweep", *plain, "--grid", "train.lr=0.1,0.2", "--out", str(out)],
-        "evaluate": ["evaluate", str(run), "--out", str(root / "photo" / "dog" / "000.png")],
+        "evaluate": ["evaluate", str(run), "--out", str(root / "photo" / "metrics.json")],
         "report": ["report", str(run), "--out", str(root / "photo")],
         "export": ["export", str(run), "--format", "flyp", "--out", str(out)],
+        "predict": ["predict", str(run), str(root / "photo" / "dog" / "000.png"), "--out",
+                    str(root / "photo" / "predictions.csv")],  # fmt: skip
     }[verb]
     assert main(args) == 2
     line = one_error(capsys)
     assert "lies in the data folder" in line and "choose a path outside it" in line
     assert listing(root) == before
+
+
+@pytest.mark.parametrize("verb", ["predict", "evaluate"])
+def test_a_file_out_named_like_an_image_is_refused(finished, tmp_path, capsys, verb):
+    """predict --out data/photo/dog/002.png replaced a dataset image with the predictions CSV
+    (the run's data folder was not checked for predict) and exited 0. A file --out named like
+    an image is refused wherever it lies, and the image is left as it was."""
+    root, _, run = finished
+    image = Path(shutil.copy(root / "photo" / "dog" / "002.png", tmp_path / "002.png"))
+    before = image.read_bytes()
+    one = str(root / "photo" / "dog" / "000.png")
+    args = ["predict", str(run), one] if verb == "predict" else ["evaluate", str(run)]
+    assert main([*args, "--out", str(image)]) == 2
+    assert one_error(capsys).startswith(f"--out {image} names an image file")
+    assert image.read_bytes() == before
+
+
+def test_wise_refuses_an_alpha_given_twice(finished, capsys):
+    _, _, run = finished
+    assert main(["wise", str(run), "--alphas", "0.5", "0.25", "0.5"]) == 2
+    assert one_error(capsys) == "--alphas lists 0.5 twice; list each once"
 
 
 @pytest.mark.parametrize("verb", ["compare", "report", "finetune"])

@@ -403,6 +403,9 @@ def cmd_wise(args: argparse.Namespace) -> int:
     bad = [a for a in alphas if not 0 <= a <= 1]
     if bad:
         raise RecipeError(f"--alphas: {bad[0]} is out of range; each alpha must be in [0, 1]")
+    twice = [a for i, a in enumerate(alphas) if a in alphas[:i]]
+    if twice:
+        raise RecipeError(f"--alphas lists {twice[0]:g} twice; list each once")
     check_device(recipe.train.device)
     exp = prepare(recipe)
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
@@ -494,7 +497,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     target = Path(args.target)
     reads = [target, target / "model.safetensors", *args.images, *paths]
     reads += [f for f in (args.classes_file, args.templates_file) if f]
-    out = check_output(args.out, reads) if args.out else None
+    run_dir = target if target.is_dir() else target.parent
+    data = _run_data_folders(run_dir) if (run_dir / "recipe.yaml").is_file() else []
+    out = check_output(args.out, reads, data=data) if args.out else None
     if target.exists():
         _unfinished(target if target.is_dir() else target.parent, args.unfinished)
     clf = load_classifier(

@@ -79,7 +79,8 @@ def check_output(
     ``folder``: the target is a folder the verb writes ``writes`` (file names) into; otherwise a
     file. Refused: a file target that is a folder or a folder target that is a file; a target
     under a path that is a file; a written file that is one of ``inputs`` (the same file after
-    resolving symlinks) or one of a run directory's own files (:data:`RUN_FILES`); a folder
+    resolving symlinks) or one of a run directory's own files (:data:`RUN_FILES`); a file target
+named like an image (``.png``, ``.jpg``, ...: text would replace a dataset's image); a folder
     target that is a run directory; a target in one of the ``data`` folders the verb reads (what
     it writes there would be read back as a domain, class or image by the next run).
     """
@@ -88,6 +89,14 @@ def check_output(
         raise OutputError(f"{flag} {target} is a file; pass a folder (new or empty)")
     if not folder and target.is_dir():
         raise OutputError(f"{flag} {target} is a folder; pass a file name")
+    if not folder:
+        from flyp.data.folders import IMAGE_SUFFIXES  # PIL and numpy: only when a file is asked
+
+        if target.suffix.lower() in IMAGE_SUFFIXES:  # an image (of a dataset) overwritten by text
+            raise OutputError(
+                f"{flag} {target} names an image file, and flyp writes text there (CSV or JSON); "
+                "pass another file name"
+            )
     above = next((p for p in target.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise OutputError(f"{flag} {target} lies under {above}, which is a file; pass another path")

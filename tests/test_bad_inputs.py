@@ -168,6 +168,12 @@ CASES = [
         lambda e: e.finetune("train.contrastive_loss=sigmoid"),
         "train.contrastive_loss: 'sigmoid' is not one of auto, clip, siglip",
     ),
+    Case(  # was a ValueError traceback after the image check
+        "templates",
+        lambda e: e.finetune("data.templates=pac"),
+        "data.templates: 'pac' is not one of caltech101, flowers102, fmow, iwildcam, pacs, pcam, "
+        "simple, sst2, stanford_cars (did you mean 'pacs'?)",
+    ),
     Case(
         "on_bad_image",
         lambda e: e.finetune("data.on_bad_image=skipped"),

@@ -263,7 +263,8 @@ def _choice(key: str, value: str, allowed: typing.Sequence[str]) -> None:
 
 def validate(recipe: Recipe) -> Recipe:
     """Refuse choices, ranges and cross-field combinations that cannot run, naming the key."""
-    from flyp.methods import METHODS  # flyp.methods imports this module
+    from flyp.data.templates import TEMPLATE_SETS  # here, not at the top: loading a recipe
+    from flyp.methods import METHODS  # file stays free of torch (flyp --help, flyp data)
 
     _check_finite(recipe, "")
     name = recipe.name
@@ -275,6 +276,8 @@ def validate(recipe: Recipe) -> Recipe:
     for key, allowed in CHOICES.items():
         _choice(key, _get(recipe, key), allowed)
     _choice("train.method", recipe.train.method, list(METHODS))
+    if recipe.data.templates is not None:
+        _choice("data.templates", recipe.data.templates, sorted(TEMPLATE_SETS))
     device = recipe.train.device
     if not DEVICE.fullmatch(device):
         hint = _suggest(device.replace("gpu", "cuda"), ["auto", "cpu", "cuda", "mps"])

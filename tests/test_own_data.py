@@ -106,7 +106,7 @@ def test_the_demo_recipe_holds_the_quick_settings():
     root = Path(__file__).resolve().parents[1] / "recipes"
     demo, full = load_recipe(root / "pacs_demo.yaml"), load_recipe(root / "pacs.yaml")
     assert (demo.data.max_train, demo.data.max_eval, demo.train.epochs) == (640, 300, 3)
-    assert demo.eval.wise_alphas == [0, 0.25, 0.5, 0.75, 1.0]
+    assert demo.eval.wise_alphas == [0, 0.5, 1.0]  # the demo within 15 min in fp32
     assert (full.data.max_train, full.data.max_eval, full.train.epochs) == (None, None, 5)
     # otherwise the same experiment
     assert demo.model == full.model and demo.train.lr == full.train.lr

@@ -81,6 +81,17 @@ def test_two_processes_step_like_one(extra, fake_pacs, tmp_path):
     assert not torch.allclose(before["model.visual.0.weight"], initial["visual.0.weight"])
 
 
+# What a failed launch of torchrun looks like: its rendezvous store, or gloo connecting the ranks'
+# sockets (this test failed once in ~9 suite runs on a 2-core machine, its ranks' output unkept).
+# Such a failure gets one more launch; a failure of flyp's own fails both and shows both ranks.
+LAUNCH_ERRORS = ("RendezvousConnectionError", "DistNetworkError", "connectFullMesh", "EADDRINUSE",
+                 "Address already in use", "Connection reset by peer", "Connection refused")  # fmt: skip
+
+
+def _launch_failed(stderr: str) -> bool:
+    return any(e in stderr for e in LAUNCH_ERRORS)
+
+
 @pytest.mark.slow
 def test_torchrun_resumes_a_stopped_run_like_one_process(fake_pacs, tmp_path):
     """The real entry point: a run stopped after 2 steps, resumed by torchrun with 2 processes,
@@ -93,10 +104,14 @@ def test_torchrun_resumes_a_stopped_run_like_one_process(fake_pacs, tmp_path):
     assert (run / "state.pt").exists() and not (run / "metrics.json").exists()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run(
-        [*torchrun, "-m", "flyp", "finetune", "--resume", str(run)],
-        check=True, env=env, cwd=ROOT, capture_output=True, timeout=120,
-    )  # fmt: skip
+    for attempt in range(2):
+        done = subprocess.run(
+            [*torchrun, "-m", "flyp", "finetune", "--resume", str(run)],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if done.returncode == 0 or not _launch_failed(done.stderr) or attempt == 1:
+            break  # a second launch only when torchrun's own rendezvous or gloo's connect failed
+    assert done.returncode == 0, done.stderr[-4000:]  # what torchrun's ranks said, on failure
     assert (run / "metrics.json").exists() and not (run / "state.pt").exists()
     assert_same_weights(tmp_path / "one" / "model.safetensors", run / "model.safetensors")
     steps = [line for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]

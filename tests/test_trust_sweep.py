@@ -193,6 +193,20 @@ def _csv_args(root: Path) -> list[str]:
     ]
 
 
+def _csv_benchmark(root: Path, classes: list[str], header="path,label", extra="", quoted=False):
+    """A CSV benchmark under ``root`` (domain x: a.csv, 4 images a class; ``extra`` appended to
+    its first row) and a recipe file; returns the recipe's path."""
+    make_domains(root / "img", ["x"], classes, per_class=4)
+    cell = '"{}"' if quoted else "{}"
+    paths = [(f"img/x/{c}/00{i}.png", c) for c in classes for i in range(4)]
+    rows = [f"{cell.format(path)},{cell.format(label)}" for path, label in paths]
+    rows[0] += extra
+    (root / "a.csv").write_text("\n".join([header, *rows]) + "\n")
+    recipe = root / "r.yaml"
+    recipe.write_text("name: r\n")
+    return recipe
+
+
 @pytest.mark.parametrize(
     "header, extra, expected",
     [
@@ -204,13 +218,7 @@ def test_a_csv_row_is_read_as_written_or_refused(tmp_path, capsys, header, extra
     """A CSV benchmark whose header names 'label' twice (csv.DictReader keeps the last without a
     word) or whose row has more cells than the header (an unquoted comma: 'hot, dog' read as
     'hot') is refused, naming the file and line, instead of training on the wrong labels."""
-    classes = ["cat", "dog", "cow"]
-    make_domains(tmp_path / "img", ["x"], classes, per_class=4)
-    rows = [f"img/x/{c}/00{i}.png,{c}" for c in classes for i in range(4)]
-    rows[0] += extra
-    (tmp_path / "a.csv").write_text("\n".join([header, *rows]) + "\n")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: r\n")
+    recipe = _csv_benchmark(tmp_path, ["cat", "dog", "cow"], header, extra)
     assert main(["data", str(recipe), *_csv_args(tmp_path)]) == 2
     line = one_error(capsys)
     assert line.startswith(str(tmp_path / "a.csv")) and expected in line
@@ -218,12 +226,7 @@ def test_a_csv_row_is_read_as_written_or_refused(tmp_path, capsys, header, extra
 
 def test_a_quoted_comma_in_a_csv_is_one_cell(tmp_path, capsys):
     """The refusal above leaves a quoted comma alone: it is one label."""
-    classes = ["cat", "dog", "hot, dog"]
-    make_domains(tmp_path / "img", ["x"], classes, per_class=4)
-    rows = [f'"img/x/{c}/00{i}.png","{c}"' for c in classes for i in range(4)]
-    (tmp_path / "a.csv").write_text("\n".join(["path,label", *rows]) + "\n")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: r\n")
+    recipe = _csv_benchmark(tmp_path, ["cat", "dog", "hot, dog"], quoted=True)
     assert main(["data", str(recipe), *_csv_args(tmp_path)]) == 0
     assert "hot, dog" in capsys.readouterr().out
 
@@ -333,12 +336,7 @@ def test_compare_does_not_reuse_runs_of_another_dataset(tmp_path, capsys, classe
 def test_a_csv_benchmark_may_write_next_to_its_csv(tmp_path):
     """A CSV benchmark lists its images, so an --out in its folder is never read as data: the
     data-folder refusal leaves it alone."""
-    classes = ["cat", "dog", "cow"]
-    make_domains(tmp_path / "img", ["x"], classes, per_class=4)
-    rows = [f"img/x/{c}/00{i}.png,{c}" for c in classes for i in range(4)]
-    (tmp_path / "a.csv").write_text("\n".join(["path,label", *rows]) + "\n")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: r\n")
+    recipe = _csv_benchmark(tmp_path, ["cat", "dog", "cow"])
     args = ["finetune", str(recipe), *_csv_args(tmp_path), "--set", "train.method=zeroshot"]
     assert main([*args, "--out", str(tmp_path / "runs" / "zs")]) == 0
     assert (tmp_path / "runs" / "zs" / "metrics.json").is_file()

@@ -142,7 +142,7 @@ def flyp_predictions(run: Path, paths: list[str]) -> list[int]:
     """The run's classifier, as flyp evaluate builds it, on each image (flyp's decoding)."""
     from flyp.checkpoint import load_weights
     from flyp.data.folders import load_rgb
-    from flyp.train import prepare
+    from flyp.experiment import prepare
 
     exp = prepare(load_recipe(run / "recipe.yaml"))
     classifier = Classifier(exp.bundle.model)

@@ -3,7 +3,7 @@ batch size.
 
 "pure forward" is `model.encode_image` on a ready batch (eval mode, no_grad, the tower's
 layout, the recipe's eval.precision): the most an evaluation could do. "flyp, cached set" is
-`flyp.train.evaluate_classifier` over a set already decoded (the comparison's case: every pass
+`flyp.evaluate.evaluate_classifier` over a set already decoded (the comparison's case: every pass
 after the first), with the zero-shot head, logits, metrics and calibration included; "flyp,
 from disk" decodes the images (a set's first pass). Runs alternate round by round.
 
@@ -19,11 +19,12 @@ import time
 
 import torch
 
+from flyp.evaluate import evaluate_classifier
+from flyp.experiment import prepare
 from flyp.methods import Classifier
 from flyp.models.base import prefers_channels_last, tune_cpu_bf16
 from flyp.precision import autocast, resolve
 from flyp.recipe import load_recipe
-from flyp.train import evaluate_classifier, prepare
 
 
 def main() -> None:

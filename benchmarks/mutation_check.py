@@ -284,7 +284,7 @@ MUTANTS: list[Mutant] = [
       "        return True", "speed"),
     M("C02", "data/loader.py", "        image = self.decoded.get(index)",
       "        image = self.decoded.get(index + 1)", "speed"),
-    M("C03", "train.py", "        return replace(self, recipe=recipe)",
+    M("C03", "experiment.py", "        return replace(self, recipe=recipe)",
       "        return replace(self, recipe=recipe, train_images=DecodedImages())", "speed"),
     M("C04", "data/loader.py",
       "yield tuple(t[start : start + self.batch_size] for t in self.dataset.tensors)",
@@ -295,7 +295,7 @@ MUTANTS: list[Mutant] = [
       "        if not first.is_floating_point():", "speed"),
     M("C07", "models/base.py", "            return forward(self.module, x.float()).to(x.dtype)",
       "            return forward(self.module, x.float())", "speed"),
-    M("C08", "train.py", 'exp.frozen.get(f"{key} {precision}",',
+    M("C08", "evaluate.py", 'exp.frozen.get(f"{key} {precision}",',
       'exp.frozen.get(f"{key}",', "speed"),
 ]
 # fmt: on

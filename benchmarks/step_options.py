@@ -25,6 +25,7 @@ import torch
 
 from flyp.data.folders import load_rgb
 from flyp.data.loader import EpochSampler, ImageDataset, train_loader
+from flyp.experiment import loss_context, prepare
 from flyp.gradcache import forward_backward
 from flyp.methods import (
     build_classifier,
@@ -41,7 +42,7 @@ from flyp.models.base import (
 )
 from flyp.recipe import load_recipe
 from flyp.reuse import DecodedImages
-from flyp.train import freeze_batchnorm_stats, loss_context, param_groups, prepare
+from flyp.train import freeze_batchnorm_stats, param_groups
 
 BEFORE = {
     "precision": "fp32",

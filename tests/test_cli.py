@@ -120,11 +120,11 @@ def _sets(*items: str) -> list[str]:
 
 def test_cli_evaluate_reports_the_benchmarks_headline_metric(fake_pacs, tmp_path, monkeypatch, capsys):
     """A benchmark scored by macro-F1 (iWildCam) is reported by macro-F1, as finetune does."""
-    import flyp.train
+    import flyp.experiment
 
-    build = flyp.train.build_benchmark
+    build = flyp.experiment.build_benchmark
     monkeypatch.setattr(
-        flyp.train, "build_benchmark", lambda cfg: dataclasses.replace(build(cfg), metric="macro_f1")
+        flyp.experiment, "build_benchmark", lambda cfg: dataclasses.replace(build(cfg), metric="macro_f1")
     )
     run, out = tmp_path / "run", tmp_path / "eval.json"
     sets = _sets(*tiny_overrides(fake_pacs, "train.method=zeroshot"))

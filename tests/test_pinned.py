@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import flyp.gradcache
+import flyp.probe
 import flyp.train
 from fakes import tf32_atol, tiny_overrides
 from flyp.data import build_benchmark
@@ -270,13 +271,13 @@ def test_probe_c_is_chosen_on_the_validation_split(fake_pacs, tmp_path, monkeypa
     from flyp.probe import image_features
 
     calls = []
-    real = flyp.train.choose_c
+    real = flyp.probe.choose_c
 
     def spy(train_x, train_y, val_x, val_y, *args, **kwargs):
         calls.append((train_x, train_y, val_x, val_y))
         return real(train_x, train_y, val_x, val_y, *args, **kwargs)
 
-    monkeypatch.setattr(flyp.train, "choose_c", spy)
+    monkeypatch.setattr(flyp.probe, "choose_c", spy)
     exp = prepare(recipe(fake_pacs, "train.method=lp"))
     finetune(exp.recipe, tmp_path / "r", exp=exp)
     ((train_x, train_y, val_x, val_y),) = calls

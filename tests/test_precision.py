@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import flyp.evaluate
 import flyp.predict
 import flyp.train
 from fakes import tiny_overrides
@@ -143,7 +144,7 @@ def test_a_run_says_which_precision_auto_chose_and_why_and_computes_in_it(
     training and evaluation in that precision, recorded in metrics.json and the weights."""
     hardware(monkeypatch, **machine)
     used = {"train": set(), "eval": set(), "device": []}
-    forward_backward, evaluate_autocast = flyp.train.forward_backward, flyp.train.autocast
+    forward_backward, evaluate_autocast = flyp.train.forward_backward, flyp.evaluate.autocast
     configure = flyp.train.configure_device
 
     def train_step(*args, **kwargs):
@@ -159,7 +160,7 @@ def test_a_run_says_which_precision_auto_chose_and_why_and_computes_in_it(
         return configure(device)
 
     monkeypatch.setattr(flyp.train, "forward_backward", train_step)
-    monkeypatch.setattr(flyp.train, "autocast", eval_autocast)
+    monkeypatch.setattr(flyp.evaluate, "autocast", eval_autocast)
     monkeypatch.setattr(flyp.train, "configure_device", device_setup)
     run = tmp_path / "run"
     assert main(finetune_args(fake_pacs, run)) == 0
@@ -234,7 +235,7 @@ def test_predict_gives_the_logits_of_the_runs_evaluation_in_its_precision(
     run = tmp_path / "run"
     assert main(finetune_args(fake_pacs, run)) == 0
     evaluated = {}
-    evaluate_sets = flyp.train.evaluate_sets
+    evaluate_sets = flyp.evaluate.evaluate_sets
 
     def spy(scorer, loaders, *args, **kwargs):  # inside evaluate_classifier's autocast
         metrics = evaluate_sets(scorer, loaders, *args, **kwargs)  # puts it in eval mode
@@ -242,7 +243,7 @@ def test_predict_gives_the_logits_of_the_runs_evaluation_in_its_precision(
             evaluated["photo"] = torch.cat([scorer(x).float() for x, _, _ in loaders["photo"]])
         return metrics
 
-    monkeypatch.setattr(flyp.train, "evaluate_sets", spy)
+    monkeypatch.setattr(flyp.evaluate, "evaluate_sets", spy)
     assert main(["evaluate", str(run)]) == 0
     assert "precision: eval bf16 (auto: this CPU has native bf16" in capsys.readouterr().err
     expected = F.softmax(evaluated["photo"], dim=-1)

@@ -103,12 +103,12 @@ def test_predict_out_inside_a_runs_own_files_is_refused(runs, image, name, tmp_p
 def test_evaluate_out_is_checked_before_any_work(runs, tmp_path, capsys, monkeypatch):
     """An existing folder, the run's metrics.json or its recipe (an input) as `evaluate --out`
     is refused before the evaluation starts, not after it."""
-    import flyp.train
+    import flyp.experiment
 
     def no_work(*_a, **_k):
         raise AssertionError("evaluation started before --out was checked")
 
-    monkeypatch.setattr(flyp.train, "prepare", no_work)
+    monkeypatch.setattr(flyp.experiment, "prepare", no_work)
     run = tmp_path / "run"
     shutil.copytree(runs / "flyp", run)
     folder = tmp_path / "folder"

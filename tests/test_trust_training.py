@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import flyp.evaluate
+import flyp.probe
 import flyp.rundir as rundir
 import flyp.train as train_mod
 from fakes import error_lines, tiny_overrides
@@ -72,9 +74,9 @@ def test_the_probe_head_goes_to_the_models_device(fake_pacs, tmp_path, monkeypat
     rng = np.random.default_rng(0)
     features = rng.normal(size=(30, 16)).astype(np.float32)
     labels = np.arange(30) % 3
-    monkeypatch.setattr(train_mod, "image_features", lambda *a: (features, labels))
+    monkeypatch.setattr(flyp.probe, "image_features", lambda *a: (features, labels))
     clf = Classifier(exp.bundle.model)
-    train_mod.fit_probe(clf, exp, tmp_path)
+    flyp.probe.fit_probe(clf, exp, tmp_path)
     assert {p.device for p in clf.head.parameters()} == {META}
 
 
@@ -108,7 +110,7 @@ def test_runs_that_do_not_train_evaluate_on_the_runs_device(method, fake_pacs, t
     monkeypatch.setattr(train_mod, "init_distributed", lambda device, *a, **k: train_mod.DistEnv(device=META))
     monkeypatch.setattr(train_mod, "save_weights", lambda *a: None)
     monkeypatch.setattr(
-        train_mod, "image_features", lambda *a: (np.eye(32, dtype=np.float32)[:9], np.arange(9) % 3)
+        flyp.probe, "image_features", lambda *a: (np.eye(32, dtype=np.float32)[:9], np.arange(9) % 3)
     )
 
     def fake_evaluate(classifier, exp, names=None):
@@ -215,11 +217,11 @@ def test_selection_uses_the_benchmarks_headline_metric(fake_pacs, monkeypatch):
     exp = train_mod.prepare(tiny_recipe(fake_pacs))
     exp.benchmark.metric = "macro_f1"
     monkeypatch.setattr(
-        train_mod,
+        flyp.evaluate,
         "evaluate_classifier",
         lambda clf, exp, names=None: {"val": {"accuracy": 0.9, "macro_f1": 0.25}},
     )
-    assert train_mod.validation_score(None, exp) == 0.25
+    assert flyp.evaluate.validation_score(None, exp) == 0.25
 
 
 def test_greedy_soup_is_chosen_on_the_headline_metric(fake_pacs, tmp_path, monkeypatch):
@@ -377,7 +379,7 @@ def test_evaluate_and_wise_run_on_the_recipes_device(command, fake_pacs, tmp_pat
         raise SystemExit(0)  # the device is all this test is about
 
     monkeypatch.setattr(flyp.distributed, "pick_device", lambda device, local_rank=0: META)
-    monkeypatch.setattr(train_mod, "evaluate_classifier", spy)
+    monkeypatch.setattr(flyp.evaluate, "evaluate_classifier", spy)
     monkeypatch.setattr(flyp.compare, "evaluate_classifier", spy)
     monkeypatch.setattr(flyp.compare, "load_weights", lambda *a: None)  # meta holds no values
     monkeypatch.setattr("flyp.checkpoint.load_weights", lambda *a: None)

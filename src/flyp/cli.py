@@ -123,8 +123,8 @@ def _given(args: argparse.Namespace) -> list[str]:
 
 def _unfinished(run_dir: Path, allowed: bool) -> None:
     """Refuse the weights of an unfinished run, or with --unfinished warn on stderr."""
+    from flyp.errors import RunError
     from flyp.outputs import unfinished
-    from flyp.train import RunError
 
     reason = unfinished(run_dir)
     if reason and not allowed:
@@ -218,11 +218,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flyp.checkpoint import atomic_write_json, load_weights
-    from flyp.evaluate import summarise
+    from flyp.evaluate import evaluate_classifier, summarise
+    from flyp.experiment import prepare
     from flyp.methods import LossContext, build_classifier, get_method
     from flyp.outputs import check_output, not_a_run
     from flyp.recipe import RecipeError, check_device
-    from flyp.train import evaluate_classifier, prepare
 
     target = Path(args.target)
     if not target.exists():
@@ -388,8 +388,8 @@ def cmd_wise(args: argparse.Namespace) -> int:
     import copy
 
     from flyp.compare import wise_sweep
+    from flyp.experiment import prepare
     from flyp.recipe import RecipeError, check_device
-    from flyp.train import prepare
 
     run_dir = Path(args.run_dir)
     recipe = load_recipe(_run_recipe_path(run_dir, "a finished run directory"), args.set)
@@ -906,10 +906,10 @@ def _main(argv: list[str]) -> int:
     # After parsing: --help and --version need none of these (nor torch, which they import).
     from flyp.checkpoint import CheckpointError
     from flyp.data.folders import DataError
+    from flyp.errors import RunError
     from flyp.models.base import ModelSpecError
     from flyp.recipe import RecipeError
     from flyp.report import ReportError
-    from flyp.train import RunError
 
     if args.command == "finetune" and not (args.recipe or args.resume or args.data):
         print("error: flyp finetune needs a RECIPE, --data DIR or --resume RUN_DIR", file=sys.stderr)

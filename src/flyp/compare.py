@@ -32,7 +32,9 @@ from flyp.checkpoint import (
 )
 from flyp.distributed import init_distributed, on_main
 from flyp.ensemble import greedy_soup, interpolate, model_stock, uniform_soup
-from flyp.evaluate import summarise
+from flyp.errors import RunError
+from flyp.evaluate import evaluate_classifier, summarise, validation_score
+from flyp.experiment import Experiment, loss_context, prepare
 from flyp.metadata import weights_metadata
 from flyp.methods import (
     Classifier,
@@ -41,6 +43,7 @@ from flyp.methods import (
     image_tower_names,
     is_scale_param,
 )
+from flyp.probe import fit_probe
 from flyp.recipe import (
     Recipe,
     RecipeError,
@@ -55,16 +58,7 @@ from flyp.recipe import (
 from flyp.report import write_report
 from flyp.reuse import FrozenFeatures
 from flyp.rundir import LOCK_NAME, check_same_run
-from flyp.train import (
-    Experiment,
-    RunError,
-    evaluate_classifier,
-    finetune,
-    fit_probe,
-    loss_context,
-    prepare,
-    validation_score,
-)
+from flyp.train import finetune
 
 
 def _reset(exp: Experiment, pretrained: dict[str, torch.Tensor]) -> None:

@@ -1,16 +1,30 @@
-"""Evaluation: predictions over each evaluation set, and the metrics a report needs."""
+"""Evaluation: predictions over each evaluation set, and the metrics a report needs.
+
+The metrics of a set of predictions come first (each as its benchmark defines it, calibration
+with them); then :func:`evaluate_sets` over loaders; then a classifier on an experiment's sets
+(:func:`evaluate_classifier`): the decoded sets cached, the pretrained image tower's features
+reused, and :func:`validation_score`, the number every choice is made on.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
+from flyp.data.loader import ImageDataset, eval_loader, materialize
+from flyp.models.base import keep_freed_memory, prefers_channels_last, tune_cpu_bf16
+from flyp.precision import autocast, resolve
 from flyp.tracking import bar, note
+
+if TYPE_CHECKING:
+    from flyp.experiment import Experiment
+    from flyp.methods import Classifier
 
 
 def metrics_from_predictions(
@@ -209,3 +223,115 @@ def summarise(
         "ood_mean": float(np.mean(ood)) if ood else None,
         "val": sets["val"][metric] if "val" in sets else None,
     }
+
+
+# A classifier on an experiment's sets.
+
+
+def _eval_dataset(exp: Experiment, name: str, samples: list) -> torch.utils.data.Dataset:
+    if name in exp.eval_cache:
+        return exp.eval_cache[name]
+    dataset = ImageDataset(samples, exp.bundle.eval_transform, exp.benchmark.preprocess.get(name))
+    used = sum(d.tensors[0].numel() * 4 for d in exp.eval_cache.values())
+    needed = len(samples) * 3 * exp.bundle.image_size**2 * 4
+    if used + needed <= exp.recipe.eval.cache_gb * 2**30:
+        dataset = exp.eval_cache[name] = materialize(
+            dataset,
+            exp.recipe.eval.batch_size,
+            exp.recipe.data.num_workers,
+            channels_last=prefers_channels_last(exp.bundle.model),
+            device=exp.bundle.model.logit_scale.device,  # pinned for a GPU
+        )
+    return dataset
+
+
+def _eval_loaders(
+    exp: Experiment, names: list[str] | None = None
+) -> dict[str, torch.utils.data.DataLoader]:
+    return {
+        name: eval_loader(
+            _eval_dataset(exp, name, samples),
+            exp.recipe.eval.batch_size,
+            exp.recipe.data.num_workers,
+            exp.bundle.model.logit_scale.device,
+        )
+        for name, samples in exp.benchmark.eval_sets().items()
+        if names is None or name in names
+    }
+
+
+class _HeadOnly(nn.Module):
+    """Features -> logits through a classifier's head (its image tower already applied)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier.logits(features.to(self.classifier.model.logit_scale.device))
+
+
+@torch.no_grad()
+def _features(classifier: Classifier, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    classifier.eval()
+    features, labels = [], []
+    for images, batch_labels, _ in loader:
+        features.append(classifier.image_features(images).cpu())
+        labels.append(batch_labels)
+    return torch.cat(features), torch.cat(labels)
+
+
+def pretrained_tower_features(
+    classifier: Classifier, exp: Experiment, key: str, loader
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretrained image tower's (features, labels) of a set, computed once per evaluation
+    precision (the caller has checked that the classifier's image tower is the pretrained one)."""
+    precision = resolve(exp.recipe.eval.precision, classifier.model.logit_scale.device).name
+    return exp.frozen.get(f"{key} {precision}", lambda: _features(classifier, loader))
+
+
+def evaluate_classifier(
+    classifier: Classifier, exp: Experiment, names: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    if classifier.head is None:
+        classifier.refresh_text_head(
+            exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates
+        )
+    loaders, scorer = _eval_loaders(exp, names), classifier
+    precision = resolve(exp.recipe.eval.precision, classifier.model.logit_scale.device).name
+    if classifier.channels_last:  # weights too, as training has them (a no-op when they are)
+        classifier.model.to(memory_format=torch.channels_last)
+    if classifier.model.logit_scale.device.type == "cpu":
+        keep_freed_memory()  # evaluation batches are large: ~4x faster without fresh mappings
+        if precision == "bf16":
+            tune_cpu_bf16(classifier.model)
+    with autocast(classifier.model.logit_scale.device, precision):
+        # One bitwise check of the image tower per evaluation, not one per set.
+        if exp.frozen is not None and exp.frozen.matches(classifier.model):
+            cached = {
+                name: pretrained_tower_features(classifier, exp, name, loader)
+                for name, loader in loaders.items()
+            }
+            # The pretrained image tower: its features once per set, then only the head runs
+            # (in the same batches, so the logits are the ones the full pass gives).
+            loaders = {
+                name: eval_loader(
+                    TensorDataset(x, y, torch.full((len(y),), -1)), exp.recipe.eval.batch_size, 0
+                )
+                for name, (x, y) in cached.items()
+            }
+            scorer = _HeadOnly(classifier)
+        return evaluate_sets(
+            scorer,
+            loaders,
+            len(exp.benchmark.class_names),
+            class_subsets=exp.benchmark.class_subsets,
+            groups=exp.benchmark.groups,
+            label_groups=exp.benchmark.label_groups,
+        )
+
+
+def validation_score(classifier: Classifier, exp: Experiment) -> float:
+    """The benchmark's headline metric on ID validation: what every choice is made on (the
+    epoch, the probe's C, WiSE-FT's alpha, the greedy soup)."""
+    return evaluate_classifier(classifier, exp, ["val"])["val"][exp.benchmark.metric]

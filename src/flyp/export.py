@@ -33,12 +33,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flyp.checkpoint import load_weights
+from flyp.errors import RunError
 from flyp.methods import Classifier, get_method
 from flyp.models import ModelBundle, load_model
 from flyp.models.openclip import uses_quick_gelu
 from flyp.outputs import check_output, data_folders, md_cell
 from flyp.recipe import Recipe, load_recipe
-from flyp.train import RunError
 
 FORMATS = ("open_clip", "hf", "flyp")
 OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"  # a name open_clip's local-dir: loader looks for

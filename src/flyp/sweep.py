@@ -27,9 +27,10 @@ import torch
 
 from flyp.checkpoint import atomic_write_json, atomic_write_text, read_json
 from flyp.distributed import init_distributed, on_main
+from flyp.experiment import Experiment, prepare
 from flyp.recipe import Recipe, RecipeError, check_device, with_overrides
 from flyp.rundir import LOCK_NAME, check_same_run
-from flyp.train import Experiment, finetune, prepare
+from flyp.train import finetune
 
 FIXED = ("train.seed", "train.method")  # varied by compare, never by a sweep
 

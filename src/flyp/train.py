@@ -18,7 +18,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from flyp.checkpoint import (
     atomic_write_json,
@@ -37,8 +35,7 @@ from flyp.checkpoint import (
     save_state,
     save_weights,
 )
-from flyp.data.benchmarks import Benchmark, build_benchmark
-from flyp.data.loader import EpochSampler, ImageDataset, eval_loader, materialize, train_loader
+from flyp.data.loader import EpochSampler, ImageDataset, train_loader
 from flyp.distributed import (
     DistEnv,
     average_gradients,
@@ -48,11 +45,11 @@ from flyp.distributed import (
     ddp_for,
     gather_batch,
     init_distributed,
-    is_main,
     on_main,
 )
 from flyp.errors import RunError  # callers import it from here too
-from flyp.evaluate import evaluate_sets, metrics_from_predictions, summarise
+from flyp.evaluate import evaluate_classifier, summarise, validation_score
+from flyp.experiment import Experiment, loss_context, prepare  # callers import them from here
 from flyp.gradcache import forward_backward
 from flyp.metadata import weights_metadata
 from flyp.methods import (
@@ -65,15 +62,14 @@ from flyp.methods import (
     is_scale_param,
     set_trainable,
 )
-from flyp.models import ModelBundle, load_model
 from flyp.models.base import (
     keep_freed_memory,
     prefers_channels_last,
     to_model_layout,
     tune_cpu_bf16,
 )
-from flyp.precision import announce, autocast, configure_device, resolve
-from flyp.probe import choose_c, image_features, probe_to_linear
+from flyp.precision import announce, configure_device, resolve
+from flyp.probe import fit_probe
 from flyp.recipe import (
     RESUME_SETTABLE,
     Recipe,
@@ -84,7 +80,6 @@ from flyp.recipe import (
     save_recipe,
     validate,
 )
-from flyp.reuse import DecodedImages, FrozenFeatures
 from flyp.rundir import (
     append_log,
     check_same_run,
@@ -101,43 +96,11 @@ from flyp.tracking import (
     clock,
     close_tracker,
     finish_tracker,
-    named,
     note,
     open_tracker,
     running,
     say,
 )
-
-
-@dataclass
-class Experiment:
-    """Everything a run needs that is built from a recipe (built once, shareable across runs)."""
-
-    recipe: Recipe
-    bundle: ModelBundle
-    benchmark: Benchmark
-    # Evaluation sets decoded and transformed once (the eval transform is deterministic), kept
-    # within eval.cache_gb: a comparison evaluates the same images dozens of times.
-    eval_cache: dict[str, TensorDataset] = field(default_factory=dict)
-    # Training images decoded once, within data.cache_gb (flyp.reuse).
-    train_images: DecodedImages = field(default_factory=DecodedImages)
-    # The pretrained image tower's features, when the caller keeps the pretrained weights
-    # (flyp compare): evaluations of models whose image tower is unchanged reuse them.
-    frozen: FrozenFeatures | None = None
-
-    def for_run(self, recipe: Recipe) -> Experiment:
-        """The same model, data and caches for a run with its own recipe (method, seed)."""
-        return replace(self, recipe=recipe)
-
-
-def prepare(
-    recipe: Recipe, bundle: ModelBundle | None = None, benchmark: Benchmark | None = None
-) -> Experiment:
-    bundle = bundle or load_model(
-        recipe.model.spec, recipe.model.image_size, recipe.model.context_length
-    )
-    benchmark = benchmark or build_benchmark(recipe.data)
-    return Experiment(recipe, bundle, benchmark)
 
 
 def freeze_batchnorm_stats(model: nn.Module) -> None:
@@ -191,177 +154,6 @@ def warmup_cosine(warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def _eval_dataset(exp: Experiment, name: str, samples: list) -> torch.utils.data.Dataset:
-    if name in exp.eval_cache:
-        return exp.eval_cache[name]
-    dataset = ImageDataset(samples, exp.bundle.eval_transform, exp.benchmark.preprocess.get(name))
-    used = sum(d.tensors[0].numel() * 4 for d in exp.eval_cache.values())
-    needed = len(samples) * 3 * exp.bundle.image_size**2 * 4
-    if used + needed <= exp.recipe.eval.cache_gb * 2**30:
-        dataset = exp.eval_cache[name] = materialize(
-            dataset,
-            exp.recipe.eval.batch_size,
-            exp.recipe.data.num_workers,
-            channels_last=prefers_channels_last(exp.bundle.model),
-            device=exp.bundle.model.logit_scale.device,  # pinned for a GPU
-        )
-    return dataset
-
-
-def _eval_loaders(
-    exp: Experiment, names: list[str] | None = None
-) -> dict[str, torch.utils.data.DataLoader]:
-    return {
-        name: eval_loader(
-            _eval_dataset(exp, name, samples),
-            exp.recipe.eval.batch_size,
-            exp.recipe.data.num_workers,
-            exp.bundle.model.logit_scale.device,
-        )
-        for name, samples in exp.benchmark.eval_sets().items()
-        if names is None or name in names
-    }
-
-
-def _loss_kind(exp: Experiment) -> str:
-    """The contrastive loss to finetune with: by default the one the model was pretrained with."""
-    choice = exp.recipe.train.contrastive_loss  # a valid choice: checked when the recipe loaded
-    if choice == "auto":
-        return exp.bundle.loss
-    if choice == "siglip" and getattr(exp.bundle.model, "logit_bias", None) is None:
-        raise RunError(f"train.contrastive_loss=siglip needs a model with a logit_bias (a SigLIP model); {exp.bundle.spec} has none")
-    return choice
-
-
-def loss_context(exp: Experiment) -> LossContext:
-    train = exp.recipe.train
-    return LossContext(
-        tokenizer=exp.bundle.tokenizer,
-        class_names=exp.benchmark.class_names,
-        templates=exp.benchmark.templates,
-        loss_kind=_loss_kind(exp),
-        collisions=train.collisions,
-        l2sp_weight=train.l2sp_weight,
-        unique_captions=train.unique_captions,
-    )
-
-
-class _HeadOnly(nn.Module):
-    """Features -> logits through a classifier's head (its image tower already applied)."""
-
-    def __init__(self, classifier: Classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier.logits(features.to(self.classifier.model.logit_scale.device))
-
-
-@torch.no_grad()
-def _features(classifier: Classifier, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    classifier.eval()
-    features, labels = [], []
-    for images, batch_labels, _ in loader:
-        features.append(classifier.image_features(images).cpu())
-        labels.append(batch_labels)
-    return torch.cat(features), torch.cat(labels)
-
-
-def _tower_features(
-    classifier: Classifier, exp: Experiment, key: str, loader
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pretrained image tower's (features, labels) of a set, computed once per evaluation
-    precision (the caller has checked that the classifier's image tower is the pretrained one)."""
-    precision = resolve(exp.recipe.eval.precision, classifier.model.logit_scale.device).name
-    return exp.frozen.get(f"{key} {precision}", lambda: _features(classifier, loader))
-
-
-def evaluate_classifier(
-    classifier: Classifier, exp: Experiment, names: list[str] | None = None
-) -> dict[str, dict[str, float]]:
-    if classifier.head is None:
-        classifier.refresh_text_head(
-            exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates
-        )
-    loaders, scorer = _eval_loaders(exp, names), classifier
-    precision = resolve(exp.recipe.eval.precision, classifier.model.logit_scale.device).name
-    if classifier.channels_last:  # weights too, as training has them (a no-op when they are)
-        classifier.model.to(memory_format=torch.channels_last)
-    if classifier.model.logit_scale.device.type == "cpu":
-        keep_freed_memory()  # evaluation batches are large: ~4x faster without fresh mappings
-        if precision == "bf16":
-            tune_cpu_bf16(classifier.model)
-    with autocast(classifier.model.logit_scale.device, precision):
-        # One bitwise check of the image tower per evaluation, not one per set.
-        if exp.frozen is not None and exp.frozen.matches(classifier.model):
-            cached = {
-                name: _tower_features(classifier, exp, name, loader)
-                for name, loader in loaders.items()
-            }
-            # The pretrained image tower: its features once per set, then only the head runs
-            # (in the same batches, so the logits are the ones the full pass gives).
-            loaders = {
-                name: eval_loader(
-                    TensorDataset(x, y, torch.full((len(y),), -1)), exp.recipe.eval.batch_size, 0
-                )
-                for name, (x, y) in cached.items()
-            }
-            scorer = _HeadOnly(classifier)
-        return evaluate_sets(
-            scorer,
-            loaders,
-            len(exp.benchmark.class_names),
-            class_subsets=exp.benchmark.class_subsets,
-            groups=exp.benchmark.groups,
-            label_groups=exp.benchmark.label_groups,
-        )
-
-
-def validation_score(classifier: Classifier, exp: Experiment) -> float:
-    """The benchmark's headline metric on ID validation: what every choice is made on (the
-    epoch, the probe's C, WiSE-FT's alpha, the greedy soup)."""
-    return evaluate_classifier(classifier, exp, ["val"])["val"][exp.benchmark.metric]
-
-
-def fit_probe(classifier: Classifier, exp: Experiment, run_dir: Path) -> None:
-    """Replace the classifier's head by a logistic-regression probe, C chosen on ID validation
-    with the benchmark's headline metric."""
-    transform, bs, workers = (
-        exp.bundle.eval_transform,
-        exp.recipe.eval.batch_size,
-        exp.recipe.data.num_workers,
-    )
-    decoded = exp.train_images.get(exp.benchmark.train, exp.recipe.data.cache_gb)
-    pretrained_tower = exp.frozen is not None and exp.frozen.matches(classifier.model)
-
-    def features(name: str, samples: list, decoded=None) -> tuple[np.ndarray, np.ndarray]:
-        dataset = ImageDataset(samples, transform, decoded=decoded)
-        loader = eval_loader(dataset, bs, workers, classifier.model.logit_scale.device)
-        with autocast(classifier.model.logit_scale.device, exp.recipe.eval.precision):
-            if pretrained_tower:
-                cached = _tower_features(classifier, exp, f"probe {name}", loader)
-                return cached[0].numpy(), cached[1].numpy()
-            return image_features(classifier.model, loader, named(f"probe {name}"))
-
-    note("fitting the linear probe (C chosen on ID validation)")
-    train_x, train_y = features("train", exp.benchmark.train, decoded)
-    val_x, val_y = features("val", exp.benchmark.val)
-    metric, groups = exp.benchmark.metric, exp.benchmark.groups.get("val")
-
-    def score(predictions, labels) -> float:
-        group = None if groups is None else np.asarray(groups)
-        return metrics_from_predictions(predictions, labels, group)[metric]
-
-    probe, scores = choose_c(train_x, train_y, val_x, val_y, score=score)
-    device = classifier.model.logit_scale.device
-    classifier.head = probe_to_linear(probe, len(exp.benchmark.class_names)).to(device)
-    if is_main():  # under torchrun every rank fits the same probe; rank 0 writes it
-        atomic_write_json(
-            run_dir / "probe.json",
-            {"chosen_C": probe.C, "metric": metric, f"val_{metric}_by_C": {str(c): a for c, a in scores.items()}},
-        )
 
 
 def _check_speed_options(cfg, env: DistEnv) -> None:

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from flyp.recipe import RecipeError
+from flyp.recipe import PRECISIONS, RecipeError  # the recipe's choices; resolved here
 from flyp.tracking import say
 
-PRECISIONS = ("auto", "fp32", "bf16")
 AUTO_ENV = "FLYP_AUTO_PRECISION"
 # What bf16 costs where it is emulated (measured on an AVX2-only AMD EPYC): in the warning.
 SLOWDOWN = (

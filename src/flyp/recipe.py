@@ -5,6 +5,10 @@ both go through :func:`from_dict`, which refuses unknown keys and wrong types by
 :func:`validate`, which refuses bad choices and out-of-range numbers by name. Every entry point
 (the CLI's subcommands, ``finetune``, ``compare``) loads recipes here, so a bad value is refused
 before anything is built or written, and nothing downstream re-checks or silently defaults.
+
+Each field declares its own rules beside it (:func:`setting`): its choices, its range, whether
+it seeds a generator, and whether a resumed run may change it (``resume=True``). One validator
+walks the fields; the checks that span several fields follow it in :func:`validate`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,97 +28,220 @@ import yaml
 
 from flyp.errors import RecipeError  # callers import it from here too
 
+SEED_LIMIT = 2**32  # a seed feeds numpy's generator: 0 <= seed < 2**32
+LOG_TO = ("tensorboard", "wandb")  # the trackers train.log_to may list
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+PRECISIONS = ("auto", "fp32", "bf16")  # train/eval.precision; flyp.precision resolves them
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Callable[[], Any] | None = None,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+    between: tuple[float, float] | None = None,
+    seed: bool = False,
+    check: Callable[[Any, str], None] | None = None,
+    resume: bool = False,
+) -> Any:
+    """A recipe field and its rules, checked by :func:`validate` on every value but None (None
+    means "not set"): ``choices`` (or a function giving them, for tables that import torch),
+    ``at_least``/``above`` a bound, ``between`` two bounds (both excluded), ``seed`` a
+    generator's seed, ``check(value, key)`` anything else; ``resume``: a resumed or reused run
+    may change it (paths, device, speed, checkpointing: nothing that changes its numbers)."""
+    rules = {"choices": choices, "at_least": at_least, "above": above, "between": between}
+    rules.update(seed=seed, check=check)
+    rules = {k: v for k, v in rules.items() if v is not None and v is not False}  # 0 is a bound
+    metadata = {"rules": rules, "resume": resume}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _methods() -> list[str]:
+    from flyp.methods import METHODS  # here, not at the top: loading a recipe file stays free
+
+    return list(METHODS)  # of torch (flyp --help, flyp data)
+
+
+def _template_sets() -> list[str]:
+    from flyp.data.templates import TEMPLATE_SETS
+
+    return sorted(TEMPLATE_SETS)
+
+
+def _check_name(name: str, key: str) -> None:
+    if name.strip() in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise RecipeError(
+            f"{key}: {name!r} cannot name a run folder (runs/<name>-<method>-s<seed>); use letters, "
+            "digits, spaces, '-' or '_', with no '/', no control characters"
+        )
+
+
+def _once(what: str) -> Callable[[list, str], None]:
+    """A list that may name each of its items once (``what`` names one item in the message)."""
+
+    def check(items: list, key: str) -> None:
+        repeated = sorted({item for item in items if items.count(item) > 1})
+        if repeated:
+            raise RecipeError(f"{key} lists '{repeated[0]}' twice; list each {what} once")
+
+    return check
+
+
+def _check_workers(value: int | str, key: str) -> None:
+    if isinstance(value, str) and value != "auto":
+        raise RecipeError(
+            f"{key}: '{value}' is not a number of workers; use auto or a whole number >= 0"
+        )
+    if isinstance(value, int) and value < 0:
+        raise RecipeError(f"{key}: {value} is out of range; it must be >= 0")
+
+
+def _check_device_name(device: str, key: str) -> None:
+    if not DEVICE.fullmatch(device):
+        hint = _suggest(device.replace("gpu", "cuda"), ["auto", "cpu", "cuda", "mps"])
+        raise RecipeError(
+            f"{key}: '{device}' is not a device; use auto, cpu, cuda, cuda:N or mps{hint}"
+        )
+
+
+def _check_alphas(alphas: list[float], key: str) -> None:
+    if not alphas:
+        raise RecipeError(f"{key} is empty; give at least one alpha, e.g. [0, 0.5, 1]")
+    for i, alpha in enumerate(alphas):
+        if not 0 <= alpha <= 1:
+            raise RecipeError(f"{key}[{i}]: {alpha} is out of range; it must be in [0, 1]")
+
 
 @dataclass
 class ModelConfig:
-    spec: str = "default"  # "default", "tiny", "open_clip:ViT-B-16:openai", "open_clip:ViT-B-16:/path.pt", "hf:/dir"
-    image_size: int | None = None  # None keeps the model's own resolution
-    context_length: int | None = None  # None: trim text to the longest caption of each batch
+    # "default", "tiny", "open_clip:ViT-B-16:openai", "open_clip:ViT-B-16:/path.pt", "hf:/dir"
+    spec: str = "default"
+    image_size: int | None = setting(None, at_least=1)  # None keeps the model's own resolution
+    # None: trim text to the longest caption of each batch
+    context_length: int | None = setting(None, at_least=1)
 
 
 @dataclass
 class DataConfig:
     benchmark: str = "pacs"
-    root: str | None = None  # None: the benchmark's default location
+    root: str | None = setting(None, resume=True)  # None: the benchmark's default location
     id_domain: str = "photo"
-    ood_domains: list[str] = field(default_factory=lambda: ["art_painting", "cartoon", "sketch"])
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    max_train: int | None = None  # stratified subsample of the ID train split (for quick runs)
-    max_eval: int | None = None  # stratified subsample of every evaluation set
-    templates: str | None = None  # template set name; None: the benchmark's own
-    on_bad_image: str = "error"  # "error" or "skip"
+    ood_domains: list[str] = setting(
+        factory=lambda: ["art_painting", "cartoon", "sketch"], check=_once("domain")
+    )
+    val_fraction: float = setting(0.1, between=(0, 1))
+    test_fraction: float = setting(0.2, between=(0, 1))
+    split_seed: int = setting(0, seed=True)
+    # stratified subsample of the ID train split (for quick runs)
+    max_train: int | None = setting(None, at_least=1)
+    max_eval: int | None = setting(None, at_least=1)  # stratified subsample of every evaluation set
+    templates: str | None = setting(None, choices=_template_sets)  # None: the benchmark's own
+    on_bad_image: str = setting("error", choices=("error", "skip"))
     # loader workers: "auto" (flyp.data.loader.auto_workers: this process's share of the cores)
-    num_workers: int | str = "auto"
-    cache_gb: float = 2.0  # memory for training images decoded once and reused (0: off)
+    num_workers: int | str = setting("auto", check=_check_workers, resume=True)
+    # memory for training images decoded once and reused (0: off)
+    cache_gb: float = setting(2.0, at_least=0, resume=True)
     # Paper benchmarks (flyp.data.imagenet / wilds / transfer): folder of each set by name,
     # e.g. {imagenet-r: /data/imagenet-r}; a set not named here is looked for under data.root.
-    roots: dict[str, str] = field(default_factory=dict)
-    k_shot: int | None = None  # few-shot: keep exactly k training images per class (paper builders)
+    roots: dict[str, str] = setting(factory=dict, resume=True)
+    # few-shot: keep exactly k training images per class (paper builders)
+    k_shot: int | None = setting(None, at_least=1)
 
 
 @dataclass
 class TrainConfig:
-    method: str = "flyp"
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 20
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    batchnorm: str = "frozen"  # "frozen": running statistics kept, affine trained; "train": updated
-    logit_scale_lr: float | None = None  # None: same as lr
-    init_logit_scale: float | None = None  # None: keep the model's own
-    max_logit_scale: float = 100.0
-    l2sp_weight: float = 0.1  # lambda of the l2sp method
-    lipsum_weight: float = 1.0  # lambda of lipsum-ft's regulariser (the paper's 1.0)
-    lipsum_texts: int = 80  # M, random texts a step for lipsum-ft (the paper's 80)
-    lipsum_text: str = "tokens"  # "tokens": 8 random token ids (the official code); "words"
-    collisions: str = "none"  # "none", "mask" or "soft": same-class captions in a FLYP batch
-    contrastive_loss: str = "auto"  # "auto" (the model's pretraining loss), "clip" or "siglip"
-    checkpoint_every: int = 0  # also save resumable state every N steps (0: at epoch ends only)
+    method: str = setting("flyp", choices=_methods)
+    epochs: int = setting(5, at_least=1)
+    batch_size: int = setting(32, at_least=1)
+    lr: float = setting(1e-4, at_least=0)
+    weight_decay: float = setting(0.1, at_least=0)
+    warmup_steps: int = setting(20, at_least=0)
+    grad_clip: float | None = setting(1.0, above=0)
+    seed: int = setting(0, seed=True)
+    # "frozen": running statistics kept, affine trained; "train": updated
+    batchnorm: str = setting("frozen", choices=("frozen", "train"))
+    logit_scale_lr: float | None = setting(None, at_least=0)  # None: same as lr
+    init_logit_scale: float | None = setting(None, above=0)  # None: keep the model's own
+    max_logit_scale: float = setting(100.0, above=0)
+    l2sp_weight: float = setting(0.1, at_least=0)  # lambda of the l2sp method
+    lipsum_weight: float = setting(1.0, at_least=0)  # lambda of lipsum-ft's regulariser (the paper's 1.0)
+    lipsum_texts: int = setting(80, at_least=1)  # M, random texts a step for lipsum-ft (the paper's 80)
+    # "tokens": 8 random token ids (the official code); "words"
+    lipsum_text: str = setting("tokens", choices=("tokens", "words"))
+    # "none", "mask" or "soft": same-class captions in a FLYP batch
+    collisions: str = setting("none", choices=("none", "mask", "soft"))
+    # "auto" (the model's pretraining loss), "clip" or "siglip"
+    contrastive_loss: str = setting("auto", choices=("auto", "clip", "siglip"))
+    # also save resumable state every N steps (0: at epoch ends only)
+    checkpoint_every: int = setting(0, at_least=0, resume=True)
     # read the loss back from the device (log.jsonl, the non-finite check) every N steps, and
     # at epoch ends and checkpoints: between these a step never waits for the device
-    log_every: int = 20
-    stop_after_steps: int | None = None  # end the process after N steps, as if killed (tests)
-    select_on: str = "val"  # epoch selection: "val" (ID validation accuracy) or "last"
+    log_every: int = setting(20, at_least=1, resume=True)
+    # end the process after N steps, as if killed (tests)
+    stop_after_steps: int | None = setting(None, at_least=1, resume=True)
+    # epoch selection: "val" (ID validation accuracy) or "last"
+    select_on: str = setting("val", choices=("val", "last"))
     # Scale and speed (docs/scale_and_speed.md). batch_size is the global batch over processes.
-    device: str = "auto"  # "auto": this process's GPU if any, else CPU; or "cpu", "cuda", "cuda:1"
+    # "auto": this process's GPU if any, else CPU; or "cpu", "cuda", "cuda:1"
+    device: str = setting("auto", check=_check_device_name, resume=True)
     # torchrun: how long a rank may wait in a collective (e.g. while rank 0 evaluates) before
     # the process group gives up (NCCL's watchdog); flyp.distributed.init_distributed
-    dist_timeout_s: float = 1800.0
+    dist_timeout_s: float = setting(1800.0, above=0, resume=True)
     # "auto": bf16 where the hardware has it natively, else fp32 (flyp.precision); "fp32" or
     # "bf16" (autocast of the towers; weights, optimizer, logits and losses stay fp32)
-    precision: str = "auto"
-    micro_batch: int | None = None  # gradient cache: embed/backprop in chunks of this many
-    compile: bool = False  # torch.compile the towers (first steps pay the compilation)
+    precision: str = setting("auto", choices=PRECISIONS)
+    # gradient cache: embed/backprop in chunks of this many
+    micro_batch: int | None = setting(None, at_least=1, resume=True)
+    compile: bool = setting(False, resume=True)  # torch.compile the towers (first steps pay the compilation)
     fused_optimizer: bool = True  # AdamW in one fused kernel (false: torch's per-tensor loop)
     unique_captions: bool = True  # FLYP: encode each distinct caption of a batch once
     # Experiment trackers that also get log.jsonl's scalars (flyp.tracking): tensorboard, wandb
-    log_to: list[str] = field(default_factory=list)
+    log_to: list[str] = setting(factory=list, choices=LOG_TO, check=_once("tracker"))
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 128
+    batch_size: int = setting(128, at_least=1, resume=True)
     every_epoch: bool = True  # evaluate on ID validation after each epoch (model selection)
-    wise_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
-    cache_gb: float = 4.0  # memory for evaluation images decoded once and reused (0: off)
-    precision: str = "auto"  # as train.precision: autocast of the image tower (logits fp32)
+    wise_alphas: list[float] = setting(
+        factory=lambda: [round(0.1 * i, 1) for i in range(11)], check=_check_alphas
+    )
+    # memory for evaluation images decoded once and reused (0: off)
+    cache_gb: float = setting(4.0, at_least=0, resume=True)
+    # as train.precision: autocast of the image tower (logits fp32)
+    precision: str = setting("auto", choices=PRECISIONS)
 
 
 @dataclass
 class Recipe:
-    name: str = "run"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = setting("run", check=_check_name)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _keys(node: Any = Recipe, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """Every recipe field as ("section.key", field), in the order the recipe declares them."""
+    for f in dataclasses.fields(node):
+        hint = typing.get_type_hints(node)[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _keys(hint, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+# What a resumed (or reused) run may change: where the data is, the device, speed and
+# checkpointing (the fields declared resume=True); any other key would make the rest of the
+# run differ from its start.
+RESUME_SETTABLE = tuple(key for key, f in _keys() if f.metadata.get("resume"))
 
 
 def _suggest(key: str, options: typing.Iterable[str]) -> str:
@@ -183,53 +311,6 @@ def from_dict(raw: dict[str, Any]) -> Recipe:
     return validate(_build(Recipe, raw, ""))
 
 
-# The allowed values of each choice key; train.method and train.device are checked apart.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "train.batchnorm": ("frozen", "train"),
-    "train.select_on": ("val", "last"),
-    "train.precision": ("auto", "fp32", "bf16"),  # flyp.precision.PRECISIONS
-    "eval.precision": ("auto", "fp32", "bf16"),
-    "train.collisions": ("none", "mask", "soft"),
-    "train.lipsum_text": ("tokens", "words"),
-    "train.contrastive_loss": ("auto", "clip", "siglip"),
-    "data.on_bad_image": ("error", "skip"),
-}
-LOG_TO = ("tensorboard", "wandb")  # the trackers train.log_to may list
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-# Lower bounds of the numeric keys; a None value means "not set" and is not checked.
-AT_LEAST: dict[str, tuple[float, str]] = {
-    "model.image_size": (1, ">= 1"),
-    "model.context_length": (1, ">= 1"),
-    "data.max_train": (1, ">= 1"),
-    "data.max_eval": (1, ">= 1"),
-    "data.k_shot": (1, ">= 1"),
-    "data.cache_gb": (0, ">= 0"),
-    "train.epochs": (1, ">= 1"),
-    "train.batch_size": (1, ">= 1"),
-    "train.micro_batch": (1, ">= 1"),
-    "train.stop_after_steps": (1, ">= 1"),
-    "train.lr": (0, ">= 0"),
-    "train.weight_decay": (0, ">= 0"),
-    "train.logit_scale_lr": (0, ">= 0"),
-    "train.l2sp_weight": (0, ">= 0"),
-    "train.lipsum_weight": (0, ">= 0"),
-    "train.lipsum_texts": (1, ">= 1"),
-    "train.warmup_steps": (0, ">= 0"),
-    "train.checkpoint_every": (0, ">= 0"),
-    "train.log_every": (1, ">= 1"),
-    "eval.batch_size": (1, ">= 1"),
-    "eval.cache_gb": (0, ">= 0"),
-}
-POSITIVE = (
-    "train.grad_clip",
-    "train.max_logit_scale",
-    "train.init_logit_scale",
-    "train.dist_timeout_s",
-)
-SEEDS = ("train.seed", "data.split_seed")  # each seeds numpy's generator: 0 <= seed < 2**32
-SEED_LIMIT = 2**32
-
-
 def check_seed(value: int, where: str) -> None:
     """Refuse a seed numpy's generator cannot take (negative, or 2**32 and above)."""
     if not 0 <= value < SEED_LIMIT:
@@ -239,8 +320,10 @@ def check_seed(value: int, where: str) -> None:
 
 
 def _get(recipe: Recipe, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(recipe, section), name)
+    node = recipe
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _check_finite(node: Any, where: str) -> None:
@@ -261,76 +344,47 @@ def _choice(key: str, value: str, allowed: typing.Sequence[str]) -> None:
         )
 
 
-def validate(recipe: Recipe) -> Recipe:
-    """Refuse choices, ranges and cross-field combinations that cannot run, naming the key."""
-    from flyp.data.templates import TEMPLATE_SETS  # here, not at the top: loading a recipe
-    from flyp.methods import METHODS  # file stays free of torch (flyp --help, flyp data)
+def _check(key: str, value: Any, rules: dict[str, Any]) -> None:
+    """One field's value against the rules :func:`setting` declared beside it."""
+    if "choices" in rules:  # of the value, or of each item of a list
+        choices = rules["choices"]() if callable(rules["choices"]) else rules["choices"]
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            _choice(key if i is None else f"{key}[{i}]", item, choices)
+    if "at_least" in rules and value < rules["at_least"]:
+        raise RecipeError(f"{key}: {value} is out of range; it must be >= {rules['at_least']}")
+    if "above" in rules and value <= rules["above"]:
+        raise RecipeError(f"{key}: {value} is out of range; it must be > {rules['above']}")
+    if "between" in rules:
+        low, high = rules["between"]
+        if not low < value < high:
+            raise RecipeError(f"{key}: {value} is out of range; it must be between {low} and {high}")
+    if rules.get("seed"):
+        check_seed(value, key)
+    if "check" in rules:
+        rules["check"](value, key)
 
+
+def validate(recipe: Recipe) -> Recipe:
+    """Refuse choices, ranges and cross-field combinations that cannot run, naming the key:
+    each field by its own rules, in the order the recipe declares them, then the checks that
+    span fields."""
     _check_finite(recipe, "")
-    name = recipe.name
-    if name.strip() in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
-        raise RecipeError(
-            f"name: {name!r} cannot name a run folder (runs/<name>-<method>-s<seed>); use letters, "
-            "digits, spaces, '-' or '_', with no '/', no control characters"
-        )
-    for key, allowed in CHOICES.items():
-        _choice(key, _get(recipe, key), allowed)
-    _choice("train.method", recipe.train.method, list(METHODS))
-    if recipe.data.templates is not None:
-        _choice("data.templates", recipe.data.templates, sorted(TEMPLATE_SETS))
-    device = recipe.train.device
-    if not DEVICE.fullmatch(device):
-        hint = _suggest(device.replace("gpu", "cuda"), ["auto", "cpu", "cuda", "mps"])
-        raise RecipeError(
-            f"train.device: '{device}' is not a device; use auto, cpu, cuda, cuda:N or mps{hint}"
-        )
-    for i, tracker in enumerate(recipe.train.log_to):
-        _choice(f"train.log_to[{i}]", tracker, LOG_TO)
-        if recipe.train.log_to.count(tracker) > 1:
-            raise RecipeError(f"train.log_to lists '{tracker}' twice; list each tracker once")
-    for key, (low, text) in AT_LEAST.items():
+    for key, f in _keys():
         value = _get(recipe, key)
-        if value is not None and value < low:
-            raise RecipeError(f"{key}: {value} is out of range; it must be {text}")
-    for key in POSITIVE:
-        value = _get(recipe, key)
-        if value is not None and value <= 0:
-            raise RecipeError(f"{key}: {value} is out of range; it must be > 0")
-    for key in SEEDS:
-        check_seed(_get(recipe, key), key)
+        if value is not None and f.metadata.get("rules"):
+            _check(key, value, f.metadata["rules"])
     data = recipe.data
-    if isinstance(data.num_workers, str) and data.num_workers != "auto":
-        raise RecipeError(
-            f"data.num_workers: '{data.num_workers}' is not a number of workers; "
-            "use auto or a whole number >= 0"
-        )
-    if isinstance(data.num_workers, int) and data.num_workers < 0:
-        raise RecipeError(f"data.num_workers: {data.num_workers} is out of range; it must be >= 0")
-    for key in ("val_fraction", "test_fraction"):
-        value = getattr(data, key)
-        if not 0 < value < 1:
-            raise RecipeError(f"data.{key}: {value} is out of range; it must be between 0 and 1")
     if data.val_fraction + data.test_fraction >= 1:
         raise RecipeError(
             f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} "
             "leaves no training images; their sum must be below 1"
         )
-    repeated = sorted({d for d in data.ood_domains if data.ood_domains.count(d) > 1})
-    if repeated:
-        raise RecipeError(f"data.ood_domains lists '{repeated[0]}' twice; list each domain once")
     if data.id_domain in data.ood_domains:
         raise RecipeError(
             f"data.ood_domains holds the ID domain '{data.id_domain}' (data.id_domain); "
             "its test split is evaluated already, remove it from data.ood_domains"
         )
-    alphas = recipe.eval.wise_alphas
-    if not alphas:
-        raise RecipeError("eval.wise_alphas is empty; give at least one alpha, e.g. [0, 0.5, 1]")
-    for i, alpha in enumerate(alphas):
-        if not 0 <= alpha <= 1:
-            raise RecipeError(
-                f"eval.wise_alphas[{i}]: {alpha} is out of range; it must be in [0, 1]"
-            )
     return recipe
 
 
@@ -472,25 +526,6 @@ def with_overrides(recipe: Recipe, overrides: typing.Sequence[str]) -> Recipe:
     for assignment in overrides:
         _set(raw, assignment)
     return from_dict(raw)
-
-
-# What a resumed (or reused) run may change: where the data is, the device, speed and
-# checkpointing; any other key would make the rest of the run differ from its start.
-RESUME_SETTABLE = (
-    "data.root",
-    "data.roots",
-    "data.num_workers",
-    "data.cache_gb",
-    "train.device",
-    "train.dist_timeout_s",
-    "train.micro_batch",
-    "train.compile",
-    "train.checkpoint_every",
-    "train.log_every",
-    "train.stop_after_steps",
-    "eval.batch_size",
-    "eval.cache_gb",
-)
 
 
 def flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:

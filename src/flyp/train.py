@@ -1,4 +1,14 @@
-"""The training loop shared by every method: one file, top to bottom.
+"""The training loop shared by every method, top to bottom:
+
+- ``finetune``: the run directory claimed (flyp.rundir), the run, and what a failure leaves;
+- ``_train``: the setup, then the loop over steps (an epoch's end handled at the loop's top);
+- the setup: ``_set_up_classifier`` (device, precision, the method's classifier, what trains)
+  and ``_set_up_loop`` (images, schedule, AdamW, DDP);
+- the step: ``_Run.step_on``, and ``_Run.log_pending`` every ``train.log_every`` steps;
+- the epoch end: ``_Run.end_epoch`` (validation, the best weights, the checkpoint);
+- ``_finish``: the selected weights evaluated on every set, metrics.json written.
+
+What a run is built from is flyp.experiment; evaluation is flyp.evaluate, the probe flyp.probe.
 
 run_dir/
   recipe.yaml         the resolved recipe
@@ -18,6 +28,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,11 +79,12 @@ from flyp.models.base import (
     to_model_layout,
     tune_cpu_bf16,
 )
-from flyp.precision import announce, configure_device, resolve
+from flyp.precision import Precision, announce, configure_device, resolve
 from flyp.probe import fit_probe
 from flyp.recipe import (
     RESUME_SETTABLE,
     Recipe,
+    TrainConfig,
     check_device,
     differences,
     fingerprint,
@@ -254,8 +266,8 @@ def finetune(
 def _train(
     recipe: Recipe, run_dir: Path, resume: bool, exp: Experiment, env: DistEnv, method
 ) -> dict[str, Any]:
+    """The run: its setup, then the loop over steps, each epoch's end at the top of the loop."""
     cfg = recipe.train
-    state_path = run_dir / "state.pt"
     # Seeded after the model is built: loading a model draws random numbers (initialisation
     # before the weights arrive), and dropout must not depend on whether it was loaded here or
     # by the caller (flyp compare shares one loaded model across runs).
@@ -264,7 +276,7 @@ def _train(
     np.random.seed(cfg.seed)
     ctx = loss_context(exp)
     settings = run_settings(recipe)
-    state = load_state(state_path) if resume else None
+    state = load_state(run_dir / "state.pt") if resume else None
     if state is not None and "settings" in state:  # before recipe.yaml is written again
         diff = differences(state["settings"], settings)
         if diff:
@@ -275,11 +287,101 @@ def _train(
             )
     if env.is_main:
         save_recipe(recipe, run_dir / "recipe.yaml")
+    classifier, precision = _set_up_classifier(cfg, exp, run_dir, env, method, ctx)
+    if method.objective == "none":  # rank 0 evaluates and writes; every rank gets metrics
+        return on_main(partial(_finish_untrained, classifier, exp, run_dir, recipe))
+    _place_model(classifier, ctx, cfg, env)
+    run = _set_up_loop(cfg, exp, run_dir, env, method, ctx, classifier, precision, settings)
+    if state is not None:
+        run.resume_from(state)
+    run.tracker = open_tracker(recipe, run_dir, env.is_main, run.step)  # _finish closes it
+    started = time.time()
+    # One loader for the whole run: its workers persist across epochs (the sampler is told each
+    # epoch's order); batches pinned for a GPU, copied with non_blocking.
+    local_batch = cfg.batch_size // env.world  # batch_size is the global batch
+    sampler = EpochSampler(len(run.dataset), local_batch, cfg.seed, 0, 0, env.rank, env.world)
+    loader = train_loader(
+        run.dataset, sampler, local_batch, exp.recipe.data.num_workers, device=env.device
+    )
+    steps_per_epoch = run.steps_per_epoch
+    while True:
+        epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
+        if done_in_epoch == 0 and epoch > run.validated:
+            # The end of an epoch (also when the run stopped right after its last step and
+            # resumes here).
+            run.end_epoch(epoch)
+        if run.step >= run.total_steps:
+            break
+        if cfg.stop_after_steps is not None and run.step >= cfg.stop_after_steps:
+            run.checkpoint()
+            run.tracker.close()
+            return {"stopped_at_step": run.step}
+        sampler.set_epoch(epoch, done_in_epoch)
+        classifier.train()
+        if cfg.batchnorm == "frozen":
+            freeze_batchnorm_stats(classifier)
+        tick = epoch_started = time.time()
+        epoch_loss, epoch_steps, epoch_images = 0.0, 0, 0  # for its progress line
+        bar = progress_bar(
+            iter(loader),  # one iterator: tqdm.auto would start the workers' epoch twice
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not env.is_main,
+            initial=done_in_epoch,
+            total=steps_per_epoch,
+        )
+        for images, labels, seeds in bar:
+            run.step_on(images, labels, seeds, epoch)
+            epoch_images += len(labels) * env.world
+            step = run.step
+            at_epoch_end = step % steps_per_epoch == 0
+            stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
+            saving = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or stopping
+            if step % cfg.log_every == 0 or at_epoch_end or saving:  # a checkpoint after a check
+                for value in run.log_pending(bar):
+                    epoch_loss, epoch_steps = epoch_loss + value, epoch_steps + 1
+            if saving and not at_epoch_end:
+                run.train_seconds += time.time() - tick
+                tick = time.time()
+                run.checkpoint()
+            if stopping and not at_epoch_end:
+                run.tracker.close()
+                return {"stopped_at_step": step}
+            if at_epoch_end:
+                break  # the epoch-end work (validation, checkpoint) runs at the top of the loop
+        run.train_seconds += time.time() - tick
+        if env.is_main and epoch_steps and run.step % steps_per_epoch == 0:
+            seconds = max(time.time() - epoch_started, 1e-9)
+            note(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {epoch_loss / epoch_steps:.4f}  "
+                f"{epoch_images / seconds:.1f} images/s  elapsed {clock(time.time() - started)}"
+            )
+
+    def finish() -> dict[str, Any]:
+        if run.select:
+            load_weights(classifier, run_dir / "model.safetensors")
+        epoch = run.best["epoch"] if run.select else cfg.epochs  # not selecting: the last weights
+        return _finish(
+            classifier, exp, run_dir, epoch, started, run.train_seconds, run.images_seen
+        )
+
+    # Rank 0 evaluates and writes while the others wait at a barrier (within the process
+    # group's timeout, train.dist_timeout_s); every rank returns its metrics (flyp compare and
+    # flyp sweep go on from them on every rank).
+    return on_main(finish)
+
+
+# --- setup -------------------------------------------------------------------------------
+
+
+def _set_up_classifier(
+    cfg: TrainConfig, exp: Experiment, run_dir: Path, env: DistEnv, method, ctx: LossContext
+) -> tuple[Classifier, Precision]:
+    """The model on the run's device in its layout and precision, the method's classifier (a
+    probe fitted first for lp and lp-ft), what trains, and the method's loss terms."""
     model = exp.bundle.model
     # Everything the method builds (heads, probe, zero-shot head) is made on the run's device.
     model.to(env.device)
-    channels_last = prefers_channels_last(model)
-    if channels_last:
+    if prefers_channels_last(model):
         model.to(memory_format=torch.channels_last)
     # "auto": bf16 where this device has it natively (flyp.precision); said in one line
     precision = resolve(cfg.precision, env.device)
@@ -307,24 +409,22 @@ def _train(
         ctx.lipsum_weight, ctx.lipsum_texts = cfg.lipsum_weight, cfg.lipsum_texts
         ctx.lipsum_text = cfg.lipsum_text
         ctx.seed = cfg.seed
+    return classifier, precision
 
-    if method.objective == "none":
 
-        def finish_untrained() -> dict[str, Any]:
-            open_tracker(recipe, run_dir, True)  # _finish sends it the metrics and closes it
-            return _finish(
-                classifier,
-                exp,
-                run_dir,
-                selected_epoch=0,
-                started=time.time(),
-                train_seconds=0.0,
-                images_seen=0,
-            )
-
-        return on_main(finish_untrained)  # rank 0 evaluates and writes; every rank gets metrics
-
-    _place_model(classifier, ctx, cfg, env)
+def _set_up_loop(
+    cfg: TrainConfig,
+    exp: Experiment,
+    run_dir: Path,
+    env: DistEnv,
+    method,
+    ctx: LossContext,
+    classifier: Classifier,
+    precision: Precision,
+    settings: dict[str, Any],
+) -> _Run:
+    """The training images, the schedule, AdamW and, with several processes, DDP."""
+    model = classifier.model
     # Several processes: DDP averages the gradients in the backward (once per run; the classifier
     # stays the module that is evaluated and saved); the logit scale is averaged by hand.
     ddp, by_hand = ddp_for(classifier, env.device) if env.enabled else (None, [])
@@ -361,31 +461,121 @@ def _train(
                 f"{total_steps} steps; warming up over {warmup} so that it reaches "
                 f"train.lr={cfg.lr:g} (set train.warmup_steps to choose)"
             )
-    scale_trains = model.logit_scale.requires_grad
-    # The temperature may not go below 1/100 (CLIP's clamp), or the model's own start if that
-    # is lower (SigLIP starts near 1/112): a bound that never moves a pretrained model at step 0.
-    max_log_scale = max(math.log(cfg.max_logit_scale), float(model.logit_scale.detach()))
-    select = cfg.select_on == "val" and exp.recipe.eval.every_epoch
-    step, best, validated = 0, {"val": -1.0, "epoch": 0}, 0
-    train_seconds, images_seen = 0.0, 0
-    log_path = run_dir / "log.jsonl"
-    if state is not None:
-        load_weights(classifier, run_dir / "last.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], env.device)
-        step, best = state["step"], state["best"]
-        validated = state.get("validated", step // steps_per_epoch)
-        train_seconds, images_seen = state["train_seconds"], state["images_seen"]
-        if env.is_main:
-            truncate_log(log_path, step)
-    tracker = open_tracker(recipe, run_dir, env.is_main, step)  # _finish closes it
-    started = time.time()
+    return _Run(
+        cfg=cfg,
+        exp=exp,
+        run_dir=run_dir,
+        env=env,
+        method=method,
+        ctx=ctx,
+        classifier=classifier,
+        precision=precision,
+        settings=settings,
+        dataset=dataset,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ddp=ddp,
+        by_hand=by_hand,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        # The temperature may not go below 1/100 (CLIP's clamp), or the model's own start if
+        # that is lower (SigLIP starts near 1/112): a bound that never moves a pretrained model
+        # at step 0.
+        max_log_scale=max(math.log(cfg.max_logit_scale), float(model.logit_scale.detach())),
+        select=cfg.select_on == "val" and exp.recipe.eval.every_epoch,
+    )
 
+
+@dataclass
+class _Run:
+    """A run in training: what the step, the epoch end and the checkpoint share, and where the
+    run is (``step``, ``best``, ``validated``, the counters: what a checkpoint saves besides
+    the weights, the optimizer, the schedule and the RNG)."""
+
+    cfg: TrainConfig
+    exp: Experiment
+    run_dir: Path
+    env: DistEnv
+    method: Any
+    ctx: LossContext
+    classifier: Classifier
+    precision: Precision
+    settings: dict[str, Any]  # what decides the run's numbers: a resume with others is refused
+    dataset: ImageDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ddp: nn.Module | None
+    by_hand: list[nn.Parameter]  # averaged over processes after the backward (the logit scale)
+    steps_per_epoch: int
+    total_steps: int
+    max_log_scale: float
+    select: bool  # keep the best epoch on ID validation (else the last weights)
+    tracker: Any = None
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"val": -1.0, "epoch": 0})
+    validated: int = 0  # the last epoch whose end was handled (validation, checkpoint)
+    train_seconds: float = 0.0
+    images_seen: int = 0
     # (step, epoch, lr, loss, temperature) of the steps since the last log point
-    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
-    def log_pending(bar) -> list[float]:
+    def resume_from(self, state: dict[str, Any]) -> None:
+        """Continue where the checkpoint left off: weights, optimizer, schedule, RNG, counters."""
+        load_weights(self.classifier, self.run_dir / "last.safetensors")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], self.env.device)
+        self.step, self.best = state["step"], state["best"]
+        self.validated = state.get("validated", self.step // self.steps_per_epoch)
+        self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
+        if self.env.is_main:
+            truncate_log(self.run_dir / "log.jsonl", self.step)
+
+    # --- the step ----------------------------------------------------------------------------
+
+    def step_on(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor, epoch: int) -> None:
+        """One optimisation step on a batch; its loss and temperature stay on the device until
+        the next log point (:meth:`log_pending`)."""
+        cfg, env, model = self.cfg, self.env, self.classifier.model
+        images = images.to(env.device, non_blocking=True)
+        images = to_model_layout(images, self.classifier.channels_last)
+        # labels and seeds stay on the host: forward_backward builds captions from them
+        if env.enabled:  # dropout: distinct per rank, and replayed exactly on resume
+            torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 4099 + env.rank)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward(
+            self.method,
+            self.classifier,
+            images,
+            labels,
+            seeds,
+            self.step,
+            self.ctx,
+            micro_batch=cfg.micro_batch,
+            precision=self.precision.name,
+            gather=gather_batch if env.enabled else None,
+            ddp=self.ddp,
+        )
+        if env.enabled:
+            average_gradients(self.by_hand, env.world)
+            if cfg.batchnorm == "train":
+                broadcast_buffers(self.classifier)  # rank 0's BN statistics
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        if model.logit_scale.requires_grad:  # a frozen scale is the model's own: left as it is
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, self.max_log_scale)
+        self.step += 1
+        self.images_seen += len(labels) * env.world  # this rank saw its share of the global batch
+        temperature = 1 / model.logit_scale.detach().exp().reshape(())  # SigLIP's is [1]
+        lr = self.scheduler.get_last_lr()[0]
+        self.pending.append((self.step, epoch + 1, lr, loss, temperature))
+
+    def log_pending(self, bar) -> list[float]:
         """Write the log records of the steps since the last log point, and return their losses.
 
         The losses and temperatures stay on the device until now and come back in one transfer:
@@ -393,155 +583,60 @@ def _train(
         A non-finite loss stops the run, naming the first step that gave one (the records
         before it are written; no checkpoint is saved after it, as each waits for this check).
         """
-        if not pending:
+        if not self.pending:
             return []
-        numbers = torch.stack([torch.stack((v.float(), t.float())) for *_, v, t in pending])
+        numbers = torch.stack([torch.stack((v.float(), t.float())) for *_, v, t in self.pending])
         losses = []
         for (at, in_epoch, lr, *_), (value, temperature) in zip(
-            pending, numbers.tolist(), strict=True
+            self.pending, numbers.tolist(), strict=True
         ):
             if not math.isfinite(value):
                 raise RunError(
                     f"the loss is {value} at step {at}: training diverged and nothing was "
-                    f"recorded as finished; lower train.lr (now {cfg.lr:g}) and start again"
+                    f"recorded as finished; lower train.lr (now {self.cfg.lr:g}) "
+                    "and start again"
                 )
             record = {"step": at, "epoch": in_epoch, "loss": round(value, 6), "lr": lr}
             record["temperature"] = temperature
-            if env.is_main:
-                append_log(log_path, record)
-                tracker.log(record, at)
+            if self.env.is_main:
+                append_log(self.run_dir / "log.jsonl", record)
+                self.tracker.log(record, at)
             losses.append(value)
-        pending.clear()
+        self.pending.clear()
         bar.set_postfix(loss=f"{round(losses[-1], 6):.3f}")
         return losses
 
-    def checkpoint() -> None:
-        if not env.is_main:
+    # --- the epoch end -----------------------------------------------------------------------
+
+    def end_epoch(self, epoch: int) -> None:
+        """Validate (rank 0; every rank holds its choice), keep the best weights, checkpoint."""
+        if self.select:
+            validate = partial(
+                _validate_epoch, self.classifier, self.exp, self.run_dir, self.tracker, self.best
+            )
+            self.best = on_main(partial(validate, self.step, epoch))
+        self.validated = epoch
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """The weights and everything a resume needs (rank 0 writes)."""
+        if not self.env.is_main:
             return
-        save_weights(classifier, run_dir / "last.safetensors")
+        save_weights(self.classifier, self.run_dir / "last.safetensors")
         save_state(
             {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(env.device),
-                "step": step,
-                "best": best,
-                "validated": validated,
-                "train_seconds": train_seconds,
-                "images_seen": images_seen,
-                "settings": settings,  # a resume with other settings is refused
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(self.env.device),
+                "step": self.step,
+                "best": self.best,
+                "validated": self.validated,
+                "train_seconds": self.train_seconds,
+                "images_seen": self.images_seen,
+                "settings": self.settings,  # a resume with other settings is refused
             },
-            state_path,
+            self.run_dir / "state.pt",
         )
-
-    # One loader for the whole run: its workers persist across epochs (the sampler is told each
-    # epoch's order); batches pinned for a GPU, copied with non_blocking.
-    local_batch = cfg.batch_size // env.world  # batch_size is the global batch
-    sampler = EpochSampler(len(dataset), local_batch, cfg.seed, 0, 0, env.rank, env.world)
-    loader = train_loader(
-        dataset, sampler, local_batch, exp.recipe.data.num_workers, device=env.device
-    )
-    while True:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        if done_in_epoch == 0 and epoch > validated:
-            # The end of an epoch: validate (also when the run stopped right after its last
-            # step and resumes here), keep the best weights, then checkpoint.
-            if select:  # rank 0 validates and keeps the best; every rank holds its choice
-                validate = partial(_validate_epoch, classifier, exp, run_dir, tracker, best)
-                best = on_main(partial(validate, step, epoch))
-            validated = epoch
-            checkpoint()
-        if step >= total_steps:
-            break
-        if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
-            checkpoint()
-            tracker.close()
-            return {"stopped_at_step": step}
-        sampler.set_epoch(epoch, done_in_epoch)
-        classifier.train()
-        if cfg.batchnorm == "frozen":
-            freeze_batchnorm_stats(classifier)
-        tick = epoch_started = time.time()
-        epoch_loss, epoch_steps, epoch_images = 0.0, 0, 0  # for its progress line
-        bar = progress_bar(
-            iter(loader),  # one iterator: tqdm.auto would start the workers' epoch twice
-            f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not env.is_main,
-            initial=done_in_epoch,
-            total=steps_per_epoch,
-        )
-        for images, labels, seeds in bar:
-            images = images.to(env.device, non_blocking=True)
-            images = to_model_layout(images, channels_last)
-            # labels and seeds stay on the host: forward_backward builds captions from them
-            if env.enabled:  # dropout: distinct per rank, and replayed exactly on resume
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + env.rank)
-            optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(
-                method,
-                classifier,
-                images,
-                labels,
-                seeds,
-                step,
-                ctx,
-                micro_batch=cfg.micro_batch,
-                precision=precision.name,
-                gather=gather_batch if env.enabled else None,
-                ddp=ddp,
-            )
-            if env.enabled:
-                average_gradients(by_hand, env.world)
-                if cfg.batchnorm == "train":
-                    broadcast_buffers(classifier)  # rank 0's BN statistics
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
-                )
-            optimizer.step()
-            scheduler.step()
-            if scale_trains:  # a frozen scale is the model's own and stays as it is
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, max_log_scale)
-            step += 1
-            images_seen += len(labels) * env.world  # this rank saw its share of the global batch
-            epoch_images += len(labels) * env.world
-            # the step's numbers stay on the device until the next log point (log_pending)
-            temperature = 1 / model.logit_scale.detach().exp().reshape(())  # SigLIP's is [1]
-            pending.append((step, epoch + 1, scheduler.get_last_lr()[0], loss, temperature))
-            at_epoch_end = step % steps_per_epoch == 0
-            stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
-            saving = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or stopping
-            if step % cfg.log_every == 0 or at_epoch_end or saving:  # a checkpoint after a check
-                for value in log_pending(bar):
-                    epoch_loss, epoch_steps = epoch_loss + value, epoch_steps + 1
-            if saving and not at_epoch_end:
-                train_seconds += time.time() - tick
-                tick = time.time()
-                checkpoint()
-            if stopping and not at_epoch_end:
-                tracker.close()
-                return {"stopped_at_step": step}
-            if at_epoch_end:
-                break  # the epoch-end work (validation, checkpoint) runs at the top of the loop
-        train_seconds += time.time() - tick
-        if env.is_main and epoch_steps and step % steps_per_epoch == 0:
-            seconds = max(time.time() - epoch_started, 1e-9)
-            note(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {epoch_loss / epoch_steps:.4f}  "
-                f"{epoch_images / seconds:.1f} images/s  elapsed {clock(time.time() - started)}"
-            )
-
-    def finish() -> dict[str, Any]:
-        if select:
-            load_weights(classifier, run_dir / "model.safetensors")
-        epoch = best["epoch"] if select else cfg.epochs  # not selecting: the last weights
-        return _finish(classifier, exp, run_dir, epoch, started, train_seconds, images_seen)
-
-    # Rank 0 evaluates and writes while the others wait at a barrier (within the process
-    # group's timeout, train.dist_timeout_s); every rank returns its metrics (flyp compare and
-    # flyp sweep go on from them on every rank).
-    return on_main(finish)
 
 
 def _validate_epoch(
@@ -564,6 +659,16 @@ def _validate_epoch(
         save_weights(classifier, run_dir / "model.safetensors", _metadata(exp, classifier))
         return {"val": val, "epoch": epoch}
     return best
+
+
+def _finish_untrained(
+    classifier: Classifier, exp: Experiment, run_dir: Path, recipe: Recipe
+) -> dict[str, Any]:
+    """A run that trains nothing (zeroshot, lp): its head evaluated and saved."""
+    open_tracker(recipe, run_dir, True)  # _finish sends it the metrics and closes it
+    return _finish(
+        classifier, exp, run_dir, selected_epoch=0, started=time.time(), train_seconds=0.0, images_seen=0
+    )
 
 
 def _metadata(exp: Experiment, classifier: Classifier, tensors: str = "full") -> dict[str, Any]:

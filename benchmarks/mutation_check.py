@@ -271,6 +271,16 @@ MUTANTS: list[Mutant] = [
     M("V05", "evaluate.py",
       'keep = torch.full_like(logits, float("-inf"))', "keep = torch.zeros_like(logits)",
       "evaluation"),
+    # --- recipe: the rules declared beside each field ---------------------------------------
+    M("R01", "recipe.py",
+      'if "above" in rules and value <= rules["above"]:',
+      'if "above" in rules and value < rules["above"]:', "recipe"),
+    M("R02", "recipe.py",
+      "rules = {k: v for k, v in rules.items() if v is not None and v is not False}",
+      "rules = {k: v for k, v in rules.items() if v not in (None, False)}", "recipe"),
+    M("R03", "recipe.py",
+      "log_every: int = setting(20, at_least=1, resume=True)",
+      "log_every: int = setting(20, at_least=1)", "recipe"),
     # --- gradient cache ---------------------------------------------------------------------
     M("G01", "gradcache.py",
       "        state.restore()\n        with _syncing(", "        with _syncing(", "gradcache"),
@@ -319,6 +329,7 @@ FIRST = {
     "distributed": ["test_distributed.py", "test_ddp.py"],
     "evaluation": ["test_evaluate.py", "test_paper_benchmarks.py", "test_methods.py"],
     "gradcache": ["test_gradcache.py", "test_speed_options.py"],
+    "recipe": ["test_recipe_rules.py", "test_recipe.py", "test_bad_inputs.py"],
     "speed": ["test_reuse.py", "test_cpu_bf16.py", "test_gradcache.py"],
 }
 

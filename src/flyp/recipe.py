@@ -230,18 +230,20 @@ class Recipe:
 
 def _keys(node: Any = Recipe, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
     """Every recipe field as ("section.key", field), in the order the recipe declares them."""
+    hints = typing.get_type_hints(node)
     for f in dataclasses.fields(node):
-        hint = typing.get_type_hints(node)[f.name]
+        hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             yield from _keys(hint, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", f
 
 
-# What a resumed (or reused) run may change: where the data is, the device, speed and
-# checkpointing (the fields declared resume=True); any other key would make the rest of the
+# Every field in recipe order; what a resumed (or reused) run may change: where the data is,
+# the device, speed and checkpointing (the fields declared resume=True); any other key would make the rest of the
 # run differ from its start.
-RESUME_SETTABLE = tuple(key for key, f in _keys() if f.metadata.get("resume"))
+FIELDS = tuple(_keys())
+RESUME_SETTABLE = tuple(key for key, f in FIELDS if f.metadata.get("resume"))
 
 
 def _suggest(key: str, options: typing.Iterable[str]) -> str:
@@ -370,7 +372,7 @@ def validate(recipe: Recipe) -> Recipe:
     each field by its own rules, in the order the recipe declares them, then the checks that
     span fields."""
     _check_finite(recipe, "")
-    for key, f in _keys():
+    for key, f in FIELDS:
         value = _get(recipe, key)
         if value is not None and f.metadata.get("rules"):
             _check(key, value, f.metadata["rules"])

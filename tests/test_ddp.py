@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fakes import tiny_overrides
+from fakes import leave_process_group, tiny_overrides
 from flyp.distributed import average_gradients, ddp_for, gather_batch
 from flyp.gradcache import forward_backward
 from flyp.methods import (
@@ -81,9 +81,10 @@ def _gradients_worker(rank: int, world: int, init_file: str, case: dict, out: st
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.save(one_step_gradients(case, rank, world), f"{out}.{rank}")
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_process_group()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -135,9 +136,10 @@ def _training_worker(rank: int, world: int, init_file: str, overrides: list, out
     try:
         train_mod.finetune(load_recipe(None, overrides), f"{out}/run")
         torch.save(seen, f"{out}/seen.{rank}")
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_process_group()
 
 
 @pytest.mark.slow

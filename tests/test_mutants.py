@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import flyp.train
+from fakes import leave_process_group
 from flyp.checkpoint import load_state, save_weights
 from flyp.compare import wise_sweep, zeroshot_classifier
 from flyp.data.folders import Sample
@@ -394,9 +395,10 @@ def _collectives_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
              "texts": texts.detach(), "labels": labels, "feature_grad": features.grad},
             f"{out_dir}/{rank}.pt",
         )  # fmt: skip
-        dist.barrier()  # no rank tears the group down while another still talks to it
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_process_group()
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fakes import error_lines, tiny_overrides
+from fakes import error_lines, leave_process_group, tiny_overrides
 from flyp.data import build_benchmark, check
 from flyp.data.loader import EpochSampler
 from flyp.recipe import load_recipe
@@ -72,9 +72,10 @@ def _benchmark_worker(
         Path(tmp, f"rank{rank}.json").write_text(
             json.dumps([report.images, report.decoded, report.cached, report.bad, train, cached])
         )
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_process_group()
 
 
 @pytest.mark.parametrize("local_ranks", [ONE_NODE, TWO_NODES], ids=["one-node", "two-nodes"])
@@ -122,9 +123,10 @@ def _finetune_worker(rank: int, tmp: str, argv: list[str]) -> None:
         with contextlib.redirect_stderr(err):
             code = main(argv)
         Path(tmp, f"rank{rank}.json").write_text(json.dumps([code, err.getvalue()]))
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_process_group()
 
 
 def _finetune_on_two_ranks(tmp_path: Path, data: Path, *extra: str) -> list[tuple[int, str]]:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from fakes import error_lines, tiny_overrides
+from fakes import error_lines, leave_process_group, tiny_overrides
 from flyp import distributed
 from flyp.cli import main
 from flyp.distributed import init_distributed, on_main
@@ -131,8 +131,10 @@ def _on_main_worker(rank: int, init_file: str, out: str) -> None:
             error = str(err)
         main_flags = [distributed.is_main()]
         Path(out, f"rank{rank}.json").write_text(json.dumps([value, ran, error, main_flags]))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_process_group()
 
 
 def test_on_main_runs_once_and_gives_every_rank_rank0s_result_and_error(tmp_path):

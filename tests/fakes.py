@@ -147,3 +147,10 @@ def leave_process_group() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def checkpoint_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of a run's last checkpoint (``state.pt`` holds them with its state)."""
+    from flyp.checkpoint import load_checkpoint
+
+    return load_checkpoint(Path(run_dir) / "state.pt")["weights"]

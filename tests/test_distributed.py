@@ -1,3 +1,4 @@
+
 """Two gloo processes on the CPU train exactly as one process on the same global batch."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from fakes import leave_process_group
+from fakes import checkpoint_weights, leave_process_group
 from fakes import tiny_overrides as shared_overrides
 from flyp.recipe import load_recipe
 from flyp.train import finetune
@@ -45,8 +46,13 @@ def _worker(rank: int, world: int, init_file: str, overrides: list[str], run_dir
     leave_process_group()
 
 
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file's tensors, or those of a run directory's last checkpoint."""
+    return load_file(str(path)) if path.is_file() else checkpoint_weights(path)
+
+
 def assert_same_weights(a_path: Path, b_path: Path, atol: float = 1e-5) -> None:
-    a, b = load_file(str(a_path)), load_file(str(b_path))
+    a, b = _weights(a_path), _weights(b_path)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
@@ -70,10 +76,8 @@ def test_two_processes_step_like_one(extra, fake_pacs, tmp_path):
         nprocs=2,
         join=True,
     )
-    before = load_file(str(tmp_path / "one" / "last.safetensors"))
-    assert_same_weights(
-        tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors"
-    )
+    before = checkpoint_weights(tmp_path / "one")
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
     # only rank 0 wrote, and the step changed the weights
     log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert len(log) == 1

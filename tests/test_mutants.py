@@ -1,3 +1,4 @@
+
 """Behaviours that a planted bug could change without any other test noticing.
 
 Each test here was written against a mutant of benchmarks/mutation_check.py that survived the
@@ -25,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import flyp.train
-from fakes import leave_process_group
+from fakes import checkpoint_weights, leave_process_group
 from flyp.checkpoint import load_state, save_weights
 from flyp.compare import wise_sweep, zeroshot_classifier
 from flyp.data.folders import Sample
@@ -462,7 +463,7 @@ def test_first_step_moves_each_bias_by_the_warmup_lr_and_keeps_batchnorm_statist
     the sign of the gradient); 1-D parameters have no weight decay. lr_0 = 3e-3 / 4 (warmup 4)."""
     extra = ["train.warmup_steps=4", "train.stop_after_steps=1", "eval.every_epoch=false"]
     finetune(tiny_recipe(fake_pacs, *extra), tmp_path / "run")
-    after = load_file(str(tmp_path / "run" / "last.safetensors"))
+    after = checkpoint_weights(tmp_path / "run")
     before = load_model("tiny").model.state_dict()
     vectors = [k for k, v in before.items() if v.ndim == 1 and "running" not in k]
     assert len(vectors) == 8  # conv, BN and linear biases, BN weights
@@ -477,7 +478,7 @@ def test_gradients_are_clipped_from_the_first_step(fake_pacs, tmp_path):
     # a clip norm of 1e-12 leaves gradients far below AdamW's eps: the biases barely move
     extra = ["train.grad_clip=1e-12", "train.stop_after_steps=1", "eval.every_epoch=false"]
     finetune(tiny_recipe(fake_pacs, *extra), tmp_path / "run")
-    after = load_file(str(tmp_path / "run" / "last.safetensors"))
+    after = checkpoint_weights(tmp_path / "run")
     before = load_model("tiny").model.state_dict()
     for key in ("visual.0.bias", "visual.8.bias", "text_projection.bias"):
         assert (after[f"model.{key}"] - before[key]).abs().max().item() < 1e-6, key

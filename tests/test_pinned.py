@@ -1,3 +1,4 @@
+
 """Behaviour pinned to exact values: each test here failed against a planted bug that the rest
 of the suite let through (optimizer groups, schedule, clamp, selection, probe, L2-SP anchor,
 captions, split seed, bf16). Tiny model, fake images, a few steps each."""
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 import flyp.gradcache
 import flyp.probe
 import flyp.train
-from fakes import tf32_atol, tiny_overrides
+from fakes import checkpoint_weights, tf32_atol, tiny_overrides
 from flyp.data import build_benchmark
 from flyp.data.templates import PACS
 from flyp.methods import (
@@ -415,7 +416,7 @@ def test_precision_reaches_the_towers(precision, dtype, fake_pacs, tmp_path):
 def test_flyp_trains_both_towers_and_image_only_one(method, fake_pacs, tmp_path):
     finetune(recipe(fake_pacs, f"train.method={method}", "train.stop_after_steps=1"),
              tmp_path / "r")  # fmt: skip
-    after = load_file(str(tmp_path / "r" / "last.safetensors"))
+    after = checkpoint_weights(tmp_path / "r")
     before = load_model("tiny").model.state_dict()
     changed = {k for k in TINY_MATRICES | TINY_VECTORS | {"model.logit_scale"}
                if not torch.equal(after[k], before[k.removeprefix("model.")])}  # fmt: skip

@@ -1,3 +1,4 @@
+
 """Speed options: trimmed open_clip text context, bf16, micro-batches, compile, recipe checks."""
 
 from __future__ import annotations
@@ -7,9 +8,8 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from fakes import tiny_overrides
+from fakes import checkpoint_weights, tiny_overrides
 from flyp.models import load_model
 from flyp.models.openclip import TrimmedTokenizer, trim_text_context
 from flyp.recipe import RecipeError, load_recipe
@@ -61,8 +61,8 @@ def tiny(root, *extra):
 def test_micro_batch_run_takes_the_full_batch_step(fake_pacs, tmp_path):
     finetune(tiny(fake_pacs), tmp_path / "full")
     finetune(tiny(fake_pacs, "train.micro_batch=2"), tmp_path / "cached")
-    a = load_file(str(tmp_path / "full" / "last.safetensors"))
-    b = load_file(str(tmp_path / "cached" / "last.safetensors"))
+    a = checkpoint_weights(tmp_path / "full")
+    b = checkpoint_weights(tmp_path / "cached")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
 

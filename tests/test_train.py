@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fakes import tiny_overrides
+from fakes import checkpoint_weights, tiny_overrides
 from flyp.methods import METHODS
 from flyp.models import load_model
 from flyp.recipe import RecipeError, load_recipe
@@ -75,7 +75,7 @@ def test_resume_equals_uninterrupted(fake_pacs, tmp_path, speed):
     assert (tmp_path / "resumed" / "state.pt").exists() and not (
         tmp_path / "resumed" / "metrics.json"
     ).exists()
-    at_stop = load_file(str(tmp_path / "resumed" / "last.safetensors"))
+    at_stop = checkpoint_weights(tmp_path / "resumed")
     resumed = finetune(recipe, tmp_path / "resumed", resume=True)
     assert full["selected_epoch"] == resumed["selected_epoch"] == 3
     a = load_file(str(tmp_path / "full" / "model.safetensors"))

@@ -1,4 +1,4 @@
-"""Weights as safetensors, resumable training state as a torch file; every write is atomic.
+"""Weights as safetensors, a resumable checkpoint as one torch file; every write is atomic.
 
 A write goes to a temporary file in the same folder and is renamed over the target, so a
 killed process (or a full disk) leaves either the old file or the new one, never half of one.
@@ -6,6 +6,11 @@ Files get the permissions the user's umask gives (as ``open`` would), not mkstem
 a team can read a shared run directory. Nothing runs code on load: weights are safetensors and
 the training state is read with ``torch.load(weights_only=True)`` (tensors, numbers, strings,
 lists and dicts only).
+
+A training checkpoint is one file (``state.pt``): the weights, the optimizer, the schedule, the
+random generators and the counters, renamed into place together. Two files renamed one after
+the other can be separated by a kill (the new weights beside the old optimizer: a resume then
+applies a step twice, silently), one file cannot.
 """
 
 from __future__ import annotations
@@ -182,19 +187,31 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     """
     state = read_weights(path)
     changed_only = (read_metadata(path) or {}).get("tensors") == "changed"
+    fix = "load it with the model spec it was trained with (see the run's recipe.yaml)"
+    load_tensors(model, state, path, fix, changed_only)
+
+
+def load_tensors(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    fix: str,
+    changed_only: bool = False,
+) -> None:
+    """Load ``state`` (read from ``path``) into ``model`` strictly; a mismatch or a non-finite
+    parameter is named with ``path`` and ``fix``."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # same names, other shapes: another size of the architecture
         raise CheckpointError(
-            f"{path} does not fit this model ({str(err).splitlines()[-1].strip()}); "
-            "load it with the model spec it was trained with (see the run's recipe.yaml)"
+            f"{path} does not fit this model ({str(err).splitlines()[-1].strip()}); {fix}"
         ) from None
     if changed_only:  # only the towers may be left out, never a head the model expects
         missing = [k for k in missing if not k.startswith("model.")]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
-            "load it with the model spec it was trained with (see the run's recipe.yaml)"
+            f"{fix}"
         )
     # A NaN or inf weight makes every probability NaN and every argmax class 0: predictions
     # printed as "nan" and an accuracy of 1/classes, with no error. Parameters are never
@@ -209,6 +226,71 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 def save_state(state: dict[str, Any], path: Path) -> None:
     _atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+# A training checkpoint's fields and what each must be (flyp.train writes them): the weights
+# travel in the same file as the state that goes with them.
+CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
+    "weights": (dict,),
+    "optimizer": (dict,),
+    "scheduler": (dict,),
+    "rng": (dict,),
+    "step": (int,),
+    "best": (dict,),
+    "validated": (int,),
+    "train_seconds": (int, float),
+    "images_seen": (int,),
+    "settings": (dict,),
+}
+RNG_FIELDS = {"torch": torch.Tensor, "python": list, "numpy": list}
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint (``state.pt``), checked field by field: one that is not whole, or
+    not flyp's, is named with its file and field in one line instead of a traceback at resume."""
+    path = Path(path)
+    state = load_state(path)
+    if "weights" not in state and (path.parent / "last.safetensors").exists():
+        raise CheckpointError(
+            f"{path} was written by an older flyp that kept the weights apart, in "
+            "last.safetensors: a kill between the two writes pairs one step's weights with "
+            "another's optimizer, which cannot be told afterwards, so it is not resumed; "
+            "start the run again in a new run directory"
+        )
+
+    def bad(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: '{field}' {problem}, so it is not a checkpoint flyp wrote; the run "
+            "cannot be resumed: start it again in a new run directory"
+        )
+
+    for field, types in CHECKPOINT_FIELDS.items():
+        if field not in state:
+            raise bad(field, "is missing")
+        value = state[field]
+        if not isinstance(value, types) or isinstance(value, bool):
+            kinds = " or ".join(t.__name__ for t in types)
+            raise bad(field, f"is {_a(type(value).__name__)}, not {_a(kinds)}")
+    if state["step"] < 0 or state["images_seen"] < 0 or state["validated"] < 0:
+        raise bad("step", "or a counter is negative")
+    for name, value in state["weights"].items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise bad("weights", f"holds {name!r}: {type(value).__name__}, not a tensor")
+    for name, kind in RNG_FIELDS.items():
+        if not isinstance(state["rng"].get(name), kind):
+            raise bad(f"rng.{name}", f"is not {_a(kind.__name__)}")
+    if not isinstance(state["best"].get("epoch"), int) or not isinstance(
+        state["best"].get("val"), (int, float)
+    ):
+        raise bad("best", "lacks its epoch or validation score")
+    for field in ("state", "param_groups"):
+        if field not in state["optimizer"]:
+            raise bad(f"optimizer.{field}", "is missing")
+    return state
 
 
 def load_state(path: Path) -> dict[str, Any]:

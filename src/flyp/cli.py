@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from flyp.recipe import RESUME_SETTABLE, load_recipe
@@ -880,16 +884,20 @@ def main(argv: list[str] | None = None) -> int:
     traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        try:
-            return _main(argv)
-        except Interrupted as err:
-            print(f"interrupted: {err}", file=sys.stderr)
-            return 130
-        except KeyboardInterrupt:
-            print("interrupted: stopped by Ctrl-C; nothing half-written was left", file=sys.stderr)
-            return 130
-        finally:
-            sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        with _sigterm_as_interrupt():
+            try:
+                return _main(argv)
+            except Interrupted as err:
+                print(f"interrupted: {_stopped_by(err)}{err}", file=sys.stderr)
+                return _interrupted_status(err)
+            except KeyboardInterrupt as err:
+                print(
+                    f"interrupted: {_stopped_by(err)}nothing half-written was left",
+                    file=sys.stderr,
+                )
+                return _interrupted_status(err)
+            finally:
+                sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except BrokenPipeError:
         # The reader went away (head, less): the Python docs' recipe. Point stdout at devnull
         # so that the interpreter's own flush at exit finds nothing to complain about.
@@ -897,6 +905,44 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop, torchrun ending its workers): handled as
+    Ctrl-C is, so it leaves the same files and says the same things, with exit status 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while a verb runs (the main thread only: Python runs
+    signal handlers there); the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _was_terminated(err: BaseException) -> bool:
+    return isinstance(err, Terminated) or isinstance(err.__context__, Terminated)
+
+
+def _stopped_by(err: BaseException) -> str:
+    """What stopped the verb, where the message does not say it already."""
+    if _was_terminated(err):
+        return "stopped by SIGTERM; "
+    return "" if isinstance(err, Interrupted) else "stopped by Ctrl-C; "
+
+
+def _interrupted_status(err: BaseException) -> int:
+    return 143 if _was_terminated(err) else 130  # 128 + the signal, as a shell reports it
 
 
 def _main(argv: list[str]) -> int:

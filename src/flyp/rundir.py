@@ -62,17 +62,43 @@ def release(run_dir: Path, lock: Any) -> None:
         lock.close()
 
 
+def is_temporary(path: Path) -> bool:
+    """A file flyp.checkpoint's atomic writes make before renaming it into place (a kill
+    between the two leaves it behind)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
 def claim(run_dir: Path, resume: bool) -> Any:
     """Claim ``run_dir`` for this process (an exclusive lock held until the run ends or the
-    process dies) and check it can be used as asked. Returns the open lock file."""
+    process dies) and check it can be used as asked. Returns the open lock file.
+
+    The temporary files of a killed run's unfinished writes are removed first: they are no
+    part of the run, and a folder holding only them (a kill while the first recipe.yaml was
+    being written) is taken as empty."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_file(run_dir / LOCK_NAME)
+    for path in run_dir.iterdir():
+        if is_temporary(path):
+            path.unlink(missing_ok=True)
     if not resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         release(run_dir, lock)
         raise RunError(
             f"run directory {run_dir} is not empty; pick a new one, or pass --resume to continue it"
         )
     return lock
+
+
+def tidy_finished(run_dir: Path) -> None:
+    """Remove what a kill after a run's results were written left in its folder: the last
+    checkpoint, temporary files, the lock. Left as it is while another process holds it."""
+    try:
+        lock = claim(run_dir, resume=True)
+    except RunError:
+        return
+    try:
+        (run_dir / "state.pt").unlink(missing_ok=True)
+    finally:
+        release(run_dir, lock)
 
 
 def clear_run_dir(run_dir: Path) -> None:

@@ -14,8 +14,8 @@ run_dir/
   recipe.yaml         the resolved recipe
   log.jsonl           one line per step (loss, lr, temperature) and per validation; the steps'
                       lines written every train.log_every steps, at checkpoints and epoch ends
-  state.pt            resumable state (optimizer, scheduler, RNG, step, best so far)
-  last.safetensors    weights at the last checkpoint (for resume)
+  state.pt            the last checkpoint, one file (weights, optimizer, scheduler, RNG, step,
+                      best so far): a kill leaves the old checkpoint or the new one, never a mix
   model.safetensors   the selected weights (best ID validation epoch, or the last)
   metrics.json        every evaluation set, the ID value, the OOD mean
 """
@@ -38,8 +38,10 @@ import torch
 from torch import nn
 
 from flyp.checkpoint import (
+    CheckpointError,
     atomic_write_json,
-    load_state,
+    load_checkpoint,
+    load_tensors,
     load_weights,
     read_json,
     read_metadata,
@@ -100,6 +102,7 @@ from flyp.rundir import (
     release,
     rng_state,
     set_rng_state,
+    tidy_finished,
     truncate_log,
 )
 from flyp.tracking import bar as progress_bar
@@ -228,10 +231,13 @@ def finetune(
     state_path = run_dir / "state.pt"
     # one process unless started by torchrun
     env = init_distributed(recipe.train.device, recipe.train.dist_timeout_s)
+    if resume and (run_dir / "metrics.json").exists():  # finished: its results, if this run's
+        check_same_run(run_dir, recipe)
+        metrics = read_json(run_dir / "metrics.json", ("sets",))
+        if env.is_main:  # a kill after metrics.json was written left the last checkpoint
+            tidy_finished(run_dir)
+        return metrics
     if resume and not state_path.exists():
-        if (run_dir / "metrics.json").exists():  # finished: its results, if it is this run
-            check_same_run(run_dir, recipe)
-            return read_json(run_dir / "metrics.json", ("sets",))
         if not (run_dir / "recipe.yaml").exists():
             raise RunError(f"nothing to resume in {run_dir}: no state.pt; start it without --resume")
     cfg = recipe.train
@@ -276,7 +282,7 @@ def _train(
     np.random.seed(cfg.seed)
     ctx = loss_context(exp)
     settings = run_settings(recipe)
-    state = load_state(run_dir / "state.pt") if resume else None
+    state = load_checkpoint(run_dir / "state.pt") if resume else None
     if state is not None and "settings" in state:  # before recipe.yaml is written again
         diff = differences(state["settings"], settings)
         if diff:
@@ -521,9 +527,16 @@ class _Run:
 
     def resume_from(self, state: dict[str, Any]) -> None:
         """Continue where the checkpoint left off: weights, optimizer, schedule, RNG, counters."""
-        load_weights(self.classifier, self.run_dir / "last.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        path = self.run_dir / "state.pt"
+        fix = "the run cannot be resumed: start it again in a new run directory"
+        load_tensors(self.classifier, state["weights"], path, fix)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{path}: its optimizer or schedule does not fit this run ({err}); {fix}"
+            ) from None
         set_rng_state(state["rng"], self.env.device)
         self.step, self.best = state["step"], state["best"]
         self.validated = state.get("validated", self.step // self.steps_per_epoch)
@@ -619,12 +632,12 @@ class _Run:
         self.checkpoint()
 
     def checkpoint(self) -> None:
-        """The weights and everything a resume needs (rank 0 writes)."""
+        """The weights and everything a resume needs, in one file (rank 0 writes)."""
         if not self.env.is_main:
             return
-        save_weights(self.classifier, self.run_dir / "last.safetensors")
         save_state(
             {
+                "weights": self.classifier.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(self.env.device),
@@ -724,7 +737,6 @@ def _finish(
         "fingerprint": fingerprint(run_settings(exp.recipe)),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
-    for leftover in ("state.pt", "last.safetensors"):
-        (run_dir / leftover).unlink(missing_ok=True)
+    (run_dir / "state.pt").unlink(missing_ok=True)
     finish_tracker(run_dir, metrics)  # the final metrics to TensorBoard / W&B (train.log_to)
     return metrics

@@ -33,6 +33,7 @@ from flyp.methods import (
     get_method,
     image_tower_names,
     set_trainable,
+    text_tower_names,
 )
 from flyp.models.base import (
     keep_freed_memory,
@@ -78,7 +79,8 @@ def run(exp, pretrained, method_name: str, opts: dict, steps: int, warmup: int) 
     ctx = loss_context(exp)
     ctx.unique_captions = opts["unique"]
     classifier = build_classifier(method, model, ctx)
-    set_trainable(method, classifier, image_tower_names(model, exp.bundle.image_size))
+    image_names = image_tower_names(model, exp.bundle.image_size)
+    set_trainable(method, classifier, image_names, text_tower_names(model, exp.bundle.tokenizer))
     cfg = copy.deepcopy(exp.recipe.train)
     optimizer = torch.optim.AdamW(
         param_groups(classifier, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,

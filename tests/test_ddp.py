@@ -21,9 +21,11 @@ from flyp.gradcache import forward_backward
 from flyp.methods import (
     LossContext,
     build_classifier,
+    frozen_reference,
     get_method,
     image_tower_names,
     set_trainable,
+    text_tower_names,
 )
 from flyp.models import load_model
 from flyp.train import freeze_batchnorm_stats
@@ -34,6 +36,15 @@ CASES = {
     "gradcache": {"method": "flyp", "micro_batch": 2, "frozen_text": False},  # 2 chunks a rank
     "frozen-text-tower": {"method": "flyp", "micro_batch": None, "frozen_text": True},
     "cross-entropy-chunks": {"method": "ft", "micro_batch": 3, "frozen_text": False},
+    # every method that trains, each once: DDP runs without the unused-parameter search, so a
+    # trainable parameter a method's loss left without a gradient would leave its bucket
+    # unreduced (gradients unlike one process's) and fail the second step
+    **{
+        name: {"method": name, "micro_batch": None, "frozen_text": False}
+        for name in ("flyp-image-only", "flyp-mask", "flyp-soft", "l2sp", "lipsum-ft", "ce-both")
+    },
+    # a parameter neither encoder reaches (a captioner's decoder) is left frozen
+    "unreached-parameter": {"method": "flyp", "micro_batch": 2, "frozen_text": False, "extra": True},
 }
 
 
@@ -43,11 +54,19 @@ def one_step_gradients(case: dict, rank: int = 0, world: int = 1) -> dict[str, t
     torch.manual_seed(0)
     bundle = load_model("tiny")
     model = bundle.model
+    if case.get("extra"):
+        model.decoder = torch.nn.Linear(4, 4)
     method = get_method(case["method"])
     names = ["dog", "horse", "house"]
     ctx = LossContext(bundle.tokenizer, names, ["a photo of a {}."], loss_kind=bundle.loss)
+    ctx.collisions = method.collisions or "none"
+    if method.l2sp:
+        ctx.l2sp_weight = 0.5
+    if method.lipsum:
+        ctx.reference, ctx.lipsum_weight, ctx.lipsum_texts = frozen_reference(model), 1.0, 4
     classifier = build_classifier(method, model, ctx)
-    set_trainable(method, classifier, image_tower_names(model, bundle.image_size))
+    image_names = image_tower_names(model, bundle.image_size)
+    set_trainable(method, classifier, image_names, text_tower_names(model, bundle.tokenizer))
     if case["frozen_text"]:
         for name, p in model.named_parameters():
             if not name.startswith("visual"):
@@ -58,21 +77,25 @@ def one_step_gradients(case: dict, rank: int = 0, world: int = 1) -> dict[str, t
     share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     classifier.train()
     freeze_batchnorm_stats(classifier)  # as train.batchnorm=frozen: per-rank BN would differ
+    if method.l2sp:
+        ctx.theta0 = {n: p.detach() - 0.01 for n, p in model.named_parameters() if p.requires_grad}
     ddp, by_hand = ddp_for(classifier, images.device) if world > 1 else (None, [])
     assert world == 1 or ddp is not None
-    forward_backward(
-        method,
-        classifier,
-        images[share],
-        labels[share],
-        torch.arange(GLOBAL_BATCH)[share],
-        0,
-        ctx,
-        micro_batch=case["micro_batch"],
-        gather=gather_batch if world > 1 else None,
-        ddp=ddp,
-    )
-    average_gradients(by_hand, world)
+    for _ in range(2):  # DDP would refuse a second step after an unreduced first
+        classifier.zero_grad(set_to_none=True)
+        forward_backward(
+            method,
+            classifier,
+            images[share],
+            labels[share],
+            torch.arange(GLOBAL_BATCH)[share],
+            0,
+            ctx,
+            micro_batch=case["micro_batch"],
+            gather=gather_batch if world > 1 else None,
+            ddp=ddp,
+        )
+        average_gradients(by_hand, world)
     return {n: p.grad.clone() for n, p in classifier.named_parameters() if p.grad is not None}
 
 
@@ -157,3 +180,39 @@ def test_training_wraps_the_model_in_ddp_with_no_sync_for_earlier_chunks(fake_pa
     for rank in range(2):
         seen = torch.load(tmp_path / f"seen.{rank}")
         assert seen == {"wraps": 1, "forwards": 2 * steps, "no_sync": steps, "by_hand": [1] * steps}
+
+
+@pytest.mark.parametrize("collisions, gathered", [("none", False), ("mask", True), ("soft", True)])
+def test_labels_travel_to_the_other_ranks_only_where_collision_handling_reads_them(
+    collisions, gathered
+):
+    from flyp.methods import contrastive_loss
+
+    bundle = load_model("tiny")
+    ctx = LossContext(bundle.tokenizer, ["a", "b"], ["{}"], collisions=collisions)
+    seen = []
+
+    def gather(image, text, labels):  # one process standing in for the others
+        seen.append(labels)
+        return image, text, labels
+
+    features, labels = torch.randn(4, 8), torch.tensor([0, 1, 0, 1])
+    loss = contrastive_loss(features, features.flip(0), bundle.model, labels, ctx, gather=gather)
+    assert torch.isfinite(loss)
+    assert (seen[0] is labels) if gathered else seen == [None]
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_one_named_gpu_for_several_ranks_of_a_node_is_refused(device, monkeypatch):
+    """torchrun with train.device=cuda:1 would bind every rank to GPU 1 (NCCL: "Duplicate GPU
+    detected"); refused before the group is joined. One rank per node may name its GPU."""
+    from flyp.distributed import _check_one_gpu_per_rank, init_distributed
+    from flyp.errors import RunError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(RunError, match=f"train.device={device} under torchrun would put all 2 "
+                       "ranks of this node on one GPU; use train.device=cuda"):  # fmt: skip
+        init_distributed(device)
+    _check_one_gpu_per_rank(device, 1)  # one rank here: its own GPU
+    _check_one_gpu_per_rank("cuda", 2)  # each rank its LOCAL_RANK's GPU

@@ -137,14 +137,36 @@ def test_compare_and_report(fake_pacs, tmp_path):
 
 
 def test_image_tower_is_what_encode_image_uses():
-    from flyp.methods import METHODS, Classifier, image_tower_names, set_trainable
+    from flyp.methods import METHODS, Classifier, image_tower_names, set_trainable, text_tower_names
+    from flyp.models.tiny import WordHashTokenizer
 
     model = TinyCLIP()
     names = image_tower_names(model, 32)
     assert names == {n for n, _ in model.named_parameters() if n.startswith("visual.")}
+    text = text_tower_names(model, WordHashTokenizer())
     clf = Classifier(model)
-    set_trainable(METHODS["flyp-image-only"], clf, names)
+    set_trainable(METHODS["flyp-image-only"], clf, names, text)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == names | {"logit_scale"}
-    set_trainable(METHODS["ft"], clf, names)
+    set_trainable(METHODS["ft"], clf, names, text)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == names
+
+
+def test_a_parameter_neither_encoder_reaches_is_never_trained():
+    """A captioner's decoder, say: no loss gives it a gradient, so it is not trained (DDP is
+    built without the unused-parameter search, which needs every trainable one used)."""
+    from flyp.methods import METHODS, Classifier, image_tower_names, set_trainable, text_tower_names
+    from flyp.models.tiny import WordHashTokenizer
+
+    model = TinyCLIP()
+    model.decoder = torch.nn.Linear(4, 4)
+    text = text_tower_names(model, WordHashTokenizer())
+    image = image_tower_names(model, 32)
+    assert "decoder.weight" not in text | image
+    assert text == {n for n, _ in model.named_parameters()} - image - {"logit_scale", "decoder.weight", "decoder.bias"}
+    for name in ("flyp", "ce-both", "ft"):
+        set_trainable(METHODS[name], Classifier(model), image, text)
+        assert not model.decoder.weight.requires_grad, name
+    assert model.token_embedding.weight.requires_grad is False  # ft: text frozen
+    set_trainable(METHODS["flyp"], Classifier(model), image, text)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in text), "flyp trains text"

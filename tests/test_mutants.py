@@ -46,6 +46,7 @@ from flyp.methods import (
     contrastive_loss,
     image_tower_names,
     set_trainable,
+    text_tower_names,
 )
 from flyp.models import load_model
 from flyp.models.tiny import TinyCLIP, WordHashTokenizer
@@ -214,7 +215,7 @@ def test_only_objectives_that_use_the_temperature_train_it():
     names = image_tower_names(model, 32)
     uses_scale = {"flyp", "flyp-image-only", "flyp-mask", "flyp-soft", "ce-both"}
     for name, method in METHODS.items():
-        set_trainable(method, classifier, names)
+        set_trainable(method, classifier, names, text_tower_names(model, WordHashTokenizer()))
         assert model.logit_scale.requires_grad == (name in uses_scale), name
 
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -184,3 +185,23 @@ def test_each_rank_draws_nearly_every_training_image_so_the_cache_holds_them_all
         assert len(first) == n // 2 and drawn == set(range(n))
     decoded = DecodedImages().get(bench.train, budget_gb=1.0)
     assert sorted(decoded) == list(range(n))
+
+
+def test_a_run_directory_rank_0_cannot_claim_is_refused_on_every_rank_at_once(fake_pacs, tmp_path):
+    """Rank 0 alone claims the run directory; here another flyp process holds it. Every rank
+    exits 2 with rank 0's line at once, not rank 1 after train.dist_timeout_s at a barrier."""
+    from flyp.rundir import LOCK_NAME, lock_file
+
+    (tmp_path / "run").mkdir()
+    held = lock_file(tmp_path / "run" / LOCK_NAME)  # another live run's lock
+    try:
+        tick = time.time()
+        results = _finetune_on_two_ranks(tmp_path, fake_pacs, "train.dist_timeout_s=30")
+        seconds = time.time() - tick
+    finally:
+        held.close()
+    want = [f"error: run directory {tmp_path / 'run'} is in use by another flyp process; "
+            "wait for it to finish, or pick another --out"]  # fmt: skip
+    assert [code for code, _ in results] == [2, 2]
+    assert [error_lines(err) for _, err in results] == [want, want]
+    assert seconds < 30

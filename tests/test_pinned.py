@@ -26,6 +26,7 @@ from flyp.methods import (
     captions_for,
     image_tower_names,
     set_trainable,
+    text_tower_names,
 )
 from flyp.models import load_model
 from flyp.models.tiny import WordHashTokenizer
@@ -70,7 +71,8 @@ def classifier_for(method: str, cfg_overrides: tuple[str, ...] = ()):
     ctx = LossContext(bundle.tokenizer, ["dog", "horse", "house"], ["a photo of a {}."])
     method_ = METHODS[method]
     clf = build_classifier(method_, bundle.model, ctx)
-    set_trainable(method_, clf, image_tower_names(bundle.model, 32))
+    text_names = text_tower_names(bundle.model, bundle.tokenizer)
+    set_trainable(method_, clf, image_tower_names(bundle.model, 32), text_names)
     cfg = load_recipe(None, ["train.weight_decay=0.2", "train.lr=1e-3", *cfg_overrides]).train
     return clf, cfg
 

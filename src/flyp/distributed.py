@@ -19,7 +19,7 @@ and the gradient cache runs one backward per chunk. So the step's work (a chunk'
 a cross-entropy chunk's loss) runs as the ``forward`` of a small wrapper (:class:`Through`), every
 chunk but the last under ``no_sync`` (its gradients accumulate locally, the last chunk's backward
 all-reduces the sum), and the gradient cache's gradient-free first pass bypasses DDP. Frozen
-parameters are not DDP's; ``find_unused_parameters`` covers a trainable one a method leaves out.
+parameters are not DDP's; every trainable parameter is used at every step (no unused-parameter search).
 The logit scale (and SigLIP's bias) is left out of DDP: it is used outside the wrapper's forward
 (in the loss over the gathered batch), and is averaged by hand (:func:`average_gradients`).
 Buffers are not broadcast by DDP; BatchNorm in train mode gets rank 0's statistics after each
@@ -55,6 +55,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from flyp.errors import RunError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -84,6 +86,17 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
     return chosen
 
 
+def _check_one_gpu_per_rank(device: str, ranks_here: int) -> None:
+    """``cuda:N`` names one GPU: several ranks of a node would all take it (NCCL then fails
+    with "Duplicate GPU detected"), so it is refused where more than one rank runs here."""
+    if ranks_here > 1 and device.startswith("cuda:"):
+        raise RunError(
+            f"train.device={device} under torchrun would put all {ranks_here} ranks of this "
+            "node on one GPU; use train.device=cuda (or auto): each rank takes the GPU of its "
+            "LOCAL_RANK, and CUDA_VISIBLE_DEVICES chooses which GPUs the node uses"
+        )
+
+
 # How long a rank may wait in a collective (recipe key train.dist_timeout_s): long enough for
 # rank 0 to evaluate every set of a large benchmark while the others wait at a barrier.
 DEFAULT_TIMEOUT_S = 1800.0
@@ -100,8 +113,10 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        _check_one_gpu_per_rank(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         return DistEnv(rank, world, local_rank, pick_device(device, local_rank))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_one_gpu_per_rank(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device, local_rank)
@@ -130,13 +145,16 @@ def end_distributed() -> None:
 
 
 def gather_batch(
-    image_features: Tensor, text_features: Tensor, labels: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Every rank's rows, rank by rank; features keep their gradients, labels need none."""
+    image_features: Tensor, text_features: Tensor, labels: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Every rank's rows, rank by rank; features keep their gradients, labels need none. Labels
+    travel only where the loss reads them (``None``: not gathered, None returned)."""
     from torch.distributed.nn.functional import all_gather
 
     images = torch.cat(all_gather(image_features), dim=0)
     texts = torch.cat(all_gather(text_features), dim=0)
+    if labels is None:
+        return images, texts, None
     gathered = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, labels.contiguous())
     return images, texts, torch.cat(gathered)
@@ -190,7 +208,10 @@ def ddp_for(
         device_ids=[device] if device.type == "cuda" else None,
         broadcast_buffers=False,  # BatchNorm statistics: broadcast_buffers after the step
         gradient_as_bucket_view=True,
-        find_unused_parameters=True,  # a trainable parameter a method's loss leaves out
+        # Every trainable parameter has a gradient at every step (flyp.methods.set_trainable
+        # trains only what the towers' encoders reach, and each method's loss uses its towers
+        # and head): no search of the graph for unused ones after each forward.
+        find_unused_parameters=False,
     )
     return ddp, by_hand
 

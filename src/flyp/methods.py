@@ -84,6 +84,28 @@ def image_tower_names(model: nn.Module, image_size: int) -> set[str]:
     return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
 
 
+def text_tower_names(model: nn.Module, tokenizer: Callable) -> set[str]:
+    """Names of the parameters ``encode_text`` depends on, found as :func:`image_tower_names`
+    does: a text-side parameter ``encode_text`` never reaches (a captioner's decoder, say) is
+    not trained, so that every trainable parameter has a gradient at every step (DDP is then
+    built without searching the graph for unused ones)."""
+    named = [(n, p) for n, p in model.named_parameters() if not is_scale_param(n)]
+    was_training, flags = model.training, [p.requires_grad for _, p in named]
+    model.eval()
+    for _, p in named:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            tokens = tokenizer(["a photo of a thing."]).to(model.logit_scale.device)
+            out = model.encode_text(tokens).float().sum()
+            grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
+    finally:
+        for (_, p), flag in zip(named, flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
+
+
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """A region where autocast is off (logits and losses in fp32)."""
     if torch.amp.is_autocast_available(device.type):
@@ -171,12 +193,18 @@ def build_classifier(method: Method, model: nn.Module, ctx: LossContext) -> Clas
     return Classifier(model, head)
 
 
-def set_trainable(method: Method, classifier: Classifier, image_names: set[str]) -> None:
+def set_trainable(
+    method: Method, classifier: Classifier, image_names: set[str], text_names: set[str]
+) -> None:
+    """What the method trains: the image tower, the text tower where the method says so, the
+    scale for the losses that use it. ``image_names``/``text_names``: the parameters each
+    tower's encoder reaches (:func:`image_tower_names`, :func:`text_tower_names`); any other
+    parameter of the model is left frozen, as no loss could give it a gradient."""
     for name, p in classifier.model.named_parameters():
         if is_scale_param(name):
             p.requires_grad_(method.objective in ("contrastive", "ce-both"))
         else:
-            p.requires_grad_(method.train_text or name in image_names)
+            p.requires_grad_(name in image_names or method.train_text and name in text_names)
 
 
 def captions_for(labels: Tensor, seeds: Tensor, ctx: LossContext) -> list[str]:
@@ -222,8 +250,9 @@ def contrastive_loss(
     """``gather`` (flyp.distributed.gather_batch) takes the loss over every process's batch."""
     image_features = F.normalize(image_features, dim=-1)
     text_features = F.normalize(text_features, dim=-1)
-    if gather is not None:
-        image_features, text_features, labels = gather(image_features, text_features, labels)
+    if gather is not None:  # the labels only where collision handling reads them
+        needed = labels if ctx.collisions != "none" else None
+        image_features, text_features, labels = gather(image_features, text_features, needed)
     scale = model.logit_scale.exp()
     if ctx.loss_kind == "siglip":
         return siglip_loss(

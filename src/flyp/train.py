@@ -52,7 +52,6 @@ from flyp.data.loader import EpochSampler, ImageDataset, train_loader
 from flyp.distributed import (
     DistEnv,
     average_gradients,
-    barrier,
     broadcast_buffers,
     broadcast_module,
     ddp_for,
@@ -74,6 +73,7 @@ from flyp.methods import (
     image_tower_names,
     is_scale_param,
     set_trainable,
+    text_tower_names,
 )
 from flyp.models.base import (
     keep_freed_memory,
@@ -245,8 +245,9 @@ def finetune(
     method = get_method(cfg.method)
     exp = exp or prepare(recipe)  # before the run directory exists: a bad recipe leaves nothing
     existed = run_dir.exists()
-    lock = claim(run_dir, resume) if env.is_main else None
-    barrier()  # every rank has waited for rank 0's claim
+    held: list[Any] = []  # rank 0's lock; its refusal is raised on every rank at once
+    on_main(lambda: held.append(claim(run_dir, resume)))
+    lock = held[0] if held else None
     try:
         if resume and not state_path.exists():  # killed before its first checkpoint: restart
             resume = False
@@ -407,7 +408,8 @@ def _set_up_classifier(
         fit_probe(classifier, exp, run_dir)
     if method.collisions:
         ctx.collisions = method.collisions
-    set_trainable(method, classifier, image_tower_names(model, exp.bundle.image_size))
+    image_names = image_tower_names(model, exp.bundle.image_size)
+    set_trainable(method, classifier, image_names, text_tower_names(model, exp.bundle.tokenizer))
     if method.l2sp:
         ctx.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if method.lipsum:  # a frozen copy of the pretrained model: one more model in memory

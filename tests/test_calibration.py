@@ -21,9 +21,13 @@ def test_ece_by_hand():
     assert expected_calibration_error(confidence, correct) == pytest.approx(last + middle)
     # perfectly calibrated: confidence equals accuracy in every bin
     assert expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1])) == 0.0
-    # a confidence on a bin edge falls in the lower bin (lower, upper]
+    # a confidence on a bin edge opens the bin above it, [lower, upper): 2/15 and 0.14 share one
     assert expected_calibration_error(np.array([2 / 15, 0.14]), np.array([1, 0])) == pytest.approx(
-        0.5 * abs(1 - 2 / 15) + 0.5 * abs(0 - 0.14)
+        abs(0.5 - (2 / 15 + 0.14) / 2), abs=1e-7
+    )
+    # exactly 1.0 is a bin of its own: not averaged with 0.95 (that would give |0.5 - 0.975|)
+    assert expected_calibration_error(np.array([1.0, 0.95]), np.array([1, 0])) == pytest.approx(
+        0.5 * abs(1 - 1.0) + 0.5 * abs(0 - 0.95), abs=1e-7
     )
 
 
@@ -90,3 +94,49 @@ def test_every_set_reports_calibration_with_the_validation_temperature():
         assert sets[name]["ece"] == pytest.approx(calibration(lg, lb.numpy(), correct)["ece"])
         assert sets[name]["nll_ts"] == pytest.approx(calibration(lg, lb.numpy(), correct, t)["nll"])
     assert sets["val"]["nll_ts"] <= sets["val"]["nll"]
+
+
+def _torchmetrics_ece(confidence: torch.Tensor, correct: torch.Tensor) -> float:
+    """torchmetrics' multiclass ECE (l1, 15 bins) of two-class probabilities whose top-1
+    confidence is ``confidence`` (class 0), right where ``correct``."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    probs = torch.stack([confidence, 1 - confidence], dim=1)
+    target = torch.where(correct, 0, 1)
+    return float(multiclass_calibration_error(probs, target, num_classes=2, n_bins=15, norm="l1"))
+
+
+def test_ece_bins_confidences_on_the_edges_and_at_one_as_torchmetrics_does():
+    """Confidences exactly on a bin edge (k/15 as float32) open the bin above; exactly 1.0 is
+    a bin of its own (bf16 gives many). Where the edges differ, (lower, upper] bins give
+    another number: this case tells the two apart."""
+    edges = torch.linspace(0, 1, 16, dtype=torch.float32)
+    on_edges = edges[8:]  # 8/15 ... 14/15 and 1.0: every top-1 confidence of two classes
+    confidence = torch.cat([on_edges, on_edges, torch.ones(5), on_edges[:-1] + 1e-3])
+    correct = torch.arange(len(confidence)) % 3 != 0
+    ours = expected_calibration_error(confidence.numpy(), correct.numpy())
+    assert ours == pytest.approx(_torchmetrics_ece(confidence, correct), abs=1e-6)
+    # (lower, upper]: each edge joins the bin below, 1.0 joins (14/15, 1]
+    below = np.clip(np.searchsorted(edges.numpy(), confidence.numpy(), side="left") - 1, 0, 14)
+    other = sum(
+        (below == b).mean() * abs(correct.numpy()[below == b].mean() - confidence.numpy()[below == b].mean())
+        for b in np.unique(below)
+    )
+    assert abs(ours - other) > 1e-3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ece_equals_torchmetrics_on_bf16_confidences(seed):
+    """bf16 logits: coarse confidences, many on edges or at 1.0."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(400, 5, generator=g) * 4).to(torch.bfloat16).float()
+    labels = torch.randint(0, 5, (400,), generator=g)
+    probs = logits.softmax(1).to(torch.bfloat16).float()
+    confidence, predicted = probs.max(1)
+    correct = predicted == labels
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    theirs = float(multiclass_calibration_error(probs, labels, num_classes=5, n_bins=15, norm="l1"))
+    ours = expected_calibration_error(confidence.numpy(), correct.numpy())
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    assert (confidence == 1).any()  # the case that needs the convention

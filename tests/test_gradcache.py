@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flyp.gradcache import chunks, forward_backward
+from flyp.gradcache import chunks, forward_backward, spread
 from flyp.methods import (
     Classifier,
     LossContext,
     captions_for,
     contrastive_loss,
-    encode_captions,
     get_method,
 )
 from flyp.models.tiny import TinyCLIP, WordHashTokenizer
@@ -76,18 +75,30 @@ def test_gradient_cache_equals_full_batch(collisions, micro_batch):
 
 
 def test_gradient_cache_replays_dropout_masks():
-    """Reference: the same chunks, forwarded once with gradients, from the same RNG state."""
+    """Reference: the same chunks, forwarded once with gradients, from the same RNG state:
+    chunk i is the i-th part of the images, then the i-th part of the batch's distinct
+    captions (each encoded once, its features repeated for every sample it captions)."""
     classifier = frozen_bn_classifier(DropoutCLIP)
     ctx = context()
     images, labels, seeds = batch()
     torch.manual_seed(123)
     model = classifier.model
-    tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))
+    captions = captions_for(labels, seeds, ctx)
+    # encoded in the order of the caption table: by class, then by template
+    rows = zip(captions, labels.tolist(), seeds.tolist(), strict=True)
+    keys = {c: (y, s % len(TEMPLATES)) for c, y, s in rows}
+    distinct = sorted(keys, key=keys.get)
+    tokens = ctx.tokenizer(distinct)
     parts = chunks(len(labels), 3)
-    embeds = [(model.encode_image(images[p]), encode_captions(model, tokens[p])) for p in parts]
-    reference = contrastive_loss(
-        torch.cat([e[0] for e in embeds]), torch.cat([e[1] for e in embeds]), model, labels, ctx
-    )
+    text_parts = spread(len(distinct), len(parts))
+    assert len(distinct) < len(labels) and len(parts) == 3
+    images_out, texts_out = [], []
+    for image_part, text_part in zip(parts, text_parts, strict=True):
+        images_out.append(model.encode_image(images[image_part]))
+        if text_part.stop > text_part.start:
+            texts_out.append(model.encode_text(tokens[text_part]))
+    text = torch.cat(texts_out)[torch.tensor([distinct.index(c) for c in captions])]
+    reference = contrastive_loss(torch.cat(images_out), text, model, labels, ctx)
     reference.backward()
     expected = {n: p.grad.clone() for n, p in classifier.named_parameters()}
     rng_after = torch.get_rng_state()

@@ -96,6 +96,10 @@ def test_bad_specs_are_explained(tmp_path):
         load_model("resnet")
     with pytest.raises(ModelSpecError, match="no architecture 'ViT-Q-99'"):
         load_model("open_clip:ViT-Q-99")
+    # open_clip's hub prefix: the hub is out of reach, the message says what to pass instead
+    with pytest.raises(ModelSpecError, match=r"open_clip:hf-hub:\.\.\. downloads the model from "
+                       r"the Hugging Face hub, which flyp does not reach .* open_clip:ARCH:/path"):  # fmt: skip
+        load_model("open_clip:hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K")
     with pytest.raises(ModelSpecError, match="no pretrained tag 'nope'"):
         load_model("open_clip:ViT-B-16:nope")
     with pytest.raises(ModelSpecError, match="does not exist"):

@@ -359,16 +359,20 @@ def test_captions_use_every_template_and_the_class_name():
 def test_training_captions_use_every_template(fake_pacs, tmp_path, monkeypatch):
     """The loader's per-sample seeds reach the captions: 54 captions over 7 templates."""
     captions: list[str] = []
-    real = flyp.gradcache.captions_for
+    real = flyp.gradcache.caption_ids
+    classes = ("dog", "horse", "house")
 
     def spy(labels, seeds, ctx):
-        captions.extend(real(labels, seeds, ctx))
-        return captions[-len(labels) :]
+        ids = real(labels, seeds, ctx)
+        # row label * T + template of the caption table (T = 7 templates here)
+        captions.extend(PACS[i % len(PACS)].format(classes[i // len(PACS)]) for i in ids.tolist())
+        assert ids.tolist() == [y * len(PACS) + s % len(PACS)
+                                for y, s in zip(labels.tolist(), seeds.tolist(), strict=True)]  # fmt: skip
+        return ids
 
-    monkeypatch.setattr(flyp.gradcache, "captions_for", spy)
+    monkeypatch.setattr(flyp.gradcache, "caption_ids", spy)
     finetune(recipe(fake_pacs, "data.templates=pacs", "train.select_on=last"), tmp_path / "r")
     assert len(captions) == 54
-    classes = ("dog", "horse", "house")
     used = {t for t in PACS for c in captions for n in classes if t.format(n) == c}
     assert used == set(PACS)
 
@@ -428,3 +432,35 @@ def test_flyp_trains_both_towers_and_image_only_one(method, fake_pacs, tmp_path)
         assert changed == TINY_MATRICES | TINY_VECTORS | {"model.logit_scale"}
     else:
         assert changed == (TINY_MATRICES | TINY_VECTORS | {"model.logit_scale"}) - text
+
+
+@pytest.mark.parametrize("extra", [(), ("train.micro_batch=2",), ("train.unique_captions=false",)])
+def test_a_training_step_never_calls_the_tokenizer(extra, fake_pacs, tmp_path, monkeypatch):
+    """Every (class, template) caption is tokenized once, before the first step, into a table
+    the steps index; the table's rows are the tokenizer's own tokens of each caption."""
+    import flyp.train as train_mod
+    from flyp.data.templates import PACS as templates
+    from flyp.models import tiny
+
+    calls = {"in steps": 0, "texts": []}
+    in_step = {"now": False}
+    real_call, real_step = tiny.WordHashTokenizer.__call__, train_mod.forward_backward
+
+    def counted(self, texts):
+        calls["in steps"] += in_step["now"]
+        calls["texts"].append(list(texts))
+        return real_call(self, texts)
+
+    def step(*args, **kwargs):
+        in_step["now"] = True
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            in_step["now"] = False
+
+    monkeypatch.setattr(tiny.WordHashTokenizer, "__call__", counted)
+    monkeypatch.setattr(train_mod, "forward_backward", step)
+    finetune(recipe(fake_pacs, "data.templates=pacs", "train.epochs=1", *extra), tmp_path / "r")
+    assert calls["in steps"] == 0
+    table = [t.format(c) for c in ("dog", "horse", "house") for t in templates]
+    assert table in calls["texts"]  # tokenized once, as one table

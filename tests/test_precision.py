@@ -368,3 +368,16 @@ def test_profile_step_counts_flops_by_dtype_at_each_dtypes_peak_and_flags_the_im
     assert profile_step.shown(0.129) == "12.9%"
     impossible = profile_step.mfu({"fp32": 270e9}, 1.0, native)  # e.g. a peak timed while busy
     assert impossible == pytest.approx(2.7) and profile_step.shown(impossible) == ">100%?"
+
+
+def test_the_torch_flyp_allows_has_the_cuda_query_flyp_calls():
+    """precision asks torch.cuda.is_bf16_supported(including_emulation=False), a keyword
+    torch 2.4 added: pyproject.toml must not allow a torch without it (every CUDA run there
+    would crash), and the installed torch takes it (the mocks above copy its signature)."""
+    import inspect
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    bound = re.search(r'"torch>=(\d+)\.(\d+)', text)
+    assert bound and (int(bound[1]), int(bound[2])) >= (2, 4), "torch's lower bound must be >= 2.4"
+    assert "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters

@@ -147,10 +147,11 @@ def logging_steps(total: int, *checkpoints: int) -> set[int]:
 
 
 # The host work a step may do, reading host tensors (never moved to the device): FLYP's
-# captions read the loader's labels and seeds; lipsum-ft checks its random token ids (made on
-# the host); ce-both reads its template picks (a CPU generator's).
+# FLYP's captions are rows of the run's token table, indexed by host tensors (none read back);
+# lipsum-ft checks its random token ids (made on the host); ce-both reads its template picks (a
+# CPU generator's).
 HOST_READS = {
-    "flyp": Counter(tolist=2),
+    "flyp": Counter(),
     "ft": Counter(),
     "lipsum-ft": Counter(__bool__=1),
     "ce-both": Counter(tolist=1),
@@ -172,7 +173,7 @@ def test_a_step_between_log_points_reads_nothing_back_from_the_device(
     fake_pacs, tmp_path, monkeypatch, method, extra
 ):
     """Between two log points a step converts no tensor to a Python value but a few host ones
-    (HOST_READS: FLYP's captions read the loader's labels and seeds): no item/float/bool of the
+    (HOST_READS): no item/float/bool of the
     loss, no int() per label; it never converts, nor runs torch.unique on, a tensor moved to
     the device (labels, caption tokens); and it moves nothing to the device with a blocking
     copy (which waits for the device's queue)."""

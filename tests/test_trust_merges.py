@@ -25,6 +25,7 @@ from flyp.evaluate import evaluate_sets, expected_calibration_error
 from flyp.methods import (
     METHODS,
     LossContext,
+    _ordinary_ids,
     build_classifier,
     frozen_reference,
     lipsum_text_features,
@@ -336,7 +337,9 @@ def test_random_tokens_are_clips_start_eight_ids_end():
     assert tokens.shape == (80, 10)
     assert (tokens[:, 0] == 49406).all() and (tokens[:, -1] == 49407).all()
     ids = tokens[:, 1:-1]
-    assert ((ids > 0) & (ids < 49406)).all() and len(ids.unique()) > 500  # spread over the vocab
+    assert ((ids >= 0) & (ids < 49406)).all() and len(ids.unique()) > 500  # spread over the vocab
+    # the draws' range is the official one: every id of [0, 49406), "!" (id 0) included
+    assert torch.equal(_ordinary_ids(tokenizer), torch.arange(49406))
     assert torch.equal(tokens, random_token_ids(tokenizer, 80, seed=3, step=7))
     assert not torch.equal(tokens, random_token_ids(tokenizer, 80, seed=3, step=8))
 

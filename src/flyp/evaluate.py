@@ -132,16 +132,22 @@ ECE_BINS = 15
 def expected_calibration_error(
     confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
 ) -> float:
-    """ECE over ``bins`` equal-width confidence bins (lower, upper]: the sample-weighted mean
-    gap between each bin's accuracy and its mean confidence (Guo et al., 2017)."""
-    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    """ECE (Guo et al., 2017): the sample-weighted mean gap between each confidence bin's
+    accuracy and its mean confidence.
+
+    The bins are torchmetrics' (``multiclass_calibration_error``, l1): ``bins`` equal-width
+    bins [lower, upper) with float32 edges (``torch.linspace(0, 1, bins + 1)``), so a
+    confidence on an edge opens the bin above it, and a confidence of exactly 1.0 (bf16 logits
+    give many) makes a bin of its own rather than joining (14/15, 1)."""
+    confidence = torch.as_tensor(np.asarray(confidence), dtype=torch.float32)
+    correct = np.asarray(correct, float)
+    edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float32)
+    which = (torch.bucketize(confidence, edges, right=True) - 1).numpy()
+    confidence = confidence.double().numpy()
     ece = 0.0
-    for b in range(bins):
+    for b in np.unique(which):
         members = which == b
-        if members.any():
-            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+        ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
     return float(ece)
 
 

@@ -29,10 +29,10 @@ from flyp.methods import (
     Classifier,
     LossContext,
     Method,
-    captions_for,
+    caption_ids,
     compute_loss,
     contrastive_loss,
-    encode_captions,
+    distinct_captions,
 )
 from flyp.precision import autocast
 
@@ -121,6 +121,15 @@ def forward_backward(
     return total
 
 
+def spread(n: int, parts: int) -> list[slice]:
+    """``n`` items in ``parts`` consecutive slices as even as can be, the larger (and, where
+    ``n < parts``, the non-empty) ones last: the last chunk, whose backward DDP all-reduces,
+    then always holds captions, so each trainable text parameter has its gradient there."""
+    sizes = [n // parts + (i >= parts - n % parts) for i in range(parts)]
+    ends = [sum(sizes[: i + 1]) for i in range(parts)]
+    return [slice(end - size, end) for size, end in zip(sizes, ends, strict=True)]
+
+
 def _contrastive(
     classifier: Classifier,
     images: Tensor,
@@ -132,46 +141,55 @@ def _contrastive(
     gather: Gather | None,
     ddp: DistributedDataParallel | None,
 ) -> Tensor:
+    """The contrastive step. Captions come from the run's token table (no tokenizer call): the
+    batch's distinct captions are encoded once each (``train.unique_captions``), in as many
+    chunks as the images, chunk ``i`` of each in one forward."""
     model = classifier.model
     device = images.device
-    tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))  # on the host, as the labels
+    distinct, where = distinct_captions(caption_ids(labels, seeds, ctx), ctx.unique_captions)
+    tokens = ctx.caption_table()[distinct]  # on the host, as the labels
+    at = None if where is None else where.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     parts = chunks(len(labels), micro_batch)
+    text_parts = spread(len(distinct), len(parts))
 
-    def embed(part: slice) -> tuple[Tensor, Tensor]:
+    def embed(i: int) -> tuple[Tensor, Tensor | None]:
         with autocast(device, precision):
-            image = model.encode_image(images[part])
-            text = encode_captions(model, tokens[part], ctx.unique_captions, device)
-        return image.float(), text.float()  # the loss in fp32
+            image = model.encode_image(images[parts[i]])
+            mine = tokens[text_parts[i]]
+            text = model.encode_text(mine.to(device, non_blocking=True)) if len(mine) else None
+        return image.float(), None if text is None else text.float()  # the loss in fp32
+
+    def per_sample(text: Tensor) -> Tensor:
+        return text if at is None else text[at]
 
     if len(parts) == 1:
-        image, text = _through(ddp, partial(embed, parts[0]))
-        loss = contrastive_loss(image, text, model, labels, ctx, gather=gather)
+        image, text = _through(ddp, partial(embed, 0))
+        loss = contrastive_loss(image, per_sample(text), model, labels, ctx, gather=gather)
         loss.backward()
         return loss.detach()
 
-    states, image_parts, text_parts = [], [], []
+    states, image_parts, text_chunks = [], [], []
     with torch.no_grad():
-        for part in parts:
+        for i in range(len(parts)):
             states.append(RngState.capture(device))
-            image, text = embed(part)
+            image, text = embed(i)
             image_parts.append(image)
-            text_parts.append(text)
+            if text is not None:
+                text_chunks.append(text)
     after = RngState.capture(device)
     image = torch.cat(image_parts).requires_grad_()
-    text = torch.cat(text_parts).requires_grad_()
-    loss = contrastive_loss(image, text, model, labels, ctx, gather=gather)
+    text = torch.cat(text_chunks).requires_grad_()
+    loss = contrastive_loss(image, per_sample(text), model, labels, ctx, gather=gather)
     loss.backward()  # gradients of the embeddings, and of the scale (and bias)
-    for i, (part, state) in enumerate(zip(parts, states, strict=True)):
+    for i, state in enumerate(states):
         state.restore()
         with _syncing(ddp, i == len(parts) - 1):
-            pairs = [
-                (out, cached.grad[part])
-                for out, cached in zip(
-                    _through(ddp, partial(embed, part)), (image, text), strict=True
-                )
-                if out.requires_grad  # a frozen tower gives nothing to backpropagate
-            ]
+            image_out, text_out = _through(ddp, partial(embed, i))
+            pairs = [(image_out, image.grad[parts[i]])]
+            if text_out is not None:
+                pairs.append((text_out, text.grad[text_parts[i]]))
+            pairs = [(o, g) for o, g in pairs if o.requires_grad]  # a frozen tower gives none
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     after.restore()

@@ -180,6 +180,16 @@ class LossContext:
     seed: int = 0
     # (step, text features): micro-batch chunks of one step reuse the step's text features
     lipsum_cache: tuple[int, Tensor] | None = None
+    # the tokens of every (class, template) caption, row label * len(templates) + template:
+    # tokenized once per run (caption_table), indexed at each step
+    table: Tensor | None = field(default=None, repr=False)
+
+    def caption_table(self) -> Tensor:
+        """Every caption a step can draw, tokenized once: row ``label * T + template``."""
+        if self.table is None:
+            texts = [t.format(name) for name in self.class_names for t in self.templates]
+            self.table = self.tokenizer(texts)
+        return self.table
 
 
 def build_classifier(method: Method, model: nn.Module, ctx: LossContext) -> Classifier:
@@ -219,24 +229,21 @@ def captions_for(labels: Tensor, seeds: Tensor, ctx: LossContext) -> list[str]:
     ]
 
 
-def encode_captions(
-    model: nn.Module, tokens: Tensor, unique: bool = True, device: torch.device | None = None
-) -> Tensor:
-    """Text features of a batch of captions: the tokenizer's (host) tokens, moved to ``device``
-    (default: where the tokens are) for the text tower.
+def caption_ids(labels: Tensor, seeds: Tensor, ctx: LossContext) -> Tensor:
+    """Each sample's row of :meth:`LossContext.caption_table`: its label's captions, the
+    template drawn from its own seed (as :func:`captions_for`). Host tensors in, host out."""
+    n = len(ctx.templates)
+    return labels.long() * n + seeds.long().remainder(n)
 
-    With ``unique``, each distinct caption is encoded once and its features repeated: a FLYP
-    batch of 32 images of 7 classes under one template holds 7 distinct captions. Gradients
-    are the same sums (the repeat's backward adds them up); under dropout, copies of one
-    caption share one dropout draw. The captions are told apart on the host, before the move:
-    ``torch.unique`` of device tokens would make the host wait for the device."""
-    device = tokens.device if device is None else device
-    if unique:
-        distinct, where = torch.unique(tokens, dim=0, return_inverse=True)
-        if len(distinct) < len(tokens):
-            text = model.encode_text(distinct.to(device, non_blocking=True))
-            return text[where.to(device, non_blocking=True)]
-    return model.encode_text(tokens.to(device, non_blocking=True))
+
+def distinct_captions(ids: Tensor, unique: bool) -> tuple[Tensor, Tensor | None]:
+    """The captions a step encodes, and where each sample's caption is among them (None: one
+    encoding per sample). With ``unique`` each distinct caption of the whole batch is encoded
+    once; a sort of integer ids on the host, no tokenizer and no comparison of token rows."""
+    if not unique:
+        return ids, None
+    distinct, where = torch.unique(ids, return_inverse=True)
+    return (distinct, where) if len(distinct) < len(ids) else (ids, None)
 
 
 def contrastive_loss(
@@ -311,8 +318,9 @@ PLACEHOLDER = "x"  # one token in every tokenizer flyp wraps; marks where the ra
 
 def _ordinary_ids(tokenizer: Callable) -> Tensor:
     """The ids a random token may take: the tokenizer's vocabulary without its special tokens
-    (start, end, padding, unknown, mask) and without id 0, the padding id of flyp's tokenizers.
-    flyp's wrappers keep the library's tokenizer (Hugging Face, open_clip) as ``.tokenizer``."""
+    (start, end, padding, unknown, mask), as the official code draws from [0, 49406) for
+    CLIP: id 0 ("!" in CLIP's vocabulary) is drawn where it is an ordinary token. flyp's
+    wrappers keep the library's tokenizer (Hugging Face, open_clip) as ``.tokenizer``."""
     inner = getattr(tokenizer, "tokenizer", tokenizer)
     size = getattr(inner, "vocab_size", None)
     if not isinstance(size, int):
@@ -320,7 +328,7 @@ def _ordinary_ids(tokenizer: Callable) -> Tensor:
             f"train.lipsum_text=tokens draws token ids, but the tokenizer {type(inner).__name__} "
             "does not give its vocabulary size; set train.lipsum_text=words"
         )
-    special = torch.tensor(sorted({0, *getattr(inner, "all_special_ids", [])}))
+    special = torch.tensor(sorted(getattr(inner, "all_special_ids", [])), dtype=torch.long)
     ids = torch.arange(size)
     return ids[~torch.isin(ids, special)]
 
@@ -405,8 +413,11 @@ def compute_loss(
 ) -> Tensor:
     model = classifier.model
     if method.objective == "contrastive":
-        tokens = ctx.tokenizer(captions_for(labels, seeds, ctx))  # on the host
-        text = encode_captions(model, tokens, ctx.unique_captions, images.device)
+        distinct, where = distinct_captions(caption_ids(labels, seeds, ctx), ctx.unique_captions)
+        tokens = ctx.caption_table()[distinct].to(images.device, non_blocking=True)
+        text = model.encode_text(tokens)
+        if where is not None:
+            text = text[where.to(images.device, non_blocking=True)]
         labels = labels.to(images.device, non_blocking=True)
         return contrastive_loss(model.encode_image(images), text, model, labels, ctx)
     if method.objective == "ce-head":

@@ -22,6 +22,7 @@ run_dir/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import shutil
@@ -48,6 +49,7 @@ from flyp.checkpoint import (
     save_state,
     save_weights,
 )
+from flyp.data.benchmarks import absolute_roots
 from flyp.data.loader import EpochSampler, ImageDataset, train_loader
 from flyp.distributed import (
     DistEnv,
@@ -292,8 +294,9 @@ def _train(
                 "put those back in its recipe.yaml, or start a new run with --out (a resume "
                 f"may change only {', '.join(RESUME_SETTABLE)})"
             )
-    if env.is_main:
-        save_recipe(recipe, run_dir / "recipe.yaml")
+    if env.is_main:  # its data where it was found, whatever folder it is read from later
+        stored = dataclasses.replace(recipe, data=absolute_roots(recipe.data))
+        save_recipe(stored, run_dir / "recipe.yaml")
     classifier, precision = _set_up_classifier(cfg, exp, run_dir, env, method, ctx)
     if method.objective == "none":  # rank 0 evaluates and writes; every rank gets metrics
         return on_main(partial(_finish_untrained, classifier, exp, run_dir, recipe))
@@ -408,6 +411,8 @@ def _set_up_classifier(
         fit_probe(classifier, exp, run_dir)
     if method.collisions:
         ctx.collisions = method.collisions
+    if method.objective == "contrastive":  # every caption tokenized now, none in a step
+        ctx.caption_table()
     image_names = image_tower_names(model, exp.bundle.image_size)
     set_trainable(method, classifier, image_names, text_tower_names(model, exp.bundle.tokenizer))
     if method.l2sp:

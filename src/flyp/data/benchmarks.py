@@ -39,6 +39,21 @@ def pacs_default_root() -> Path:
     return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pacs"
 
 
+def absolute_roots(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with data.root and data.roots as the absolute paths they resolve to here and now
+    (a null PACS root: the default location it stands for). A run stores these: a relative
+    root re-read from another folder would point at other data."""
+    import dataclasses
+
+    root = cfg.root
+    if root is not None:
+        root = str(Path(root).expanduser().resolve())
+    elif cfg.benchmark == "pacs":
+        root = str(pacs_default_root().resolve())
+    roots = {name: str(Path(path).expanduser().resolve()) for name, path in cfg.roots.items()}
+    return dataclasses.replace(cfg, root=root, roots=roots)
+
+
 def _assemble(
     cfg: DataConfig,
     name: str,

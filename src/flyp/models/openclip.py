@@ -283,6 +283,13 @@ def load_open_clip(
             raise ModelSpecError(f"open_clip model config {config} does not exist")
         open_clip.add_model_config(config)
         arch = config.stem
+    if arch == "hf-hub":  # open_clip's own prefix for a model fetched by its hub name
+        raise ModelSpecError(
+            f"open_clip:{arch}:... downloads the model from the Hugging Face hub, which flyp "
+            "does not reach (runs must work offline); download it once elsewhere and pass the "
+            "files: open_clip:ARCH:/path/to/open_clip_pytorch_model.bin (its open_clip_config.json "
+            "names ARCH), or hf:/path/to/folder for a transformers CLIP/SigLIP folder"
+        )
     if arch not in open_clip.list_models():
         raise ModelSpecError(f"open_clip has no architecture '{arch}'; see open_clip.list_models()")
     pretrained, online = _resolve_pretrained(arch, weights)

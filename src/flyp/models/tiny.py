@@ -15,6 +15,8 @@ from flyp.models.base import ModelBundle, image_transforms
 class WordHashTokenizer:
     """Words hashed into a fixed vocabulary; id 0 is padding."""
 
+    all_special_ids = (0,)  # as Hugging Face tokenizers name theirs
+
     def __init__(self, vocab_size: int = 1000, context_length: int = 16):
         self.vocab_size = vocab_size
         self.context_length = context_length

@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PACS  # noqa: E402
+from flyp.data.benchmarks import pacs_default_root
 
 RECIPE = """
 name: kill_resume
@@ -77,7 +76,7 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="flyp-kills-"))
     out.mkdir(parents=True, exist_ok=True)
     recipe = out / "recipe.yaml"
-    recipe.write_text(RECIPE.format(model=args.model, root=PACS.resolve()))
+    recipe.write_text(RECIPE.format(model=args.model, root=pacs_default_root().resolve()))
     reference = out / "reference"
     subprocess.run(flyp("finetune", str(recipe), "--out", str(reference)), check=True, capture_output=True)
     tick = time.time()  # timed on a second run: the first also checked and cached the images

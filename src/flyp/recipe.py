@@ -41,6 +41,7 @@ def setting(
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
     at_least: float | None = None,
     above: float | None = None,
+    at_most: float | None = None,
     between: tuple[float, float] | None = None,
     seed: bool = False,
     check: Callable[[Any, str], None] | None = None,
@@ -48,10 +49,13 @@ def setting(
 ) -> Any:
     """A recipe field and its rules, checked by :func:`validate` on every value but None (None
     means "not set"): ``choices`` (or a function giving them, for tables that import torch),
-    ``at_least``/``above`` a bound, ``between`` two bounds (both excluded), ``seed`` a
+    ``at_least``/``above`` a lower bound, ``at_most`` an upper one (where a larger value cannot
+    be meant: it would only fail later, out of memory or time), ``between`` two bounds (both
+    excluded), ``seed`` a
     generator's seed, ``check(value, key)`` anything else; ``resume``: a resumed or reused run
     may change it (paths, device, speed, checkpointing: nothing that changes its numbers)."""
-    rules = {"choices": choices, "at_least": at_least, "above": above, "between": between}
+    rules = {"choices": choices, "at_least": at_least, "above": above, "at_most": at_most}
+    rules["between"] = between
     rules.update(seed=seed, check=check)
     rules = {k: v for k, v in rules.items() if v is not None and v is not False}  # 0 is a bound
     metadata = {"rules": rules, "resume": resume}
@@ -73,6 +77,11 @@ def _template_sets() -> list[str]:
 
 
 def _check_name(name: str, key: str) -> None:
+    if len(name) > MAX_NAME:
+        raise RecipeError(
+            f"{key}: {name[:20]!r}... is {len(name)} characters; a run folder is named after it "
+            f"(runs/<name>-<method>-s<seed>): use at most {MAX_NAME}"
+        )
     if name.strip() in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
         raise RecipeError(
             f"{key}: {name!r} cannot name a run folder (runs/<name>-<method>-s<seed>); use letters, "
@@ -91,6 +100,10 @@ def _once(what: str) -> Callable[[list, str], None]:
     return check
 
 
+MAX_WORKERS = 1024  # loader processes: more than any machine's cores
+MAX_NAME = 100  # characters of a recipe name: runs/<name>-<method>-s<seed> stays a file name
+
+
 def _check_workers(value: int | str, key: str) -> None:
     if isinstance(value, str) and value != "auto":
         raise RecipeError(
@@ -98,6 +111,8 @@ def _check_workers(value: int | str, key: str) -> None:
         )
     if isinstance(value, int) and value < 0:
         raise RecipeError(f"{key}: {value} is out of range; it must be >= 0")
+    if isinstance(value, int) and value > MAX_WORKERS:
+        raise RecipeError(f"{key}: {value} is out of range; it must be <= {MAX_WORKERS}")
 
 
 def _check_device_name(device: str, key: str) -> None:
@@ -120,7 +135,7 @@ def _check_alphas(alphas: list[float], key: str) -> None:
 class ModelConfig:
     # "default", "tiny", "open_clip:ViT-B-16:openai", "open_clip:ViT-B-16:/path.pt", "hf:/dir"
     spec: str = "default"
-    image_size: int | None = setting(None, at_least=1)  # None keeps the model's own resolution
+    image_size: int | None = setting(None, at_least=1, at_most=8192)  # None keeps the model's own resolution
     # None: trim text to the longest caption of each batch
     context_length: int | None = setting(None, at_least=1)
 
@@ -144,7 +159,7 @@ class DataConfig:
     # loader workers: "auto" (flyp.data.loader.auto_workers: this process's share of the cores)
     num_workers: int | str = setting("auto", check=_check_workers, resume=True)
     # memory for training images decoded once and reused (0: off)
-    cache_gb: float = setting(2.0, at_least=0, resume=True)
+    cache_gb: float = setting(2.0, at_least=0, at_most=100_000, resume=True)
     # Paper benchmarks (flyp.data.imagenet / wilds / transfer): folder of each set by name,
     # e.g. {imagenet-r: /data/imagenet-r}; a set not named here is looked for under data.root.
     roots: dict[str, str] = setting(factory=dict, resume=True)
@@ -155,11 +170,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     method: str = setting("flyp", choices=_methods)
-    epochs: int = setting(5, at_least=1)
-    batch_size: int = setting(32, at_least=1)
+    epochs: int = setting(5, at_least=1, at_most=100_000)
+    batch_size: int = setting(32, at_least=1, at_most=10_000_000)
     lr: float = setting(1e-4, at_least=0)
     weight_decay: float = setting(0.1, at_least=0)
-    warmup_steps: int = setting(20, at_least=0)
+    warmup_steps: int = setting(20, at_least=0, at_most=1_000_000_000)
     grad_clip: float | None = setting(1.0, above=0)
     seed: int = setting(0, seed=True)
     # "frozen": running statistics kept, affine trained; "train": updated
@@ -211,7 +226,7 @@ class EvalConfig:
         factory=lambda: [round(0.1 * i, 1) for i in range(11)], check=_check_alphas
     )
     # memory for evaluation images decoded once and reused (0: off)
-    cache_gb: float = setting(4.0, at_least=0, resume=True)
+    cache_gb: float = setting(4.0, at_least=0, at_most=100_000, resume=True)
     # as train.precision: autocast of the image tower (logits fp32)
     precision: str = setting("auto", choices=PRECISIONS)
 
@@ -281,7 +296,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             for k, v in value.items()
         }
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise RecipeError(f"{where}: {str(value)[:12]}... is too large for a number") from None
+    if hint in (int, float) and isinstance(value, str) and _number_text(value) is not None:
+        if not math.isfinite(_number_text(value)):
+            raise RecipeError(f"{where}: {value} is not a finite number")
+        raise RecipeError(
+            f"{where}: expected {hint.__name__}, got the text '{value}' (quoted, or a YAML 1.1 "
+            "form such as 1_000 or 1:30); write the number plainly, e.g. 1000 or 1e-5"
+        )
     if hint is bool and not isinstance(value, bool):
         raise RecipeError(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
@@ -291,6 +316,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def _number_text(text: str) -> float | None:
+    """The number Python reads in ``text`` (``nan``, ``1_000``, ``"1e3"``), or None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {raw!r}")
@@ -298,12 +331,23 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise RecipeError(
+                f"{where or 'recipe'}: the key {key!r} ({type(key).__name__}) is not a name; "
+                "recipe keys are words (see recipes/ or flyp --help)"
+            )
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise RecipeError(f"unknown recipe key '{path}'{_suggest(key, names)}")
+            raise RecipeError(f"unknown recipe key '{_shown(path)}'{_suggest(key, names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, path)
+            if not isinstance(value, dict):
+                raise RecipeError(
+                    f"{path}: expected a mapping of settings (key: value lines), got "
+                    f"{yaml.safe_dump(value).splitlines()[0][:40] if value is not None else 'null'}; "
+                    f"write the {path} settings to change, or leave {path} out for its defaults"
+                )
+            kwargs[key] = _build(hint, value, path)
         else:
             kwargs[key] = _coerce(value, hint, path)
     return cls(**kwargs)
@@ -357,6 +401,9 @@ def _check(key: str, value: Any, rules: dict[str, Any]) -> None:
         raise RecipeError(f"{key}: {value} is out of range; it must be >= {rules['at_least']}")
     if "above" in rules and value <= rules["above"]:
         raise RecipeError(f"{key}: {value} is out of range; it must be > {rules['above']}")
+    if "at_most" in rules and value > rules["at_most"]:
+        shown = f"{value:g}" if isinstance(value, float) else value
+        raise RecipeError(f"{key}: {shown} is out of range; it must be <= {rules['at_most']}")
     if "between" in rules:
         low, high = rules["between"]
         if not low < value < high:
@@ -390,21 +437,25 @@ def validate(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def _shown(text: str) -> str:
+    """``text`` for a one-line message: as typed, or escaped where it holds control
+    characters (a newline would split the message)."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _set(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise RecipeError(
-            f"--set expects key=value, got '{assignment}' (for example train.lr=1e-5)"
+            f"--set expects key=value, got '{_shown(assignment)}' (for example train.lr=1e-5)"
         )
     key, text = assignment.split("=", 1)
     try:
         value = safe_yaml(text) if text else None
     except yaml.YAMLError as err:
         raise RecipeError(
-            f"--set {assignment}: the value is not valid YAML ({_problem(err)}); "
-            "quote it, e.g. --set 'data.ood_domains=[art, sketch]'"
+            f"--set {_shown(assignment)}: the value is not valid YAML "
+            f"({_shown(_problem(err))}); quote it, e.g. --set 'data.ood_domains=[art, sketch]'"
         ) from None
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads "1e-5" as a string
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -412,24 +463,6 @@ def _set(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(node, dict):
             raise RecipeError(f"--set {key}: '{part}' is not a section")
     node[parts[-1]] = value
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _fix_numbers(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _fix_numbers(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_numbers(v) for v in node]
-    if isinstance(node, str) and _looks_numeric(node) and any(c in node for c in "eE"):
-        return float(node)
-    return node
 
 
 def _problem(err: yaml.YAMLError) -> str:
@@ -464,9 +497,73 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Numbers as YAML 1.2 reads them (PyYAML reads YAML 1.1: 010 is 8, 1:30 is 90, 1e-5 a string):
+# decimal integers (leading zeros too), 0o and 0x integers, decimal floats with or without a dot
+# or exponent, .inf and .nan. What YAML 1.1 alone reads as a number (1:30, 1_000, 0b101) stays a
+# string, and a number field refuses it.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_12 = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class _RecipeLoader(_NoAliasLoader):
+    """The recipe's YAML: no aliases, no repeated keys, numbers as YAML 1.2."""
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)
+
+    def construct_yaml_float(self, node):
+        text = self.construct_scalar(node).lower().replace(".inf", "inf").replace(".nan", "nan")
+        return float(text)
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(_INT, _INT_12, list("-+0123456789"))
+_RecipeLoader.add_implicit_resolver(_FLOAT, _FLOAT_12, list("-+0123456789."))
+_RecipeLoader.add_constructor(_INT, _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor(_FLOAT, _RecipeLoader.construct_yaml_float)
+MAX_DEPTH = 50  # nesting a recipe can mean (its deepest setting is two levels down)
+
+
+def _depth(node: Any, limit: int = MAX_DEPTH) -> int:
+    """How deeply ``node`` nests (stops counting past ``limit``)."""
+    depth, level = 0, [node]
+    while level and depth <= limit:
+        depth += 1
+        level = [
+            child
+            for item in level
+            if isinstance(item, (dict, list))
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+    return depth
+
+
 def safe_yaml(text: str) -> Any:
-    """``yaml.safe_load`` without aliases: a recipe's YAML is plain values (see _NoAliasLoader)."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    """The YAML of a recipe or a ``--set`` value: plain values, no aliases, no repeated keys,
+    numbers as YAML 1.2 (see _RecipeLoader); nesting deeper than a recipe can mean is refused."""
+    try:
+        value = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise RecipeError(
+            f"the YAML is nested too deeply (over {MAX_DEPTH} levels); a recipe is sections "
+            "of settings (see recipes/)"
+        ) from None
+    if _depth(value) > MAX_DEPTH:
+        raise RecipeError(
+            f"the YAML is nested too deeply (over {MAX_DEPTH} levels); a recipe is sections "
+            "of settings (see recipes/)"
+        )
+    return value
 
 
 def _read_yaml(path: Path) -> Any:
@@ -506,7 +603,7 @@ def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 f"recipe file {path} is not a regular file (a device, pipe or socket); "
                 "pass a YAML file (see recipes/)"
             )
-        raw = _fix_numbers(_read_yaml(path))
+        raw = _read_yaml(path)
         if raw is None or raw == {}:
             raise RecipeError(
                 f"{path} holds no settings (it is empty, or only comments or null); write the "
@@ -516,7 +613,15 @@ def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise RecipeError(
                 f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}"
             )
-        raw.setdefault("name", path.stem)
+        if "name" not in raw:
+            try:
+                _check_name(path.stem, "name")
+            except RecipeError:
+                raise RecipeError(
+                    f"{path}: its file name gives no run name ({path.stem!r}); add name: "
+                    "my-run to the recipe, or rename the file"
+                ) from None
+            raw["name"] = path.stem
     for assignment in overrides:
         _set(raw, assignment)
     return from_dict(raw)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
 
+import pytest
 import yaml
 
-from fakes import make_domains, tiny_overrides
+from fakes import error_lines, make_domains, tiny_overrides
 from flyp.cli import main
 
 
@@ -37,3 +41,72 @@ def test_a_relative_data_root_is_stored_absolute_and_evaluate_elsewhere_reads_th
     assert {k: v["accuracy"] for k, v in sets_again.items()} == {
         k: v["accuracy"] for k, v in trained.items() if k in sets_again
     }
+
+
+# --- run files are checked when read (issue 22, item 4) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """One finished tiny run (with its wise.json) that each test copies and tampers with."""
+    root = tmp_path_factory.mktemp("files")
+    data = make_domains(root / "data", ["photo", "art", "sketch"], ["dog", "horse", "house"], per_class=12)
+    (root / "r.yaml").write_text("name: r\n")
+    sets = [f"--set={s}" for s in tiny_overrides(data, "train.epochs=1", "eval.wise_alphas=[0, 1]")]
+    assert main(["compare", str(root / "r.yaml"), *sets, "--methods", "ft", "--out", str(root / "cmp")]) == 0
+    return root / "cmp" / "ft-s0"
+
+
+def _tampered(finished_run: Path, tmp_path: Path, name: str, change) -> Path:
+    run = tmp_path / "runs" / "ft-s0"
+    shutil.copytree(finished_run, run)
+    path = run / name
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+    else:
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return run
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("metrics.json", lambda d: d["sets"]["photo"].update(accuracy=5.0),
+         r"'sets.photo.accuracy' is 5.0, outside \[0, 1\]"),
+        ("metrics.json", lambda d: d["sets"]["art"].update(accuracy="high"),
+         r"'sets.art.accuracy' is 'high' \(str\), not a number"),
+        ("metrics.json", lambda d: d.update(sets={}), r"'sets' is empty"),
+        ("metrics.json", lambda d: d.update(settings=[1, 2]), r"'settings' is list, not a mapping"),
+        ("metrics.json", lambda d: d.update(ood_mean=True), r"'ood_mean' is True \(bool\), not a number"),
+        ("metrics.json", lambda d: d["sets"]["photo"].update(n=-3), r"'sets.photo.n' is -3, not a count"),
+        ("metrics.json", b"\xff\xfe{not utf8", r"not UTF-8 text"),
+        ("wise.json", lambda d: d.update(points="x"), r"'points' is not a list of WiSE-FT points"),
+        ("wise.json", lambda d: d.update(best_alpha=50), r"'best_alpha' is 50, outside \[0, 1\]"),
+    ],
+)  # fmt: skip
+def test_report_refuses_a_run_file_not_as_flyp_wrote_it_naming_the_field(
+    name, change, message, finished_run, tmp_path, capsys
+):
+    run = _tampered(finished_run, tmp_path, name, change)
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert str(run / name) in err[0]
+    assert not (tmp_path / "report" / "report.md").exists()
+
+
+def test_an_untouched_run_still_reports(finished_run, tmp_path):
+    run = _tampered(finished_run, tmp_path, "metrics.json", lambda d: None)
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert "ft" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_compare_rerun_refuses_a_tampered_metrics_file_in_one_line(finished_run, tmp_path, capsys):
+    """The comparison's own reuse of a finished run reads it through the same check."""
+    from flyp.checkpoint import CheckpointError, read_json
+
+    run = _tampered(finished_run, tmp_path, "metrics.json", lambda d: d.update(id=83.3))
+    with pytest.raises(CheckpointError, match=r"'id' is 83.3, outside \[0, 1\]"):
+        read_json(run / "metrics.json", ("sets",))

@@ -95,7 +95,85 @@ def read_json(path: Path, keys: Sequence[str] = ()) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} {what}, so flyp did not write it; delete it and rerun to write it again"
         )
+    if path.name in ("metrics.json", "wise.json"):
+        check_results(data, path)
     return data
+
+
+# The scores of an evaluation set that are fractions (accuracies, F1, ECE), and a run's
+# summaries of them; metrics.json and wise.json hold them as numbers in [0, 1].
+FRACTION_SCORES = (
+    "accuracy", "macro_f1", "balanced_accuracy", "worst_class_accuracy", "worst_group_accuracy",
+    "ece", "ece_ts",
+)  # fmt: skip
+FRACTION_SUMMARIES = ("id", "ood_mean", "val", "alpha", "best_alpha")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_results(data: dict[str, Any], path: Path) -> None:
+    """A run's ``metrics.json`` or ``wise.json`` as flyp writes it, field by field: every score
+    a number in [0, 1] (NaN passes: a score of an empty class), set sizes whole numbers, names
+    text, ``sets`` a non-empty mapping, ``settings`` a mapping, ``points`` a list of them. A file
+    edited by hand or by another tool is named with its field, in one line."""
+
+    def bad(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: '{field}' {problem}, so it is not as flyp wrote it; rerun that run (or "
+            "delete the file and rerun to write it again)"
+        )
+
+    def fraction(value: Any, field: str) -> None:
+        if value is None:
+            return
+        if not _is_number(value):
+            raise bad(field, f"is {value!r} ({type(value).__name__}), not a number")
+        if not (0 <= value <= 1 or value != value):
+            raise bad(field, f"is {value!r}, outside [0, 1] (flyp stores fractions, not %)")
+
+    def scores(sets: Any, field: str) -> None:
+        if not isinstance(sets, dict) or not sets:
+            raise bad(field, "is not a mapping of evaluation sets" if sets else "is empty")
+        for name, numbers in sets.items():
+            if not isinstance(numbers, dict):
+                raise bad(f"{field}.{name}", f"is {type(numbers).__name__}, not a mapping")
+            for key in FRACTION_SCORES:
+                if key in numbers:
+                    fraction(numbers[key], f"{field}.{name}.{key}")
+            n = numbers.get("n")
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+                raise bad(f"{field}.{name}.n", f"is {n!r}, not a count")
+
+    for key in FRACTION_SUMMARIES:
+        if key in data:
+            fraction(data[key], key)
+    if "sets" in data:
+        scores(data["sets"], "sets")
+    for key in ("method", "metric", "id_name", "recipe", "fingerprint"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise bad(key, f"is {data[key]!r}, not text")
+    names = data.get("ood_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise bad("ood_names", "is not a list of set names")
+    if data.get("settings") is not None and not isinstance(data["settings"], dict):
+        raise bad("settings", f"is {type(data['settings']).__name__}, not a mapping")
+    seed = data.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise bad("seed", f"is {seed!r}, not a whole number")
+    if "points" in data:
+        points = data["points"]
+        if not isinstance(points, list) or not points:
+            raise bad("points", "is not a list of WiSE-FT points")
+        for i, point in enumerate(points):
+            if not isinstance(point, dict):
+                raise bad(f"points[{i}]", f"is {type(point).__name__}, not a mapping")
+            for key in FRACTION_SUMMARIES:
+                if key in point:
+                    fraction(point[key], f"points[{i}].{key}")
+            if "sets" in point:
+                scores(point["sets"], f"points[{i}].sets")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from flyp.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from flyp.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_results,
+)
 from flyp.outputs import csv_cell, md_cell, plot_label
 
 # What a finished run's metrics.json must hold for a report to use it.
@@ -31,12 +36,18 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict[str, Any]:
             f"{path} is not valid JSON ({err.msg} at line {err.lineno}), maybe cut short by a "
             "killed process; rerun that run or leave its directory out"
         ) from None
+    except UnicodeDecodeError:
+        raise ReportError(
+            f"{path} is not UTF-8 text, so flyp did not write it; rerun that run or leave its "
+            "directory out"
+        ) from None
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
         raise ReportError(
             f"{path} lacks '{missing[0]}', so it is not a flyp result; rerun that run or leave "
             "its directory out"
         )
+    check_results(data, path)  # every field as flyp writes it (accuracies in [0, 1], ...)
     return data
 
 

@@ -110,3 +110,13 @@ def test_compare_rerun_refuses_a_tampered_metrics_file_in_one_line(finished_run,
     run = _tampered(finished_run, tmp_path, "metrics.json", lambda d: d.update(id=83.3))
     with pytest.raises(CheckpointError, match=r"'id' is 83.3, outside \[0, 1\]"):
         read_json(run / "metrics.json", ("sets",))
+
+
+def test_export_refuses_weights_cut_short_and_writes_nothing(finished_run, tmp_path, capsys):
+    source = (finished_run / "model.safetensors").read_bytes()
+    run = _tampered(finished_run, tmp_path, "model.safetensors", source[: len(source) // 2])
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--format", "flyp", "--out", str(out)]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and f"{run / 'model.safetensors'} is not a readable safetensors file" in err[0]
+    assert not out.exists()

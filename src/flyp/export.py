@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from flyp.checkpoint import load_weights
+from flyp.checkpoint import load_weights, read_json, read_weights
 from flyp.errors import RunError
 from flyp.methods import Classifier, get_method
 from flyp.models import ModelBundle, load_model
@@ -136,6 +136,10 @@ def _check(run_dir: Path, fmt: str, out: Path) -> Recipe:
 
 
 def _export_flyp(run_dir: Path, recipe: Recipe, folder: Path) -> dict[str, Any]:
+    # what is copied is read whole first: a cut-short weights file or a tampered metrics.json
+    # is named, not exported
+    read_weights(run_dir / "model.safetensors")
+    read_json(run_dir / "metrics.json", ("sets",))
     for name in ("recipe.yaml", "model.safetensors", "metrics.json"):
         shutil.copy2(run_dir / name, folder / name)
     return {
@@ -145,8 +149,7 @@ def _export_flyp(run_dir: Path, recipe: Recipe, folder: Path) -> dict[str, Any]:
         "method": recipe.train.method,
         "load": [
             "flyp evaluate OUT  # the recipe's data; or any data: --recipe / --set data.root=...",
-            "# Python: flyp.checkpoint.load_weights(classifier, 'OUT/model.safetensors') into the",
-            "# flyp.methods.Classifier that recipe.yaml's model.spec and train.method build",
+            "# Python: flyp.load_classifier('OUT') (the model, its head and preprocessing)",
         ],
     }
 

@@ -53,7 +53,7 @@ def finished_run(tmp_path_factory) -> Path:
     data = make_domains(root / "data", ["photo", "art", "sketch"], ["dog", "horse", "house"], per_class=12)
     (root / "r.yaml").write_text("name: r\n")
     sets = [f"--set={s}" for s in tiny_overrides(data, "train.epochs=1", "eval.wise_alphas=[0, 1]")]
-    assert main(["compare", str(root / "r.yaml"), *sets, "--methods", "ft", "--out", str(root / "cmp")]) == 0
+    assert main(["compare", str(root / "r.yaml"), *sets, "--methods", "ft", "l2sp", "--out", str(root / "cmp")]) == 0
     return root / "cmp" / "ft-s0"
 
 
@@ -120,3 +120,15 @@ def test_export_refuses_weights_cut_short_and_writes_nothing(finished_run, tmp_p
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and f"{run / 'model.safetensors'} is not a readable safetensors file" in err[0]
     assert not out.exists()
+
+
+def test_weights_of_another_methods_run_are_not_evaluated_as_this_runs(finished_run, tmp_path, capsys):
+    """ft and l2sp weights fit the same model: only their metadata tells them apart."""
+    other = (finished_run.parent / "l2sp-s0" / "model.safetensors").read_bytes()
+    run = _tampered(finished_run, tmp_path, "model.safetensors", other)
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "e.json")]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert err == [f"error: {run / 'model.safetensors'} holds the weights of a l2sp run, but this "
+                   "run is ft: put back the run's own model.safetensors (or evaluate that file "
+                   "with its own run's recipe)"]  # fmt: skip
+    assert not (tmp_path / "e.json").exists()

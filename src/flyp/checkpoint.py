@@ -255,8 +255,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path, method: str | None = None) -> None:
     """Load weights strictly: every tensor of the model must be in the file and fit.
+
+    ``method``: the method of the run the weights are read for; weights whose metadata says
+    another method made them (another run's file copied in) are refused, not evaluated as
+    this run's.
 
     The one exception: a file whose metadata says ``"tensors": "changed"`` (a zeroshot or lp
     run) holds only what differs from the pretrained model, so the model's own tensors stay
@@ -264,7 +268,14 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     loaded from its spec does.
     """
     state = read_weights(path)
-    changed_only = (read_metadata(path) or {}).get("tensors") == "changed"
+    meta = read_metadata(path) or {}
+    made_by = meta.get("method")
+    if method is not None and made_by is not None and made_by != method:
+        raise CheckpointError(
+            f"{path} holds the weights of a {made_by} run, but this run is {method}: put back "
+            "the run's own model.safetensors (or evaluate that file with its own run's recipe)"
+        )
+    changed_only = meta.get("tensors") == "changed"
     fix = "load it with the model spec it was trained with (see the run's recipe.yaml)"
     load_tensors(model, state, path, fix, changed_only)
 

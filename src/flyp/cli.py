@@ -268,7 +268,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     method = get_method(recipe.train.method)
     ctx = LossContext(exp.bundle.tokenizer, exp.benchmark.class_names, exp.benchmark.templates)
     classifier = build_classifier(method, exp.bundle.model, ctx)
-    load_weights(classifier, weights)
+    load_weights(classifier, weights, recipe.train.method)
     sets = evaluate_classifier(classifier, exp)
     bench = exp.benchmark
     metrics = {

@@ -127,7 +127,7 @@ def wise_sweep(
     known.setdefault(1.0, metrics["sets"])
     classifier = zeroshot_classifier(exp, metrics["method"], pretrained)
     zeroshot = copy.deepcopy(classifier.state_dict())
-    load_weights(classifier, run_dir / "model.safetensors")
+    load_weights(classifier, run_dir / "model.safetensors", metrics["method"])
     finetuned = copy.deepcopy(classifier.state_dict())
     points = []
     for alpha in alphas:
@@ -178,7 +178,7 @@ def make_soups(
     anchor = copy.deepcopy(classifier.state_dict())
     states = []
     for run_dir in run_dirs:
-        load_weights(classifier, run_dir / "model.safetensors")
+        load_weights(classifier, run_dir / "model.safetensors", method)
         states.append(copy.deepcopy(classifier.state_dict()))
 
     def val_score(state) -> float:  # the headline metric on ID validation

@@ -68,8 +68,14 @@ def test_compare_with_stock(fake_pacs, tmp_path, capsys):
 
     from flyp.models import load_model
 
-    w0 = load_model("tiny").model.state_dict()
-    runs = [load_file(str(out / f"flyp-s{s}" / "model.safetensors")) for s in (0, 1)]
-    runs = [{k.removeprefix("model."): v for k, v in r.items()} for r in runs]
-    _, t = model_stock(w0, runs)
-    assert stock["t"]["model.visual.0.weight"] == pytest.approx(t["visual.0.weight"])
+    w0 = load_model("tiny").model.state_dict()["visual.0.weight"].double()
+    a, b = (load_file(str(out / f"flyp-s{s}" / "model.safetensors"))["model.visual.0.weight"].double()
+            for s in (0, 1))  # fmt: skip
+    # by hand: the cosine of the two task vectors, t = 2 cos / (1 + cos) (Model Stock, 2 runs)
+    cos = float(torch.dot((a - w0).flatten(), (b - w0).flatten()) / ((a - w0).norm() * (b - w0).norm()))
+    assert 0 < cos < 1  # two seeds: related, not equal task vectors
+    assert stock["t"]["model.visual.0.weight"] == pytest.approx(2 * cos / (1 + cos), rel=1e-5)
+    merged = load_file(str(out / "soups" / "flyp-soup-model-stock" / "model.safetensors"))
+    t = 2 * cos / (1 + cos)
+    torch.testing.assert_close(merged["model.visual.0.weight"].double(), w0 + t * ((a + b) / 2 - w0),
+                               rtol=0, atol=1e-5)  # fmt: skip

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,20 @@ def _umask() -> int:
     return mask
 
 
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _torch_save(obj: Any, path: str) -> None:
+    torch.save(obj, path)
+
+
+# A full disk, as the writers report it: the OS (ENOSPC, EDQUOT), safetensors ("No space left on
+# device (os error 28)"); torch's zip writer says only "unexpected pos" or "file write failed",
+# so a writer's error where the disk then has under FULL_BYTES free is taken as the full disk.
+FULL_BYTES = 1 << 20
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +66,14 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(err, (SafetensorError, RuntimeError)):
+            full = "os error 28" in str(err) or _free_bytes(path.parent) < FULL_BYTES
+            if not full:
+                raise CheckpointError(
+                    f"could not write {path} ({str(err).splitlines()[0]})"
+                ) from err
+        if full:
             raise CheckpointError(
                 f"no space left on device while writing {path}; free space or choose another --out"
             ) from err
@@ -314,7 +336,7 @@ def load_tensors(
 
 
 def save_state(state: dict[str, Any], path: Path) -> None:
-    _atomic(path, lambda tmp: torch.save(state, tmp))
+    _atomic(path, lambda tmp: _torch_save(state, tmp))
 
 
 # A training checkpoint's fields and what each must be (flyp.train writes them): the weights

@@ -945,6 +945,15 @@ def _interrupted_status(err: BaseException) -> int:
     return 143 if _was_terminated(err) else 130  # 128 + the signal, as a shell reports it
 
 
+# What the machine answered, in words a user can act on (an OSError's errno).
+_MACHINE_ANSWERS = {
+    errno.ENOSPC: "no space left on the device; free space or choose another --out",
+    errno.EDQUOT: "the disk quota is used up; free space or choose another --out",
+    errno.EROFS: "the file system is read-only; choose an --out on a writable disk",
+    errno.ENAMETOOLONG: "a file name is too long; choose a shorter --out or recipe name",
+}
+
+
 def _main(argv: list[str]) -> int:
     """Parse and run one subcommand; its expected errors become one line and status 2."""
     args = build_parser().parse_args(argv)
@@ -979,11 +988,13 @@ def _main(argv: list[str]) -> int:
         print(f"error: {for_terminal(_one_line(err))}", file=sys.stderr)
         return 2
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        answer = _MACHINE_ANSWERS.get(err.errno)
+        if answer is None:
             raise
-        where = f" while writing {err.filename}" if err.filename else ""
-        print(
-            f"error: no space left on device{where}; free space or choose another --out",
-            file=sys.stderr,
-        )
+        from flyp.outputs import for_terminal
+
+        # a copy's error names its source first; the file being written is its second name
+        target = err.filename2 or err.filename
+        where = f"cannot write {target}: " if target else ""
+        print(f"error: {for_terminal(where + answer)}", file=sys.stderr)
         return 2

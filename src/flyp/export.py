@@ -20,6 +20,7 @@ class names it scores in flyp_export.json. Everything is written to a temporary 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from flyp.checkpoint import load_weights, read_json, read_weights
+from flyp.checkpoint import CheckpointError, load_weights, read_json, read_weights
 from flyp.errors import RunError
 from flyp.methods import Classifier, get_method
 from flyp.models import ModelBundle, load_model
@@ -86,8 +87,15 @@ def export_run(run_dir: Path, fmt: str, out: Path) -> Path:
         if fmt == "hf":  # after flyp's own files, so the source folder's README never wins
             _copy_processor_files(Path(recipe.model.spec.partition(":")[2]).expanduser(), tmp)
         os.replace(tmp, out)  # an empty ``out`` is replaced whole (rename(2) allows it)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or isinstance(err, CheckpointError) and "no space left" in str(err):
+            # named after the export: a copy's error names the run file it reads first
+            raise ExportError(
+                f"no space left on the device while exporting to {out}; free space or choose "
+                "another --out"
+            ) from None
         raise
     return out
 

@@ -569,7 +569,7 @@ def safe_yaml(text: str) -> Any:
 def _read_yaml(path: Path) -> Any:
     """The YAML in ``path``; a syntax error names the file and its line (1-based)."""
     try:
-        return safe_yaml(path.read_text())
+        return safe_yaml(path.read_text(encoding="utf-8"))  # YAML is UTF-8, whatever the locale
     except UnicodeDecodeError:
         raise RecipeError(f"{path} is not a text file; a recipe is YAML (see recipes/)") from None
     except yaml.composer.ComposerError as err:
@@ -656,18 +656,25 @@ def changes(before: Recipe, after: Recipe) -> tuple[list[str], list[str]]:
 
 # Keys that do not change a run's numbers: its label, and the WiSE-FT alphas (evaluated after
 # the run, into wise.json, which records its own).
-NOT_RUN_SETTINGS = ("name", "eval.wise_alphas")
+NOT_RUN_SETTINGS = ("name", "eval.wise_alphas", "train.log_to")  # change no number of a run
+# The version of what changes a run's numbers beyond its settings: model construction, image
+# decoding, split allocation, the step (caption deduplication), the metrics. Raised with any such
+# change, it is stored with every run's settings, so that a run made by a flyp that computed
+# other numbers is not reused or resumed as if it were today's.
+NUMBERS_VERSION = 2
+NUMBERS_KEY = "flyp.numbers"
 
 
 def run_settings(recipe: Recipe) -> dict[str, Any]:
     """What decides a run's numbers, as ``{"section.key": value}``: the resolved recipe less
     what a resumed run may change (RESUME_SETTABLE) and NOT_RUN_SETTINGS. A run stores it with
     its state and its metrics, so a rerun or a resume can tell whether it is the same run."""
-    return {
+    settings = {
         k: v
         for k, v in flat(recipe.to_dict()).items()
         if not k.startswith(RESUME_SETTABLE) and k not in NOT_RUN_SETTINGS
     }
+    return {**settings, NUMBERS_KEY: NUMBERS_VERSION}
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -683,17 +690,28 @@ def differences(
     saved: dict[str, Any], settings: dict[str, Any], ignore: tuple = (), only: tuple = ("",)
 ) -> str:
     """How ``saved`` run settings differ from ``settings``, as ``key old -> new, ...``; empty
-    when they agree. Keys in ``ignore`` are left out, and keys not starting with one of
-    ``only``. A key that either lacks (a run from before that key existed) counts as its
-    default, as it does when an old recipe.yaml is loaded."""
-    default = run_settings(Recipe())
-    old, new = {**default, **saved}, {**default, **settings}
+    when they agree. Keys in ``ignore`` and NOT_RUN_SETTINGS are left out, and keys not starting
+    with one of ``only``. A key that one side lacks differs (shown as "(none)"): a run made by a
+    flyp that had no such key is not taken as made with today's default; ``flyp.numbers`` says
+    which flyp's numbers a run holds (NUMBERS_VERSION)."""
+    old, new = dict(saved), dict(settings)
+    missing = "(none)"
     keys = [
         k
         for k in {**old, **new}
-        if k not in ignore and k.startswith(only) and old.get(k) != new.get(k)
+        if k not in ignore
+        and k not in NOT_RUN_SETTINGS
+        and k.startswith(only)
+        and old.get(k, missing) != new.get(k, missing)
     ]
-    text = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+    if not only[0] and NUMBERS_KEY in keys:  # the version first: it explains the rest
+        keys.remove(NUMBERS_KEY)
+        keys.insert(0, NUMBERS_KEY)
+
+    def shown(side: dict[str, Any], k: str) -> str:
+        return repr(side[k]) if k in side else missing
+
+    text = ", ".join(f"{k} {shown(old, k)} -> {shown(new, k)}" for k in keys[:4])
     return text + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 

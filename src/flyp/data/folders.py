@@ -150,6 +150,19 @@ def subfolder_paths(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
 
 
+def _check_utf8(path: Path) -> None:
+    """A folder name that is not UTF-8 (Python holds its bytes as surrogates): no caption or
+    report can show it, and the tokenizers fail on it."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise DataError(
+            f"folder name '{shown}' in {path.parent} is not valid UTF-8 (another encoding, such "
+            "as Latin-1); rename it in UTF-8, e.g. with convmv -f latin1 -t utf8"
+        ) from None
+
+
 def subfolders(folder: Path) -> dict[str, str]:
     """Visible sub-folders of ``folder`` as {NFC name: name on disk}, sorted by NFC name.
 
@@ -158,6 +171,7 @@ def subfolders(folder: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     keys: dict[str, str] = {}
     for p in subfolder_paths(folder):
+        _check_utf8(p)
         key = nfc(p.name)
         if key in found:
             raise DataError(

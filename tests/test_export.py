@@ -304,6 +304,7 @@ def test_a_failed_export_leaves_nothing(open_clip_runs, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        export_run(open_clip_runs["flyp"], "open_clip", tmp_path / "export")
+    out = tmp_path / "export"
+    with pytest.raises(ExportError, match=f"no space left on the device while exporting to {out};"):
+        export_run(open_clip_runs["flyp"], "open_clip", out)
     assert list(tmp_path.iterdir()) == []

@@ -131,3 +131,20 @@ def test_a_utf8_recipe_under_lc_all_c_is_read(tmp_path):
     code = f"from flyp.recipe import load_recipe; print(load_recipe({str(recipe)!r}).name == 'caf\\xe9')"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_an_image_too_elongated_to_resize_is_refused_or_skipped_not_blown_up(tmp_path, capsys):
+    """A 957-byte 1 x 300,000 PNG: resized for the model it became 224 x 67 million pixels.
+    It is a bad image: named in one line, or skipped and counted under data.on_bad_image."""
+    from PIL import Image
+
+    tree = make_domains(tmp_path / "data", ["photo", "art", "sketch"], ["dog", "horse", "house"], per_class=6)
+    strip = tree / "photo" / "dog" / "strip.png"
+    Image.new("RGB", (300_000, 1), (200, 10, 10)).save(strip)
+    assert strip.stat().st_size < 5_000
+    assert main(_argv(tree, tmp_path, tmp_path / "run")) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(strip) in err[0] and "aspect ratio over 20:1" in err[0], err
+    assert main(_argv(tree, tmp_path, tmp_path / "run", "data.on_bad_image=skip")) == 0
+    metrics = (tmp_path / "run" / "metrics.json").read_text()
+    assert '"skipped_images": 1' in metrics

@@ -35,7 +35,7 @@ from PIL import Image
 from flyp.data.folders import SKIP_HINT, DataError, Sample, decode_rgb
 from flyp.distributed import local_rank, on_node_main
 
-CHECK_VERSION = 1  # bump when what the check accepts changes: older manifests are then ignored
+CHECK_VERSION = 2  # bumped when what the check accepts changes (2: past MAX_ASPECT): older manifests are ignored
 CHUNK = 64  # images per task: few enough futures for 1.28M images, small enough to spread
 PROGRESS_EVERY_S = 15.0
 SHOW_SKIPPED = 10  # skipped images named on stderr (the rest counted)

@@ -378,11 +378,27 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
 
 
+# The most elongated image flyp takes: resizing the shorter side to the model's resolution
+# scales the longer one by the same factor, so a 1 x 300,000 strip (a 957-byte PNG) became
+# 224 x 67 million pixels in evaluation. A 20:1 panorama at 224 px is 1 M pixels (12 MB).
+MAX_ASPECT = 20
+
+
+class ImageShapeError(ValueError):
+    """An image too elongated to resize for a model (see MAX_ASPECT)."""
+
+
 def decode_rgb(path: str) -> Image.Image:
     """Open, decode every pixel, turn upright and convert to RGB; any failure raises (PIL's own
-    exception). Every image flyp reads goes through here: training, evaluation, the decoded-image
-    cache, the image check and predict."""
+    exception, or ImageShapeError past MAX_ASPECT). Every image flyp reads goes through here:
+    training, evaluation, the decoded-image cache, the image check and predict."""
     with Image.open(path) as img:
+        width, height = img.size
+        if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+            raise ImageShapeError(
+                f"{width}x{height} pixels, an aspect ratio over {MAX_ASPECT}:1: resized for the "
+                "model its longer side would hold millions of pixels; crop it"
+            )
         img.load()
         return to_rgb(img)
 

@@ -132,3 +132,17 @@ def test_weights_of_another_methods_run_are_not_evaluated_as_this_runs(finished_
                    "run is ft: put back the run's own model.safetensors (or evaluate that file "
                    "with its own run's recipe)"]  # fmt: skip
     assert not (tmp_path / "e.json").exists()
+
+
+def test_a_hand_edited_recipe_is_refused_as_a_set_is(finished_run, tmp_path, capsys):
+    """recipe.yaml given another split_seed: evaluate would score images the run trained on.
+    The run's metrics.json holds the settings it was made with; the edit is refused by name."""
+    run = tmp_path / "runs" / "ft-s0"
+    shutil.copytree(finished_run, run)
+    text = (run / "recipe.yaml").read_text()
+    assert "split_seed: 0" in text
+    (run / "recipe.yaml").write_text(text.replace("split_seed: 0", "split_seed: 7"))
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "e.json")]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "(data.split_seed 0 -> 7), as its metrics.json records them" in err[0]
+    assert not (tmp_path / "e.json").exists()

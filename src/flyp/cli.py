@@ -148,15 +148,23 @@ EVAL_SETTABLE = ("data.ood_domains", "data.max_eval", "data.on_bad_image", "eval
 
 
 def _same_run(run_dir: Path, recipe, verb: str) -> None:
-    """Refuse a recipe (its --set / --recipe changes) that reads ``run_dir`` as another run."""
-    from flyp.recipe import RecipeError, differences, run_settings
+    """Refuse a recipe (its --set / --recipe changes, or a recipe.yaml edited by hand) that
+    reads ``run_dir`` as another run: compared with the settings the run stored when it finished
+    (its metrics.json), else with its recipe.yaml."""
+    from flyp.recipe import NUMBERS_KEY, RecipeError, differences, run_settings
+    from flyp.rundir import saved_settings
 
-    saved, settings = run_settings(load_recipe(run_dir / "recipe.yaml")), run_settings(recipe)
+    saved, source = saved_settings(run_dir)
+    if saved is None:
+        saved = run_settings(load_recipe(run_dir / "recipe.yaml"))
+    settings = run_settings(recipe)
+    # where the data lives and what is evaluated may differ; so may the flyp that evaluates
     ignore = tuple(k for k in {**saved, **settings} if k.startswith(EVAL_SETTABLE))
-    diff = differences(saved, settings, ignore=ignore)
+    diff = differences(saved, settings, ignore=(*ignore, NUMBERS_KEY))
     if diff:
         raise RecipeError(
-            f"{verb} {run_dir} with other settings than it was trained with ({diff}): other "
+            f"{verb} {run_dir} with other settings than it was trained with ({diff}), as its "
+            f"{source.name if source else 'recipe.yaml'} records them: other "
             "splits would score images it trained on, another model or head is not this run; "
             "drop those changes (only data.ood_domains, data.max_eval, eval.* and where the data "
             "lives may differ)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,32 @@ def test_an_image_too_elongated_to_resize_is_refused_or_skipped_not_blown_up(tmp
     assert main(_argv(tree, tmp_path, tmp_path / "run", "data.on_bad_image=skip")) == 0
     metrics = (tmp_path / "run" / "metrics.json").read_text()
     assert '"skipped_images": 1' in metrics
+
+
+# --- one image is one file, wherever it is linked from (issue 22, item 2) -----------------------
+
+
+def _links_case(tmp_path: Path, how: str) -> tuple[Path, Path]:
+    tree = make_domains(tmp_path / "data", ["photo", "art", "sketch"], ["dog", "horse", "house"], per_class=6)
+    if how == "class folder":  # horse's folder is dog's: identical images under two labels
+        shutil.rmtree(tree / "photo" / "horse")
+        (tree / "photo" / "horse").symlink_to(tree / "photo" / "dog", target_is_directory=True)
+        return tree, tree / "photo" / "horse"
+    if how == "domain":  # the OOD domain is the ID domain: OOD "measured" on training images
+        shutil.rmtree(tree / "sketch")
+        (tree / "sketch").symlink_to(tree / "photo", target_is_directory=True)
+        return tree, tree / "sketch"
+    # a hard link: one photo of a dog also filed as an art image
+    target = tree / "art" / "dog" / "linked.png"
+    os.link(tree / "photo" / "dog" / "000.png", target)
+    return tree, target
+
+
+@pytest.mark.parametrize("how", ["class folder", "domain", "hard link"])
+def test_a_linked_image_is_one_file_and_is_refused_naming_both_paths(how, tmp_path, capsys):
+    tree, linked = _links_case(tmp_path, how)
+    assert main(_argv(tree, tmp_path, tmp_path / "run")) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "are one file (a symbolic or hard link)" in err[0], err
+    assert str(linked) in err[0]  # the linked path is named (beside the file it points at)
+    assert not (tmp_path / "run").exists()

@@ -91,14 +91,28 @@ def check_sets(
                 "folder or CSV file, and data.id_domain / data.ood_domains)"
             )
         seen[key] = name
-    where: dict[str, str] = {}
+    # Images are compared as files: a symbolic link (a class folder linked to another class, a
+    # domain linked to the ID domain) or a hard link is the image it points at.
+    where: dict[object, tuple[str, str]] = {}
     for name, part in {"train": train, "val": val, **tests}.items():
         for sample in part:
-            first = where.setdefault(os.path.abspath(sample.path), name)
-            if first != name:
+            path = os.path.abspath(sample.path)
+            try:
+                info = os.stat(path)
+                key: object = (info.st_dev, info.st_ino)
+            except OSError:  # missing, a dangling link or a loop: the image check names it
+                key = path
+            first_set, first_path = where.setdefault(key, (name, path))
+            if first_path == path and first_set != name:
                 raise DataError(
-                    f"image {sample.path} is in both the '{first}' and the '{name}' set; an image "
-                    "may be in one set only: remove it from one domain's folder or CSV file"
+                    f"image {sample.path} is in both the '{first_set}' and the '{name}' set; an "
+                    "image may be in one set only: remove it from one domain's folder or CSV file"
+                )
+            if first_path != path:
+                raise DataError(
+                    f"images {first_path} ('{first_set}' set) and {path} ('{name}' set) are one "
+                    "file (a symbolic or hard link): one image would count twice, or under two "
+                    "labels, or be tested on after training on it; keep one of them"
                 )
 
 

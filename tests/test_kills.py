@@ -259,3 +259,28 @@ def test_the_checkpoint_holds_the_weights_of_its_own_step(fake_pacs, tmp_path):
     assert not torch.equal(at_2["weights"][key], at_4["weights"][key])
     assert torch.equal(checkpoint_weights(tmp_path / "a")[key], at_2["weights"][key])
     assert not (tmp_path / "a" / "last.safetensors").exists()
+
+
+def test_micro_batch_changes_at_resume_only_where_no_number_depends_on_it(fake_pacs, tmp_path):
+    """The gradient cache gives the full batch's gradients, but with dropout each chunk draws
+    its own masks: a resume that cuts the batch otherwise would train another run."""
+    import dataclasses
+
+    dropout = _recipe(fake_pacs, "train.stop_after_steps=2")  # tiny:0.5: text dropout
+    finetune(dropout, tmp_path / "dropout")
+    chunked = _recipe(fake_pacs, "train.micro_batch=2")
+    with pytest.raises(RunError, match=r"cannot change train.micro_batch \(None -> 2\): "
+                       r"dropout drops out at random \(Dropout, 0.5\).*train.micro_batch=null"):  # fmt: skip
+        finetune(chunked, tmp_path / "dropout", resume=True)
+    # no dropout (tiny, frozen BatchNorm): the cut changes nothing, and the resumed run is the run
+    plain = [*ARGS[:-1], "model.spec=tiny"]
+    full = finetune(load_recipe(None, tiny_overrides(fake_pacs, *plain)), tmp_path / "full")
+    stopped = load_recipe(None, tiny_overrides(fake_pacs, *plain, "train.stop_after_steps=2"))
+    finetune(stopped, tmp_path / "plain")
+    again = dataclasses.replace(stopped, train=dataclasses.replace(stopped.train, micro_batch=2, stop_after_steps=None))
+    resumed = finetune(again, tmp_path / "plain", resume=True)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+    assert resumed["selected_epoch"] == full["selected_epoch"]

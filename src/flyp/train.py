@@ -272,6 +272,33 @@ def finetune(
             release(run_dir, lock)
 
 
+def _chunk_dependent(model: nn.Module, cfg: TrainConfig) -> str | None:
+    """Why a step's numbers would depend on how the batch is cut into micro-batches, or None:
+    dropout (each chunk draws its own masks) or BatchNorm in train mode (each chunk's own
+    statistics). Without either, the gradient cache gives the full batch's gradients."""
+    if cfg.batchnorm == "train":
+        return "train.batchnorm=train normalises each chunk by its own statistics"
+    for name, module in model.named_modules():
+        rate = getattr(module, "p", None) if isinstance(module, nn.Dropout) else None
+        rate = getattr(module, "drop_prob", rate)  # timm's DropPath
+        if isinstance(rate, float) and rate > 0:
+            return f"{name or 'the model'} drops out at random ({type(module).__name__}, {rate:g})"
+    return None
+
+
+def _check_micro_batch(saved: int | None, cfg: TrainConfig, model: nn.Module, run_dir: Path) -> None:
+    """train.micro_batch may change at resume only where the cut of the batch changes no number."""
+    if saved == cfg.micro_batch:
+        return
+    why = _chunk_dependent(model, cfg)
+    if why:
+        raise RunError(
+            f"--resume {run_dir} cannot change train.micro_batch ({saved} -> {cfg.micro_batch}): "
+            f"{why}, so other chunks would train another run; resume with "
+            f"train.micro_batch={saved if saved is not None else 'null'}"
+        )
+
+
 def _train(
     recipe: Recipe, run_dir: Path, resume: bool, exp: Experiment, env: DistEnv, method
 ) -> dict[str, Any]:
@@ -294,6 +321,8 @@ def _train(
                 "put those back in its recipe.yaml, or start a new run with --out (a resume "
                 f"may change only {', '.join(RESUME_SETTABLE)})"
             )
+    if state is not None:
+        _check_micro_batch(state.get("micro_batch", cfg.micro_batch), cfg, exp.bundle.model, run_dir)
     if env.is_main:  # its data where it was found, whatever folder it is read from later
         stored = dataclasses.replace(recipe, data=absolute_roots(recipe.data))
         save_recipe(stored, run_dir / "recipe.yaml")
@@ -654,6 +683,7 @@ class _Run:
                 "train_seconds": self.train_seconds,
                 "images_seen": self.images_seen,
                 "settings": self.settings,  # a resume with other settings is refused
+                "micro_batch": self.cfg.micro_batch,  # changed at resume only where no draw differs
             },
             self.run_dir / "state.pt",
         )

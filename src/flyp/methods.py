@@ -66,29 +66,9 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def image_tower_names(model: nn.Module, image_size: int) -> set[str]:
-    """Names of the parameters ``encode_image`` depends on, found by one backward pass, so no
-    naming convention is needed (the default model's bridge sits outside ``visual``)."""
-    named = [(n, p) for n, p in model.named_parameters() if not is_scale_param(n)]
-    was_training, flags = model.training, [p.requires_grad for _, p in named]
-    model.eval()
-    for _, p in named:
-        p.requires_grad_(True)
-    with torch.enable_grad():
-        probe = torch.zeros(1, 3, image_size, image_size, device=model.logit_scale.device)
-        out = model.encode_image(probe).float().sum()
-        grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
-    for (_, p), flag in zip(named, flags, strict=True):
-        p.requires_grad_(flag)
-    model.train(was_training)
-    return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
-
-
-def text_tower_names(model: nn.Module, tokenizer: Callable) -> set[str]:
-    """Names of the parameters ``encode_text`` depends on, found as :func:`image_tower_names`
-    does: a text-side parameter ``encode_text`` never reaches (a captioner's decoder, say) is
-    not trained, so that every trainable parameter has a gradient at every step (DDP is then
-    built without searching the graph for unused ones)."""
+def _reached_by(model: nn.Module, encode: Callable[[], Tensor]) -> set[str]:
+    """Names of the parameters (the scale aside) that ``encode()`` depends on, found by one
+    backward pass in eval mode; the model's requires_grad flags and mode are put back."""
     named = [(n, p) for n, p in model.named_parameters() if not is_scale_param(n)]
     was_training, flags = model.training, [p.requires_grad for _, p in named]
     model.eval()
@@ -96,14 +76,30 @@ def text_tower_names(model: nn.Module, tokenizer: Callable) -> set[str]:
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            tokens = tokenizer(["a photo of a thing."]).to(model.logit_scale.device)
-            out = model.encode_text(tokens).float().sum()
+            out = encode().float().sum()
             grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True)
     finally:
         for (_, p), flag in zip(named, flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
     return {n for (n, _), g in zip(named, grads, strict=True) if g is not None}
+
+
+def image_tower_names(model: nn.Module, image_size: int) -> set[str]:
+    """Names of the parameters ``encode_image`` depends on, found by one backward pass, so no
+    naming convention is needed (the default model's bridge sits outside ``visual``)."""
+    device = model.logit_scale.device
+    probe = torch.zeros(1, 3, image_size, image_size, device=device)
+    return _reached_by(model, lambda: model.encode_image(probe))
+
+
+def text_tower_names(model: nn.Module, tokenizer: Callable) -> set[str]:
+    """Names of the parameters ``encode_text`` depends on, found as :func:`image_tower_names`
+    does: a text-side parameter ``encode_text`` never reaches (a captioner's decoder, say) is
+    not trained, so that every trainable parameter has a gradient at every step (DDP is then
+    built without searching the graph for unused ones)."""
+    tokens = tokenizer(["a photo of a thing."]).to(model.logit_scale.device)
+    return _reached_by(model, lambda: model.encode_text(tokens))
 
 
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:

@@ -551,18 +551,16 @@ def _depth(node: Any, limit: int = MAX_DEPTH) -> int:
 def safe_yaml(text: str) -> Any:
     """The YAML of a recipe or a ``--set`` value: plain values, no aliases, no repeated keys,
     numbers as YAML 1.2 (see _RecipeLoader); nesting deeper than a recipe can mean is refused."""
+    too_deep = RecipeError(
+        f"the YAML is nested too deeply (over {MAX_DEPTH} levels); a recipe is sections of "
+        "settings (see recipes/)"
+    )
     try:
         value = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
-        raise RecipeError(
-            f"the YAML is nested too deeply (over {MAX_DEPTH} levels); a recipe is sections "
-            "of settings (see recipes/)"
-        ) from None
+        raise too_deep from None
     if _depth(value) > MAX_DEPTH:
-        raise RecipeError(
-            f"the YAML is nested too deeply (over {MAX_DEPTH} levels); a recipe is sections "
-            "of settings (see recipes/)"
-        )
+        raise too_deep
     return value
 
 

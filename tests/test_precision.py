@@ -235,15 +235,15 @@ def test_predict_gives_the_logits_of_the_runs_evaluation_in_its_precision(
     run = tmp_path / "run"
     assert main(finetune_args(fake_pacs, run)) == 0
     evaluated = {}
-    evaluate_sets = flyp.evaluate.evaluate_sets
+    evaluate_many = flyp.evaluate.evaluate_many
 
-    def spy(scorer, loaders, *args, **kwargs):  # inside evaluate_classifier's autocast
-        metrics = evaluate_sets(scorer, loaders, *args, **kwargs)  # puts it in eval mode
+    def spy(scorers, loaders, *args, **kwargs):  # inside evaluate_classifier's autocast
+        metrics = evaluate_many(scorers, loaders, *args, **kwargs)  # puts them in eval mode
         with torch.no_grad():
-            evaluated["photo"] = torch.cat([scorer(x).float() for x, _, _ in loaders["photo"]])
+            evaluated["photo"] = torch.cat([scorers[0](x).float() for x, _, _ in loaders["photo"]])
         return metrics
 
-    monkeypatch.setattr(flyp.evaluate, "evaluate_sets", spy)
+    monkeypatch.setattr(flyp.evaluate, "evaluate_many", spy)
     assert main(["evaluate", str(run)]) == 0
     assert "precision: eval bf16 (auto: this CPU has native bf16" in capsys.readouterr().err
     expected = F.softmax(evaluated["photo"], dim=-1)

@@ -33,7 +33,7 @@ from flyp.checkpoint import (
 from flyp.distributed import init_distributed, on_main
 from flyp.ensemble import greedy_soup, interpolate, model_stock, uniform_soup
 from flyp.errors import RunError
-from flyp.evaluate import evaluate_classifier, summarise, validation_score
+from flyp.evaluate import evaluate_states, summarise, validation_score
 from flyp.experiment import Experiment, loss_context, prepare
 from flyp.metadata import weights_metadata
 from flyp.methods import (
@@ -121,34 +121,40 @@ def wise_sweep(
     known: dict[float, dict] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the interpolations of a finished run; pick alpha on ID validation (``wise.json``)
-    and keep the model at that alpha (``RUN/wise-model``, see :func:`save_model`)."""
+    and keep the model at that alpha (``RUN/wise-model``, see :func:`save_model`).
+
+    Every alpha not ``known`` is scored in one read of each set (flyp.evaluate.evaluate_states:
+    each batch decoded once, forwarded through each interpolation). Under torchrun every rank
+    calls this and scores its share; rank 0 writes."""
     metrics = read_json(run_dir / "metrics.json", ("method", "seed", "sets"))
-    known = dict(known or {})
+    known = {a: sets for a, sets in (known or {}).items() if sets is not None}
     known.setdefault(1.0, metrics["sets"])
     classifier = zeroshot_classifier(exp, metrics["method"], pretrained)
     zeroshot = copy.deepcopy(classifier.state_dict())
     load_weights(classifier, run_dir / "model.safetensors", metrics["method"])
     finetuned = copy.deepcopy(classifier.state_dict())
-    points = []
-    for alpha in alphas:
-        if alpha in known:
-            sets = known[alpha]
-        else:
-            classifier.load_state_dict(interpolate(zeroshot, finetuned, alpha))
-            with tracking.running(f"{metrics['method']} seed {metrics['seed']} WiSE α={alpha:g}"):
-                sets = evaluate_classifier(classifier, exp)
-        points.append(_point(alpha, sets, exp))
+    todo = [alpha for alpha in alphas if alpha not in known]
+    if todo:
+        named = ",".join(f"{alpha:g}" for alpha in todo)
+        with tracking.running(f"{metrics['method']} seed {metrics['seed']} WiSE α={named}"):
+            states = [partial(interpolate, zeroshot, finetuned, alpha) for alpha in todo]
+            known.update(zip(todo, evaluate_states(classifier, exp, states), strict=True))
+    points = [_point(alpha, known[alpha], exp) for alpha in alphas]
     best = max(points, key=lambda p: (p["val"], -abs(p["alpha"] - 0.5)))
     classifier.load_state_dict(interpolate(zeroshot, finetuned, best["alpha"]))
     model_dir = run_dir / WISE_MODEL
-    save_model(classifier, exp, model_dir, run_dir, {"kind": "wise-ft", "alpha": best["alpha"]})
     name = f"{metrics['method']} WiSE-FT (α={best['alpha']:g})"
     model_metrics = {"method": name, "seed": metrics["seed"], "recipe": exp.recipe.name, **best}
-    atomic_write_json(model_dir / "metrics.json", {**model_metrics, "source_run": str(run_dir)})
     result = {"method": metrics["method"], "seed": metrics["seed"], "best_alpha": best["alpha"], "points": points}
     result["model"] = str(model_dir)
     result["fingerprint"] = metrics.get("fingerprint")  # the run it interpolates (compare checks)
-    atomic_write_json(run_dir / "wise.json", result)
+
+    def write() -> None:
+        save_model(classifier, exp, model_dir, run_dir, {"kind": "wise-ft", "alpha": best["alpha"]})
+        atomic_write_json(model_dir / "metrics.json", {**model_metrics, "source_run": str(run_dir)})
+        atomic_write_json(run_dir / "wise.json", result)
+
+    on_main(write)
     _reset(exp, pretrained)
     return result
 
@@ -168,7 +174,11 @@ def make_soups(
     method's finetuning started from: the pretrained towers with, for head methods, the
     zero-shot head, except LP-FT, which starts from its linear probe (fitted again here as its
     runs fitted it: same features, same C chosen on ID validation). Each merge is kept as a
-    model folder (see :func:`save_model`) with its metrics."""
+    model folder (see :func:`save_model`) with its metrics.
+
+    The greedy soup's candidates are scored on ID validation one after another; the merges are
+    then scored together, in one read of each set. Under torchrun every rank calls this and
+    scores its share; rank 0 writes."""
     method = read_json(run_dirs[0] / "metrics.json", ("method",))["method"]
     classifier = zeroshot_classifier(exp, method, pretrained)
     starts_from = "the pretrained weights" + (", zero-shot head" if classifier.head else "")
@@ -200,30 +210,34 @@ def make_soups(
             "t": ratios,
         }
         merges.append(("model stock", merged, stock))
+    scored = evaluate_states(classifier, exp, [state for _, state, _ in merges])
     written = []
-    for name, state, extra in merges:
+    for (name, state, extra), sets in zip(merges, scored, strict=True):
         classifier.load_state_dict(state)
-        sets = evaluate_classifier(classifier, exp)
         soup_dir = out_dir / f"{method}-soup-{name.replace(' ', '-')}"
         merge = {"kind": f"{name} soup" if name != "model stock" else name}
         merge["runs"] = [str(d) for d in extra.get("kept_runs", run_dirs)]
-        save_model(classifier, exp, soup_dir, run_dirs[0], merge)
         b = exp.benchmark
-        atomic_write_json(
-            soup_dir / "metrics.json",
-            {
-                "method": f"{method} soup ({name})",
-                "seed": -1,
-                "recipe": exp.recipe.name,
-                **summarise(sets, b.id_name, b.ood_names, b.metric),
-                "sets": sets,
-                "runs": [str(d) for d in run_dirs],
-                **extra,
-            },
-        )
+        soup_metrics = {
+            "method": f"{method} soup ({name})",
+            "seed": -1,
+            "recipe": exp.recipe.name,
+            **summarise(sets, b.id_name, b.ood_names, b.metric),
+            "sets": sets,
+            "runs": [str(d) for d in run_dirs],
+            **extra,
+        }
+        on_main(partial(_write_merge, classifier, exp, soup_dir, run_dirs[0], merge, soup_metrics))
         written.append(soup_dir)
     _reset(exp, pretrained)
     return written
+
+
+def _write_merge(
+    classifier: Classifier, exp: Experiment, folder: Path, source: Path, merge: dict, metrics: dict
+) -> None:
+    save_model(classifier, exp, folder, source, merge)
+    atomic_write_json(folder / "metrics.json", metrics)
 
 
 # Methods whose runs do not depend on train.seed: zeroshot trains nothing, and lp's probe is a
@@ -379,16 +393,16 @@ def compare(
             finetune(one, run_dir, resume=todo == "resume", exp=exp.for_run(one))
         if name == "zeroshot":
             zeroshot_sets = _finished_sets(run_dir)
-        elif wise:
-            on_main(partial(_wise_sweep_if_stale, exp, run_dir, pretrained, zeroshot_sets))
+        elif wise and on_main(partial(_wise_is_stale, run_dir, exp.recipe.eval.wise_alphas)):
+            # every rank scores its share of the sweep; rank 0 writes
+            wise_sweep(exp, run_dir, exp.recipe.eval.wise_alphas, pretrained, known={0.0: zeroshot_sets})
     extra: list[Path] = []
     kinds = [*(SOUPS if soups else ()), *(["model stock"] if stock else [])]
     if kinds and len(seeds) > 1:
         for name, dirs in run_dirs.items():
             if get_method(name).objective != "none":
                 with tracking.running(f"{name} soups"):  # names the soups' progress lines
-                    merge = partial(make_soups, exp, dirs, out_dir / "soups", pretrained, kinds)
-                    extra += on_main(merge)
+                    extra += make_soups(exp, dirs, out_dir / "soups", pretrained, kinds)
     all_dirs = [d for dirs in run_dirs.values() for d in dirs] + extra
     tracking.note(f"report: writing {out_dir / 'report.md'}")
     title = f"{recipe.name}: {exp.bundle.spec}"
@@ -410,10 +424,6 @@ def _finished_sets(run_dir: Path) -> dict:
     return on_main(lambda: read_json(run_dir / "metrics.json", ("sets",))["sets"])
 
 
-def _wise_sweep_if_stale(
-    exp: Experiment, run_dir: Path, pretrained: dict[str, torch.Tensor], zeroshot_sets: dict | None
-) -> None:
-    """The run's WiSE-FT sweep, unless wise.json already sweeps these alphas over this run."""
-    alphas = exp.recipe.eval.wise_alphas
-    if not _wise_is_current(run_dir, alphas):
-        wise_sweep(exp, run_dir, alphas, pretrained, known={0.0: zeroshot_sets})
+def _wise_is_stale(run_dir: Path, alphas: Sequence[float]) -> bool:
+    """Whether the run needs its WiSE-FT sweep (wise.json does not sweep these alphas over it)."""
+    return not _wise_is_current(run_dir, alphas)

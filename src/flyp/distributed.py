@@ -46,6 +46,7 @@ import atexit
 import os
 import pickle
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -251,6 +252,47 @@ def is_main() -> bool:
 T = TypeVar("T")
 
 
+# Set while rank 0 (or a node's local rank 0) does work the other ranks wait for: evaluation
+# called from there cannot ask the other ranks for their shards, so it scores every set alone.
+_alone = False
+
+
+@contextmanager
+def _working_alone():
+    global _alone
+    was, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = was
+
+
+def eval_shard() -> tuple[int, int]:
+    """(rank, world) of this process's share of an evaluation: every rank scores its own
+    contiguous block of each set (:func:`shard_bounds`) and the per-example results are
+    gathered (:func:`gather_in_rank_order`). (0, 1) for one process, and inside :func:`on_main`
+    or :func:`on_node_main` work, where the other ranks are not there to help."""
+    if not _several() or _alone:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous block [lo, hi) of ``n`` items: the blocks of all ranks, in
+    rank order, are the items in order, each once (sizes differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def gather_in_rank_order(mine: T) -> list[T]:
+    """Every rank's ``mine``, rank by rank, on every rank (``[mine]`` for one process)."""
+    rank, world = eval_shard()
+    if world == 1:
+        return [mine]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def on_main(work: Callable[[], T]) -> T:
     """``work()`` run by rank 0 alone, its result (or its error) returned (raised) on every rank.
 
@@ -267,7 +309,8 @@ def on_main(work: Callable[[], T]) -> T:
     failure: BaseException | None = None
     if dist.get_rank() == 0:
         try:
-            outcome[0] = ("result", work())
+            with _working_alone():
+                outcome[0] = ("result", work())
         except BaseException as err:  # Ctrl-C too: the other ranks must not wait for it
             failure = err
             outcome[0] = ("error", _portable(err))
@@ -313,7 +356,8 @@ def on_node_main(work: Callable[[], T]) -> T:
     failure: BaseException | None = None
     if local_rank() == 0:
         try:
-            mine = ("result", work())
+            with _working_alone():
+                mine = ("result", work())
         except BaseException as err:  # Ctrl-C too: the node's other ranks must not wait for it
             failure = err
             mine = ("error", _portable(err))

@@ -59,6 +59,7 @@ from flyp.distributed import (
     ddp_for,
     gather_batch,
     init_distributed,
+    is_main,
     on_main,
 )
 from flyp.errors import RunError  # callers import it from here too
@@ -327,8 +328,8 @@ def _train(
         stored = dataclasses.replace(recipe, data=absolute_roots(recipe.data))
         save_recipe(stored, run_dir / "recipe.yaml")
     classifier, precision = _set_up_classifier(cfg, exp, run_dir, env, method, ctx)
-    if method.objective == "none":  # rank 0 evaluates and writes; every rank gets metrics
-        return on_main(partial(_finish_untrained, classifier, exp, run_dir, recipe))
+    if method.objective == "none":  # every rank evaluates its share; rank 0 writes
+        return _finish_untrained(classifier, exp, run_dir, recipe)
     _place_model(classifier, ctx, cfg, env)
     run = _set_up_loop(cfg, exp, run_dir, env, method, ctx, classifier, precision, settings)
     if state is not None:
@@ -395,18 +396,12 @@ def _train(
                 f"{epoch_images / seconds:.1f} images/s  elapsed {clock(time.time() - started)}"
             )
 
-    def finish() -> dict[str, Any]:
-        if run.select:
-            load_weights(classifier, run_dir / "model.safetensors")
-        epoch = run.best["epoch"] if run.select else cfg.epochs  # not selecting: the last weights
-        return _finish(
-            classifier, exp, run_dir, epoch, started, run.train_seconds, run.images_seen
-        )
-
-    # Rank 0 evaluates and writes while the others wait at a barrier (within the process
-    # group's timeout, train.dist_timeout_s); every rank returns its metrics (flyp compare and
-    # flyp sweep go on from them on every rank).
-    return on_main(finish)
+    if run.select:  # every rank reads the weights rank 0 kept (the folder every node sees)
+        load_weights(classifier, run_dir / "model.safetensors")
+    epoch = run.best["epoch"] if run.select else cfg.epochs  # not selecting: the last weights
+    # Every rank evaluates its share of each set; rank 0 writes, and every rank returns its
+    # metrics (flyp compare and flyp sweep go on from them on every rank).
+    return _finish(classifier, exp, run_dir, epoch, started, run.train_seconds, run.images_seen)
 
 
 # --- setup -------------------------------------------------------------------------------
@@ -660,10 +655,9 @@ class _Run:
     def end_epoch(self, epoch: int) -> None:
         """Validate (rank 0; every rank holds its choice), keep the best weights, checkpoint."""
         if self.select:
-            validate = partial(
-                _validate_epoch, self.classifier, self.exp, self.run_dir, self.tracker, self.best
-            )
-            self.best = on_main(partial(validate, self.step, epoch))
+            val = validation_score(self.classifier, self.exp)  # every rank scores its share
+            keep = partial(_keep_if_best, self.classifier, self.exp, self.run_dir, self.tracker)
+            self.best = on_main(partial(keep, self.best, val, self.step, epoch))
         self.validated = epoch
         self.checkpoint()
 
@@ -689,18 +683,18 @@ class _Run:
         )
 
 
-def _validate_epoch(
+def _keep_if_best(
     classifier: Classifier,
     exp: Experiment,
     run_dir: Path,
     tracker: Any,
     best: dict[str, Any],
+    val: float,
     step: int,
     epoch: int,
 ) -> dict[str, Any]:
-    """An epoch's end: the ID validation score logged, and the weights kept when they are the
-    best so far (the first of equals; NaN never wins). Returns the best {"val", "epoch"}."""
-    val = validation_score(classifier, exp)
+    """An epoch's end: its ID validation score ``val`` logged, and the weights kept when they
+    are the best so far (the first of equals; NaN never wins). Returns the best {"val", "epoch"}."""
     metric = exp.benchmark.metric
     entry = {"step": step, "epoch": epoch, "val": val, "val_metric": metric}
     append_log(run_dir / "log.jsonl", entry)
@@ -715,7 +709,7 @@ def _finish_untrained(
     classifier: Classifier, exp: Experiment, run_dir: Path, recipe: Recipe
 ) -> dict[str, Any]:
     """A run that trains nothing (zeroshot, lp): its head evaluated and saved."""
-    open_tracker(recipe, run_dir, True)  # _finish sends it the metrics and closes it
+    open_tracker(recipe, run_dir, is_main())  # _finish sends it the metrics and closes it
     return _finish(
         classifier, exp, run_dir, selected_epoch=0, started=time.time(), train_seconds=0.0, images_seen=0
     )
@@ -750,12 +744,15 @@ def _finish(
     def changed(key: str) -> bool:
         return not key.startswith("model.") or is_scale_param(key.removeprefix("model."))
 
-    if untrained:
-        save_weights(classifier, path, _metadata(exp, classifier, "changed"), changed)
-    elif not path.exists() or read_metadata(path) is None:  # selection already wrote it
-        save_weights(classifier, path, _metadata(exp, classifier))
+    def save() -> None:
+        if untrained:
+            save_weights(classifier, path, _metadata(exp, classifier, "changed"), changed)
+        elif not path.exists() or read_metadata(path) is None:  # selection already wrote it
+            save_weights(classifier, path, _metadata(exp, classifier))
+
+    on_main(save)
     tick = time.time()
-    sets = evaluate_classifier(classifier, exp, None)
+    sets = evaluate_classifier(classifier, exp, None)  # every rank scores its share
     metrics = {
         "recipe": exp.recipe.name,
         "method": exp.recipe.train.method,
@@ -773,7 +770,11 @@ def _finish(
         "settings": run_settings(exp.recipe),
         "fingerprint": fingerprint(run_settings(exp.recipe)),
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    (run_dir / "state.pt").unlink(missing_ok=True)
-    finish_tracker(run_dir, metrics)  # the final metrics to TensorBoard / W&B (train.log_to)
-    return metrics
+
+    def write() -> dict[str, Any]:  # rank 0's metrics (its timings) for every rank
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        (run_dir / "state.pt").unlink(missing_ok=True)
+        finish_tracker(run_dir, metrics)  # the final metrics to TensorBoard / W&B (train.log_to)
+        return metrics
+
+    return on_main(write)

@@ -229,10 +229,62 @@ def materialize(
     for batch_images, batch_labels, _ in eval_loader(dataset, batch_size, workers):
         images.append(batch_images)
         labels.append(batch_labels)
-    labels_t = torch.cat(labels)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if not images:  # an empty shard of a small set (several ranks)
+        return TensorDataset(torch.zeros(0), labels_t, labels_t.clone())
     # stored in the layout the image tower runs in, so every later pass takes views of it
     layout = torch.channels_last if channels_last else torch.contiguous_format
     images_t = torch.cat(images).contiguous(memory_format=layout)
     if pins(device):
         images_t = images_t.pin_memory()
     return TensorDataset(images_t, labels_t, torch.full_like(labels_t, -1))
+
+
+# Evaluation batches cross from the loader's workers to the device as uint8 (1 byte a pixel, a
+# quarter of fp32's shared memory, pinned memory and copy), and the decoded-image cache holds
+# them so (4x the images per eval.cache_gb); the last two steps of the transform, ToTensor's
+# /255 and the normalisation, run on the device with the same fp32 arithmetic.
+
+
+def uint8_transform(transform: Callable) -> tuple[Callable, tuple, tuple] | None:
+    """``transform`` (a torchvision Compose ending in ToTensor, Normalize) as the same steps
+    ending in PILToTensor, with the mean and std that :func:`finish_pixels` applies on the
+    device; None for a transform of another shape (it then runs whole in the workers)."""
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, T.Compose) or not steps or len(steps) < 2:
+        return None
+    to_tensor, normalize = steps[-2:]
+    if type(to_tensor) is not T.ToTensor or type(normalize) is not T.Normalize or normalize.inplace:
+        return None
+    return T.Compose([*steps[:-2], T.PILToTensor()]), tuple(normalize.mean), tuple(normalize.std)
+
+
+def finish_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images to the model's input: ToTensor's ``float().div(255)``, then Normalize's
+    ``sub(mean).div(std)``, in fp32 as torchvision does them (bitwise its output)."""
+    x = images.to(torch.float32).div(255)
+    shape = (-1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return x.sub_(mean_t).div_(std_t)
+
+
+class OnDevice:
+    """A loader's batches moved to ``device`` (non-blocking from pinned memory) with uint8
+    images finished there (:func:`finish_pixels`); the loader's ``dataset`` and ``len``."""
+
+    def __init__(self, loader, device: torch.device | str, mean: Sequence[float], std: Sequence[float]):
+        self.loader, self.device, self.mean, self.std = loader, torch.device(device), mean, std
+        self.dataset = getattr(loader, "dataset", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, *rest in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            if images.dtype == torch.uint8:
+                images = finish_pixels(images, self.mean, self.std)
+            yield (images, *rest)

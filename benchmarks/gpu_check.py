@@ -6,9 +6,16 @@ images with PACS-like captions: the device machine has no dataset) three ways:
 - ``open_clip_train``: ``open_clip_train.train.train_one_epoch``, the training loop of the
   package that ships in the open_clip_torch wheel, at ``--precision amp_bf16`` (no GradScaler, as
   its main does for bf16), ClipLoss, AdamW with its main's parameter groups; 77-token text;
-- ``flyp equal``: flyp's step (``flyp.gradcache.forward_backward``) at the same settings: the
-  same batch, bf16 autocast and 77-token text;
-- ``flyp default``: flyp's step with its default text trimmed to the longest caption.
+- ``flyp equal``: flyp's step (``flyp.gradcache.forward_backward``) at equal work: the same
+  batch, bf16 autocast, 77-token text, every caption encoded (no deduplication);
+- ``flyp dedup PACS``: as equal, each distinct caption of the batch encoded once (7 classes x 2
+  templates: at most 14 captions a batch);
+- ``flyp ImageNet``: as dedup, with ImageNet's caption set (1000 classes x 80 templates drawn
+  uniformly: nearly every caption distinct);
+- ``flyp default``: flyp's recommended step: deduplication, text trimmed to the longest caption;
+- ``flyp compiled``: the default with ``train.compile: true`` (eager vs compiled).
+
+Each row counts its own work (FLOPs of its own step) for its MFU.
 
 For each: images/s, MFU against the card's datasheet bf16 dense peak (``PEAK_BF16_TFLOPS``),
 peak memory; then the ratio flyp / open_clip_train, the gradient cache's memory and the
@@ -28,6 +35,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,7 +109,25 @@ def batch_data(args, device: torch.device, image_size: int):
     return images, labels
 
 
-def flyp_path(args, device: torch.device, context_length: int | None, card) -> dict:
+# ImageNet's caption set: 1000 classes x 80 templates, each drawn uniformly (nearly every caption
+# of a batch is distinct, so deduplication saves nothing).
+IMAGENET_CLASSES = [f"class number {i}" for i in range(1000)]
+IMAGENET_TEMPLATES = [f"a photo of a {{}}, take {t}." for t in range(80)]
+
+# Each flyp row: (name, text tokens, deduplicate captions, caption set, torch.compile).
+FLYP_ROWS = [
+    ("flyp equal", 77, False, "pacs", False),  # open_clip_train's work: every caption encoded
+    ("flyp dedup PACS", 77, True, "pacs", False),
+    ("flyp ImageNet", 77, True, "imagenet", False),
+    ("flyp default", None, True, "pacs", False),  # recommended: trimmed text, deduplication
+    ("flyp compiled", None, True, "pacs", True),  # the same, train.compile: true
+]
+
+
+def flyp_path(
+    args, device: torch.device, card, name: str, context_length: int | None, unique: bool,
+    captions: str, compiled: bool,
+) -> dict:  # fmt: skip
     """flyp's FLYP step: captions from the labels, forward + contrastive loss + backward through
     flyp.gradcache.forward_backward (one chunk here), then AdamW."""
     from flyp.gradcache import forward_backward
@@ -112,10 +138,14 @@ def flyp_path(args, device: torch.device, context_length: int | None, card) -> d
     bundle = load_model(f"open_clip:{args.model}", context_length=context_length)
     classifier = Classifier(bundle.model.to(device))
     classifier.train()
-    ctx = LossContext(bundle.tokenizer, CLASSES, TEMPLATES)
+    class_names, templates = (
+        (IMAGENET_CLASSES, IMAGENET_TEMPLATES) if captions == "imagenet" else (CLASSES, TEMPLATES)
+    )
+    ctx = LossContext(bundle.tokenizer, class_names, templates, unique_captions=unique)
     optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=1e-5, weight_decay=0.1)
-    images, labels = batch_data(args, device, bundle.image_size)  # labels on the host, as
-    seeds = torch.arange(args.batch)  # flyp's loader gives them: captions are built there
+    images, _ = batch_data(args, device, bundle.image_size)  # labels on the host, as flyp's
+    labels = torch.randint(0, len(class_names), (args.batch,))  # loader gives them
+    seeds = torch.randint(0, 2**62, (args.batch,))  # each sample's template
     method = get_method("flyp")
 
     def step(n: int = 1, micro: int | None = None, batch: int = args.batch) -> None:
@@ -127,13 +157,18 @@ def flyp_path(args, device: torch.device, context_length: int | None, card) -> d
             )  # fmt: skip
             optimizer.step()
 
-    flops = counted_flops(step)
-    step(args.warmup)
+    flops = counted_flops(step)  # eager: the work of the step, which compiling does not change
+    if compiled:  # as flyp.train does for train.compile
+        model = classifier.model
+        model.encode_image = torch.compile(model.encode_image)
+        model.encode_text = torch.compile(model.encode_text, dynamic=True)
+    step(args.warmup + (2 if compiled else 0))  # compilation happens in the first steps
     seconds, peak = timed(lambda: step(args.steps), device)
-    name = "flyp equal" if context_length else "flyp default"
     result = figures(name, args.batch, args.steps, seconds, flops, peak, card)
     result["text_tokens"] = context_length or "trimmed to the longest caption"
-    if device.type == "cuda" and context_length is None:
+    result["distinct_captions"] = "deduplicated" if unique else "every caption encoded"
+    result["captions"] = captions
+    if device.type == "cuda" and name == "flyp default":
         result.update(gradcache_memory(step, args, device))
     return result
 
@@ -272,8 +307,7 @@ def main() -> int:
     failures = []
     parts = [
         ("open_clip_train", lambda: open_clip_train_path(args, device, card)),
-        ("flyp equal", lambda: flyp_path(args, device, 77, card)),
-        ("flyp default", lambda: flyp_path(args, device, None, card)),
+        *[(row[0], partial(flyp_path, args, device, card, *row)) for row in FLYP_ROWS],
     ]
     for title, part in parts:
         try:
@@ -295,7 +329,7 @@ def main() -> int:
         base = by_path["open_clip_train"]["images_per_s"]
         result["ratios"] = {
             f"{p} / open_clip_train": round(by_path[p]["images_per_s"] / base, 2)
-            for p in ("flyp equal", "flyp default")
+            for p, *_ in FLYP_ROWS
             if p in by_path
         }
     result["failures"] = failures

@@ -5,8 +5,8 @@ It writes a synthetic dataset (ID domain: 1000 classes x 3 images, split train/v
 OOD domain of 1000 images), then prints:
   - evaluation images/s per rank (the tiny model: the figure is the decode and the loader, which
     is what bounds a GPU node's evaluation), with eval.cache_gb=0 so that every pass decodes;
-  - decodes per test image over `flyp compare` (ft, 2 seeds, 3 interpolated WiSE-FT alphas,
-    soups) with no cache, and with the cache;
+  - decodes per test image over `flyp compare` (ft, 2 seeds of 2 steps, 3 interpolated
+    WiSE-FT alphas, soups) with no cache, and with the cache;
   - peak memory per process, and the shared memory the loaders' batches take (uint8 vs fp32).
 
   .venv/bin/python benchmarks/scale_eval.py            # ~3-4 minutes on 2 cores
@@ -105,7 +105,13 @@ def compare_decodes(root: Path, out: Path, cache_gb: float) -> dict:
 
     recipe = load_recipe(
         None,
-        overrides(root, f"eval.cache_gb={cache_gb}", "eval.wise_alphas=[0,0.25,0.5,0.75,1]"),
+        overrides(
+            root,
+            f"eval.cache_gb={cache_gb}",
+            "eval.wise_alphas=[0,0.25,0.5,0.75,1]",
+            "data.max_train=128",  # 2 steps a run: the decodes of evaluation are the point
+            "data.max_eval=250",  # a stratified 250 of each set: decodes per image are the point
+        ),
     )
     sets = prepare(recipe).benchmark.eval_sets()
     tests = [str(s.path) for name, samples in sets.items() if name != "val" for s in samples]

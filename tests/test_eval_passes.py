@@ -186,3 +186,19 @@ def test_a_transform_of_another_shape_runs_whole_in_the_workers():
     assert uint8_transform(lambda image: image) is None
     inplace = T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3, inplace=True)])
     assert uint8_transform(inplace) is None
+
+
+def test_training_on_uint8_batches_gives_the_float_paths_weights(fake_pacs, tmp_path, monkeypatch):
+    """The training loader's batches cross as uint8 and are finished on the device: the
+    random crops draw what they drew, and the run ends with bitwise the weights of the fp32
+    batches (seen failing with /254 for /255 in the finish)."""
+    import flyp.train as train_mod
+    from flyp.train import finetune
+    from safetensors.torch import load_file
+
+    recipe = _recipe(fake_pacs, "eval.every_epoch=false", "train.epochs=1")
+    finetune(recipe, tmp_path / "uint8")
+    monkeypatch.setattr(train_mod, "uint8_transform", lambda transform: None)
+    finetune(copy.deepcopy(recipe), tmp_path / "float")
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("uint8", "float"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

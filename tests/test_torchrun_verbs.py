@@ -311,12 +311,15 @@ def assert_same_outputs(one: Path, two: Path, names: tuple[str, ...]) -> None:
 
 @pytest.mark.slow
 def test_compare_with_sweep_under_two_processes_equals_one_process(fake_pacs, tmp_path):
-    """`flyp compare --sweep` (sweep of 2 points, then zeroshot + ft with WiSE-FT) under
-    torchrun on one node of 2 processes: the same files and numbers as 1 process (sweep
-    choice, every run's metrics, WiSE alpha, report), written by rank 0 alone."""
+    """`flyp compare --sweep` (sweep of 2 points, then zeroshot + ft on 2 seeds with WiSE-FT
+    and soups) under torchrun on one node of 2 processes, each rank evaluating its block of
+    every set (9 validation and ID test images: 4 and 5): the same files and numbers as 1
+    process (sweep choice, every run's metrics, WiSE alpha, soups, report), written by rank 0
+    alone."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\n")
-    verb = ["compare", "--methods", "zeroshot", "ft", "--sweep", "train.lr=1e-3,3e-2"]
+    verb = ["compare", "--methods", "zeroshot", "ft", "--sweep", "train.lr=1e-3,3e-2",
+            "--seeds", "0", "1", "--soups"]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_flyp_args(fake_pacs, recipe, one, verb)) == 0
     _launch(tmp_path, _flyp_args(fake_pacs, recipe, two, verb), two, nodes=1)

@@ -26,14 +26,18 @@ Buffers are not broadcast by DDP; BatchNorm in train mode gets rank 0's statisti
 step. On 2 gloo CPU processes DDP was not slower than the flat all-reduce of every gradient after
 the step that it replaced (benchmarks/ddp_vs_flat.py; figures in docs/scale_and_speed.md).
 
-Evaluation, and every decision read from or written to the output folder, happen on rank 0
-alone (:func:`on_main`): epoch selection, the final metrics, and in ``flyp compare`` / ``flyp
-sweep`` which runs are finished, WiSE-FT's alpha, the soups (greedy order included), the sweep's
-choice and the report. The other ranks wait at an explicit barrier, bounded by the process
-group's timeout (``train.dist_timeout_s``), then get rank 0's answer by broadcast, so every rank
-takes the same branch and no rank sits in a training collective while rank 0 evaluates. The
-output folder must be one every node sees (as resuming already needs): each rank reads the
-checkpoint to resume from there. Work on a node's own disk that every rank needs, the image
+Evaluation is shared: every rank scores its own contiguous block of each evaluation set
+(:func:`eval_shard`, :func:`shard_bounds`), the validation logits are gathered for the
+temperature fit and then a few numbers per example (prediction, label, confidence, NLL), so every
+rank computes the metrics of the whole set, in one process's order, and no rank waits longer
+than its own share. Every decision read from or written to the output folder happens on rank 0
+alone (:func:`on_main`): which runs are finished, the best epoch kept, the metrics, WiSE-FT's
+alpha and the soups written, the sweep's choice and the report. The other ranks wait at an
+explicit barrier, bounded by the process group's timeout (``train.dist_timeout_s``), then get
+rank 0's answer by broadcast, so every rank takes the same branch. Evaluation called inside such
+work (nothing in flyp does) scores every set alone, since the other ranks are not there to help.
+The output folder must be one every node sees (as resuming already needs): each rank reads the
+checkpoint to resume from there, and the weights it evaluates. Work on a node's own disk that every rank needs, the image
 check, runs once per node (:func:`on_node_main`): local rank 0 works, its node's ranks get its
 answer. Numbers equal a single process's to float rounding: the global
 batch, its order and the averaged gradient are the same (see above), and evaluation is the same

@@ -50,7 +50,7 @@ from flyp.checkpoint import (
     save_weights,
 )
 from flyp.data.benchmarks import absolute_roots
-from flyp.data.loader import EpochSampler, ImageDataset, train_loader
+from flyp.data.loader import EpochSampler, ImageDataset, finish_pixels, train_loader, uint8_transform
 from flyp.distributed import (
     DistEnv,
     average_gradients,
@@ -465,9 +465,11 @@ def _set_up_loop(
     # Several processes: DDP averages the gradients in the backward (once per run; the classifier
     # stays the module that is evaluated and saved); the logit scale is averaged by hand.
     ddp, by_hand = ddp_for(classifier, env.device) if env.enabled else (None, [])
+    # uint8 from the workers to the device, finished there (flyp.data.loader.finish_pixels)
+    split = uint8_transform(exp.bundle.train_transform)
     dataset = ImageDataset(
         exp.benchmark.train,
-        exp.bundle.train_transform,
+        split[0] if split else exp.bundle.train_transform,
         decoded=exp.train_images.get(exp.benchmark.train, exp.recipe.data.cache_gb),
     )
     steps_per_epoch = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, 0).steps_per_epoch()
@@ -509,6 +511,7 @@ def _set_up_loop(
         precision=precision,
         settings=settings,
         dataset=dataset,
+        pixels=split[1:] if split else None,
         optimizer=optimizer,
         scheduler=scheduler,
         ddp=ddp,
@@ -539,6 +542,7 @@ class _Run:
     precision: Precision
     settings: dict[str, Any]  # what decides the run's numbers: a resume with others is refused
     dataset: ImageDataset
+    pixels: tuple | None  # (mean, std) that finish the dataset's uint8 images on the device
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ddp: nn.Module | None
@@ -582,6 +586,8 @@ class _Run:
         the next log point (:meth:`log_pending`)."""
         cfg, env, model = self.cfg, self.env, self.classifier.model
         images = images.to(env.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = finish_pixels(images, *self.pixels)
         images = to_model_layout(images, self.classifier.channels_last)
         # labels and seeds stay on the host: forward_backward builds captions from them
         if env.enabled:  # dropout: distinct per rank, and replayed exactly on resume

@@ -456,6 +456,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(bench.image_check.summary())
     if bench.skipped_images:
         print(f"{bench.skipped_images} unreadable images left out (data.on_bad_image=skip)")
+    if bench.skipped_links:
+        print(
+            f"{len(bench.skipped_links)} links that lead nowhere left out "
+            "(data.on_bad_image=skip)"
+        )
     return 0
 
 

@@ -768,6 +768,7 @@ def _finish(
         "train_images_per_second": round(images_seen / train_seconds, 2) if train_seconds else None,
         "eval_seconds": round(time.time() - tick, 2),
         "skipped_images": exp.benchmark.skipped_images,
+        "skipped_links": len(exp.benchmark.skipped_links),
         "precision": _precisions(exp, classifier, untrained),
         # what decides these numbers: a rerun (flyp compare, flyp sweep) or a report checks it
         "settings": run_settings(exp.recipe),

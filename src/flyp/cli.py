@@ -151,16 +151,16 @@ def _same_run(run_dir: Path, recipe, verb: str) -> None:
     """Refuse a recipe (its --set / --recipe changes, or a recipe.yaml edited by hand) that
     reads ``run_dir`` as another run: compared with the settings the run stored when it finished
     (its metrics.json), else with its recipe.yaml."""
-    from flyp.recipe import NUMBERS_KEY, RecipeError, differences, run_settings
+    from flyp.recipe import RecipeError, recipe_differences, run_settings
     from flyp.rundir import saved_settings
 
     saved, source = saved_settings(run_dir)
     if saved is None:
         saved = run_settings(load_recipe(run_dir / "recipe.yaml"))
-    settings = run_settings(recipe)
-    # where the data lives and what is evaluated may differ; so may the flyp that evaluates
-    ignore = tuple(k for k in {**saved, **settings} if k.startswith(EVAL_SETTABLE))
-    diff = differences(saved, settings, ignore=(*ignore, NUMBERS_KEY))
+    # where the data lives and what is evaluated may differ; so may the flyp that evaluates and
+    # the machine (auto precisions are what the run resolved them to)
+    ignore = tuple(k for k in {**saved, **run_settings(recipe)} if k.startswith(EVAL_SETTABLE))
+    diff = recipe_differences(saved, recipe, ignore)
     if diff:
         raise RecipeError(
             f"{verb} {run_dir} with other settings than it was trained with ({diff}), as its "

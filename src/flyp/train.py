@@ -299,6 +299,23 @@ def _check_micro_batch(saved: int | None, cfg: TrainConfig, model: nn.Module, ru
         )
 
 
+def _check_same_precision(
+    saved: dict[str, Any], settings: dict[str, Any], recipe: Recipe, run_dir: Path
+) -> None:
+    """A resume computes in the precision its run started in: ``auto`` resolved to fp32 on one
+    machine and bf16 on another would switch precisions mid-run."""
+    for key in ("train.precision", "eval.precision"):
+        was, now = saved.get(key), settings[key]
+        asked = recipe.train.precision if key == "train.precision" else recipe.eval.precision
+        if was in ("fp32", "bf16") and was != now and asked == "auto":
+            raise RunError(
+                f"{run_dir} started in {key} {was}, but auto resolves to {now} on this device: "
+                f"the run would switch precision mid-run; write '{key.split('.')[1]}: {was}' "
+                f"under {key.split('.')[0]}: in its recipe.yaml to resume as it started, or "
+                "start a new run with --out"
+            )
+
+
 def _train(
     recipe: Recipe, run_dir: Path, resume: bool, exp: Experiment, env: DistEnv, method
 ) -> dict[str, Any]:
@@ -314,6 +331,7 @@ def _train(
     settings = run_settings(recipe)
     state = load_checkpoint(run_dir / "state.pt") if resume else None
     if state is not None and "settings" in state:  # before recipe.yaml is written again
+        _check_same_precision(state["settings"], settings, recipe, run_dir)
         diff = differences(state["settings"], settings)
         if diff:
             raise RunError(

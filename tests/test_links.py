@@ -138,3 +138,60 @@ def test_a_dangling_data_root_or_csv_file_is_named_as_a_link(tmp_path, capsys):
     )
     line = refused(args, capsys)
     assert f"CSV file {tmp_path / 'csvs' / 'a.csv'} is a dangling symbolic link" in line
+
+
+# --- a fresh sweep (issue 22, item 5): links and folders where flyp reads or writes a file ----
+
+
+def _sets(root: Path, *extra: str) -> list[str]:
+    return [x for o in tiny_overrides(root, "data.ood_domains=[art]", *extra) for x in ("--set", o)]
+
+
+def _zeroshot_run(root: Path, tmp_path: Path) -> Path:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    run = tmp_path / "run"
+    args = _sets(root, "train.method=zeroshot")
+    assert main(["finetune", str(recipe), *args, "--out", str(run)]) == 0
+    return run
+
+
+def test_run_files_and_outputs_that_are_folders_or_links_to_nowhere_are_one_line(
+    root, tmp_path, capsys
+):
+    """Each of these was a traceback (IsADirectoryError, or resolve()'s RuntimeError on a
+    loop) or a bare "[Errno 17] File exists" before."""
+    run = _zeroshot_run(root, tmp_path)
+    capsys.readouterr()
+    os.symlink("loop", tmp_path / "loop")
+    os.symlink("/nowhere/out", tmp_path / "dangling")
+    for verb in (["report", str(run)], ["evaluate", str(run)]):
+        for out, what in (("loop", "a symbolic link that loops"), ("dangling", "a dangling")):
+            line = refused([*verb, "--out", str(tmp_path / out)], capsys)
+            assert f"--out {tmp_path / out} is {what}" in line and "remove the link" in line
+    finetune = ["finetune", str(tmp_path / "r.yaml"), *_sets(root, "train.method=zeroshot")]
+    line = refused([*finetune, "--out", str(tmp_path / "dangling")], capsys)
+    assert f"{tmp_path / 'dangling'} is a dangling symbolic link (to /nowhere/out" in line
+    line = refused(["data", "--data", str(tmp_path / "loop")], capsys)
+    assert f"--data {tmp_path / 'loop'} is a symbolic link that loops" in line
+    (run / "wise.json").mkdir()
+    line = refused(["report", str(run), "--out", str(tmp_path / "rep")], capsys)
+    assert f"{run / 'wise.json'} is a folder where flyp reads or writes a file" in line
+    (run / "metrics.json").unlink()
+    (run / "metrics.json").mkdir()
+    line = refused(["report", str(run), "--out", str(tmp_path / "rep")], capsys)
+    assert f"{run / 'metrics.json'} is a folder where flyp reads or writes a file" in line
+
+
+def test_a_data_root_that_loops_and_a_csv_file_that_is_a_folder_are_named(tmp_path, capsys):
+    os.symlink("loop", tmp_path / "loop")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    args = [x for o in tiny_overrides(tmp_path / "loop") for x in ("--set", o)]
+    line = refused(["finetune", str(recipe), *args, "--out", str(tmp_path / "run")], capsys)
+    assert str(tmp_path / "loop") in line and "symbolic link that loops" in line
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "csvs" / "a.csv").mkdir(parents=True)
+    csv = ["data.benchmark=csv", "data.id_domain=a", "data.ood_domains=[]"]
+    line = refused(data_args(tmp_path / "csvs", *csv), capsys)
+    assert f"CSV file {tmp_path / 'csvs' / 'a.csv'} is a folder, not a CSV file" in line

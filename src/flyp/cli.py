@@ -967,6 +967,15 @@ _MACHINE_ANSWERS = {
 }
 
 
+# A path that is not what flyp reads or writes there, named by the error (a run's metrics.json
+# that is a folder, a link that loops on the way to a root): the path, then one of these.
+_PATH_ANSWERS = {
+    errno.EISDIR: "is a folder where flyp reads or writes a file; move it away or fix the path",
+    errno.ENOTDIR: "is not a folder, or a part of it is a file; fix the path",
+    errno.ELOOP: "is, or passes through, a symbolic link that loops; remove the link or fix it",
+}
+
+
 def _main(argv: list[str]) -> int:
     """Parse and run one subcommand; its expected errors become one line and status 2."""
     args = build_parser().parse_args(argv)
@@ -1002,9 +1011,13 @@ def _main(argv: list[str]) -> int:
         return 2
     except OSError as err:
         answer = _MACHINE_ANSWERS.get(err.errno)
+        from flyp.outputs import for_terminal
+
+        if answer is None and err.errno in _PATH_ANSWERS and err.filename:
+            print(f"error: {for_terminal(f'{err.filename} {_PATH_ANSWERS[err.errno]}')}", file=sys.stderr)
+            return 2
         if answer is None:
             raise
-        from flyp.outputs import for_terminal
 
         # a copy's error names its source first; the file being written is its second name
         target = err.filename2 or err.filename

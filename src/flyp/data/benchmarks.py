@@ -18,7 +18,6 @@ from flyp.data.folders import (
     Sample,
     check_domain_names,
     check_same_classes,
-    link_fault,
     list_domain,
     near_hint,
     nfc,
@@ -29,6 +28,7 @@ from flyp.data.folders import (
 from flyp.data.lazy import lazy_builder
 from flyp.data.sets import Benchmark, finish
 from flyp.data.splits import stratified_split
+from flyp.paths import link_fault, resolved
 from flyp.recipe import DataConfig
 
 
@@ -37,7 +37,7 @@ def pacs_default_root() -> Path:
     ../shared/data/pacs next to the checkout. Nothing machine-specific: anywhere else, set one."""
     env = os.environ.get("FLYP_PACS_ROOT")
     if env:
-        return Path(env).expanduser().resolve()
+        return resolved(env)
     return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pacs"
 
 
@@ -49,10 +49,10 @@ def absolute_roots(cfg: DataConfig) -> DataConfig:
 
     root = cfg.root
     if root is not None:
-        root = str(Path(root).expanduser().resolve())
+        root = str(resolved(root))
     elif cfg.benchmark == "pacs":
-        root = str(pacs_default_root().resolve())
-    roots = {name: str(Path(path).expanduser().resolve()) for name, path in cfg.roots.items()}
+        root = str(resolved(pacs_default_root()))
+    roots = {name: str(resolved(path)) for name, path in cfg.roots.items()}
     return dataclasses.replace(cfg, root=root, roots=roots)
 
 

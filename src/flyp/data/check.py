@@ -32,8 +32,9 @@ from pathlib import Path
 import PIL
 from PIL import Image
 
-from flyp.data.folders import SKIP_HINT, DataError, Sample, decode_rgb, link_fault
+from flyp.data.folders import SKIP_HINT, DataError, Sample, decode_rgb
 from flyp.distributed import local_rank, on_node_main
+from flyp.paths import link_fault
 
 CHECK_VERSION = 2  # bumped when what the check accepts changes (2: past MAX_ASPECT): older manifests are ignored
 CHUNK = 64  # images per task: few enough futures for 1.28M images, small enough to spread

@@ -16,7 +16,6 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
-import errno
 import io
 import os
 import unicodedata
@@ -26,6 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from flyp.paths import link_fault
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -148,23 +149,6 @@ def require_dir(path: Path, what: str, fix: str) -> Path:
             raise DataError(f"{what} {path} is {why}; {LINK_FIX} ({fix})")
         raise DataError(f"{what} {path} does not exist or is not a folder; {fix}")
     return path
-
-
-def link_fault(path: Path) -> str | None:
-    """Why the symbolic link ``path`` leads nowhere, in words ("a symbolic link that loops",
-    "a dangling symbolic link (to X, which does not exist)"), or None: no link, or one that
-    leads to a file or folder."""
-    if not path.is_symlink():
-        return None
-    try:
-        path.stat()
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            return "a symbolic link that loops (it leads back to itself)"
-        if err.errno in (errno.ENOENT, errno.ENOTDIR):
-            return f"a dangling symbolic link (to {os.readlink(path)}, which does not exist)"
-        return f"a symbolic link that cannot be followed ({err.strerror})"
-    return None
 
 
 def account_links(folder: Path, skipped: dict[str, str] | None, what: str) -> None:
@@ -339,10 +323,10 @@ def read_csv(path: Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         why = link_fault(path)
-        raise DataError(
-            f"CSV file {path} is {why}; {LINK_FIX}" if why else
-            f"CSV file {path} does not exist; write it or fix data.root / the domain name"
-        )
+        if why:
+            raise DataError(f"CSV file {path} is {why}; {LINK_FIX}")
+        what = "is a folder, not a CSV file" if path.is_dir() else "does not exist"
+        raise DataError(f"CSV file {path} {what}; write it or fix data.root / the domain name")
     text = io.StringIO(read_text(path, "CSV file"), newline="")
     reader = csv.DictReader(text, skipinitialspace=True)
     fields = [name.strip() for name in reader.fieldnames or []]

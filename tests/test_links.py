@@ -174,6 +174,19 @@ def test_run_files_and_outputs_that_are_folders_or_links_to_nowhere_are_one_line
     assert f"{tmp_path / 'dangling'} is a dangling symbolic link (to /nowhere/out" in line
     line = refused(["data", "--data", str(tmp_path / "loop")], capsys)
     assert f"--data {tmp_path / 'loop'} is a symbolic link that loops" in line
+    metrics = (run / "metrics.json").read_bytes()
+    (run / "metrics.json").unlink()
+    os.symlink("/nowhere/m.json", run / "metrics.json")  # was: evaluated, as if unfinished
+    line = refused(["evaluate", str(run)], capsys)
+    assert f"{run / 'metrics.json'} is a dangling symbolic link (to /nowhere/m.json" in line
+    line = refused(["finetune", "--resume", str(run)], capsys)
+    assert f"{run / 'metrics.json'} is a dangling symbolic link" in line
+    (run / "metrics.json").unlink()
+    os.symlink("/nowhere/state.pt", run / "state.pt")  # was: restarted from step 0 in silence
+    line = refused(["finetune", "--resume", str(run)], capsys)
+    assert f"{run / 'state.pt'} is a dangling symbolic link" in line and "restore it" in line
+    (run / "state.pt").unlink()
+    (run / "metrics.json").write_bytes(metrics)
     (run / "wise.json").mkdir()
     line = refused(["report", str(run), "--out", str(tmp_path / "rep")], capsys)
     assert f"{run / 'wise.json'} is a folder where flyp reads or writes a file" in line

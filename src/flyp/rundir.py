@@ -117,6 +117,9 @@ def saved_settings(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
     come from: a finished run's metrics.json, else its recipe.yaml (a killed run, or a run
     from before metrics.json held them); (None, None) for a folder that holds no run."""
     metrics = run_dir / "metrics.json"
+    why = link_fault(metrics)
+    if why:  # not a killed run's missing file: the finished run's settings are out of reach
+        raise RunError(f"{metrics} is {why}; restore it, or remove it to treat the run as unfinished")
     if metrics.is_file():
         settings = read_json(metrics, ("sets",)).get("settings")
         if settings is not None:

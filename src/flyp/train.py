@@ -83,6 +83,7 @@ from flyp.models.base import (
     to_model_layout,
     tune_cpu_bf16,
 )
+from flyp.paths import link_fault
 from flyp.precision import Precision, announce, configure_device, resolve
 from flyp.probe import fit_probe
 from flyp.recipe import (
@@ -233,6 +234,12 @@ def finetune(
     state_path = run_dir / "state.pt"
     # one process unless started by torchrun
     env = init_distributed(recipe.train.device, recipe.train.dist_timeout_s)
+    for name in ("metrics.json", "state.pt") if resume else ():
+        why = link_fault(run_dir / name)
+        if why:  # taken as absent, the run would restart or end in silence
+            raise RunError(
+                f"{run_dir / name} is {why}; restore it, or start the run again with a new --out"
+            )
     if resume and (run_dir / "metrics.json").exists():  # finished: its results, if this run's
         check_same_run(run_dir, recipe)
         metrics = read_json(run_dir / "metrics.json", ("sets",))

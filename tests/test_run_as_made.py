@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import flyp.precision
-from fakes import tiny_overrides
 from flyp.cli import main
 from flyp.precision import AUTO_ENV
 from flyp.recipe import load_recipe, run_settings
+from test_trust_runs import one_error, recipe_file, sets
 
 
 @pytest.fixture
@@ -33,23 +33,6 @@ def hardware(monkeypatch):
         monkeypatch.setattr(flyp.precision, "native_bf16", lambda device: (native, why))
 
     return say
-
-
-def sets(root: Path, *extra: str) -> list[str]:
-    return [f"--set={o}" for o in tiny_overrides(root, "train.epochs=1", *extra)]
-
-
-def recipe_file(tmp_path: Path) -> str:
-    path = tmp_path / "r.yaml"
-    path.write_text("name: r\n")
-    return str(path)
-
-
-def one_error(capsys) -> str:
-    lines = capsys.readouterr().err.splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], lines
-    return errors[0]
 
 
 @pytest.mark.parametrize("native, name", [(True, "bf16"), (False, "fp32")])

@@ -157,7 +157,9 @@ def account_links(folder: Path, skipped: dict[str, str] | None, what: str) -> No
     named and counted (skip): the folder or images it stood for would otherwise be dropped in
     silence. Links named like images are left to the image check, which names them the same
     way. ``what``: what such a link would be ("class folder", "folder")."""
-    for path in sorted(folder.iterdir()):
+    with os.scandir(folder) as entries:  # is_symlink from the listing: no call per image
+        links = sorted(Path(e.path) for e in entries if e.is_symlink())
+    for path in links:
         if path.name.startswith(".") or path.suffix.lower() in IMAGE_SUFFIXES:
             continue
         why = link_fault(path)

@@ -122,3 +122,58 @@ def test_torchrun_resumes_a_stopped_run_like_one_process(fake_pacs, tmp_path):
     assert_same_weights(tmp_path / "one" / "model.safetensors", run / "model.safetensors")
     steps = [line for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 3  # 18 training images, global batch 6; rank 1 wrote nothing
+
+
+# --- what differs across ranks: dropout ----------------------------------------------------------
+
+
+def _dropout_worker(rank: int, world: int, init_file: str, overrides: list[str], tmp: str) -> None:
+    """A rank of three runs of the tiny model with text dropout, one after the other in one
+    process group: 2 steps uninterrupted (tmp/full), 1 step, then resumed to 2 (tmp/resumed).
+    The masks its dropout drew in each go to tmp/masks.<rank>."""
+    torch.set_num_threads(1)
+    masks: list[list[bool]] = []
+    real = torch.nn.Dropout.forward
+
+    def recorded(self, x):
+        out = real(self, x)
+        if self.training and self.p > 0:
+            masks.append((out == 0).flatten().tolist())
+        return out
+
+    torch.nn.Dropout.forward = recorded
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    drawn = []
+    try:
+        for run, stop, resume in (("full", 2, False), ("resumed", 1, False), ("resumed", 2, True)):
+            recipe = load_recipe(None, [*overrides, f"train.stop_after_steps={stop}"])
+            finetune(recipe, f"{tmp}/{run}", resume=resume)
+            drawn.append(list(masks))
+            masks.clear()
+        torch.save(drawn, f"{tmp}/masks.{rank}")
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    leave_process_group()
+
+
+@pytest.mark.slow
+def test_with_dropout_two_ranks_draw_their_own_masks_and_resume_them_exactly(fake_pacs, tmp_path):
+    """The one thing ranks draw apart: dropout masks (text dropout 0.5, FLYP encodes captions).
+    Each rank draws its own masks (the same masks on both ranks would be one sample of noise
+    counted twice), and a 2-rank run stopped after one step and resumed on 2 ranks draws, on
+    each rank, the masks the uninterrupted run drew: its weights are bitwise the same. A per-rank
+    generator that is not reseeded per step and rank (rank 1 resuming with rank 0's saved
+    generator, or every rank seeded alike) fails one or the other."""
+    overrides = tiny_overrides(fake_pacs, "model.spec=tiny:0.5", "eval.every_epoch=false")
+    args = (2, str(tmp_path / "pg"), overrides, str(tmp_path))
+    mp.spawn(_dropout_worker, args=args, nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"masks.{rank}") for rank in (0, 1)]
+    zero, one = (drawn[0] for drawn in ranks)  # the uninterrupted run's masks
+    assert len(zero) == len(one) == 2  # one dropout layer, one forward a step
+    for step in range(2):
+        assert zero[step] != one[step], f"ranks drew the same masks at step {step + 1}"
+    for rank, (full, stopped, resumed) in enumerate(ranks):
+        assert len(stopped) == len(resumed) == 1
+        assert stopped + resumed == full, f"rank {rank}'s masks after the resume"
+    assert_same_weights(tmp_path / "full", tmp_path / "resumed", atol=0)

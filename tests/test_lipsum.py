@@ -13,7 +13,6 @@ from flyp.methods import (
     frozen_reference,
     lipsum_penalty,
     random_texts,
-    random_token_ids,
 )
 from flyp.models import load_model
 from flyp.recipe import RecipeError
@@ -87,7 +86,13 @@ def test_loss_is_cross_entropy_at_init_and_adds_the_penalty_after_a_change():
     # by hand: v_m = e^{log scale} ⟨t_m/|t_m|, f/|f|⟩ with the step's 6 texts
     model, ref = classifier.model, ctx.reference
     with torch.no_grad():
-        tokens = random_token_ids(ctx.tokenizer, 6, 5, 2)  # the default: token ids
+        # The step's 6 texts, written out rather than taken from flyp's own random_token_ids:
+        # 8 ids each, uniform over the tiny tokenizer's ordinary ids 1..999 (0 is its padding,
+        # its only special id), drawn from the texts' own stream for (seed 5, step 2); the tiny
+        # tokenizer frames no caption (no start or end token), so a text is just its 8 ids.
+        stream = torch.Generator().manual_seed(5 * 1_000_003 + 2)
+        tokens = (torch.randint(999, (6 * 8,), generator=stream) + 1).view(6, 8)
+        assert ctx.tokenizer([" ".join(["x"] * 8)]).shape == (1, 8)  # no framing tokens
         t = F.normalize(ref.encode_text(tokens), dim=-1)
         f = F.normalize(model.encode_image(images), dim=-1)
         f0 = F.normalize(ref.encode_image(images), dim=-1)

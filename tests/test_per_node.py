@@ -80,23 +80,32 @@ def _benchmark_worker(
 
 
 @pytest.mark.parametrize("local_ranks", [ONE_NODE, TWO_NODES], ids=["one-node", "two-nodes"])
-def test_the_image_check_decodes_each_image_once_per_node(local_ranks, fake_pacs, tmp_path):
-    """One node of 2 ranks: local rank 0 decodes every image once, rank 1 none. Two nodes of one
-    rank: each node checks its images once. Every rank holds the same report and samples."""
+def test_the_image_check_decodes_each_image_once_per_node(
+    local_ranks, fake_pacs, tmp_path, monkeypatch
+):
+    """One node of 2 ranks: local rank 0 decodes every image once, rank 1 none, and both hold
+    its report. Two nodes of one rank: each node checks its own disk and keeps its own answer.
+    The nodes differ: node 1 checked these images before (its manifest knows them all), node 0
+    never did, so a node that took the other node's report (a wrong node/rank mapping) would
+    say it decoded what it only looked up, or the reverse."""
+    if local_ranks == TWO_NODES:  # node 1's own cache, warmed by an earlier check there
+        monkeypatch.setenv("FLYP_CACHE", str(tmp_path / "cache-node1"))
+        build_benchmark(load_recipe(None, tiny_overrides(fake_pacs)).data)
     mp.spawn(
         _benchmark_worker, args=(local_ranks, str(tmp_path), str(fake_pacs)), nprocs=2, join=True
     )
     zero = json.loads((tmp_path / "rank0.json").read_text())
     one = json.loads((tmp_path / "rank1.json").read_text())
-    assert zero == one  # the same report (images, decoded, cached, bad) and training samples
+    assert zero[3:] == one[3:]  # the same bad images and training samples on every rank
     assert zero[5] == list(range(len(zero[4])))  # each rank's decoded-image cache: all of them
     images = zero[0]
     decodes = _decodes(tmp_path)
     assert len(decodes[0]) == len(set(decodes[0])) == images == zero[1] > 0
+    assert decodes[1] == []  # node 0's rank 1 waits for its node; node 1 decodes nothing new
     if local_ranks == ONE_NODE:
-        assert decodes[1] == []
-    else:
-        assert sorted(decodes[1]) == sorted(decodes[0])
+        assert zero == one  # rank 1 holds its node's report: images, decoded, cached
+    else:  # each node its own answer: node 0 decoded every image, node 1 looked each one up
+        assert zero[:3] == [images, images, 0] and one[:3] == [images, 0, images]
 
 
 def test_a_skipped_image_is_left_out_on_every_rank_and_named_once_per_node(fake_pacs, tmp_path):

@@ -12,6 +12,7 @@ import platform
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from flyp.recipe import load_recipe, save_recipe
 from flyp.train import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCH_CUDA_QUERY = torch.cuda.is_bf16_supported  # the installed torch's, before any mock
 CLASSES = ["dog", "horse", "house"]
 
 
@@ -50,9 +52,12 @@ def hardware(
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: arm_bf16)
     monkeypatch.setattr(platform, "machine", lambda: machine)
-    monkeypatch.setattr(
-        torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda or including_emulation
+    # The mock has the installed torch's signature (autospec): a call it would refuse, such as a
+    # keyword an older torch lacks, raises here as there, instead of passing on a lambda.
+    answer = mock.create_autospec(
+        TORCH_CUDA_QUERY, side_effect=lambda including_emulation=True: cuda or including_emulation
     )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", answer)
 
 
 def finetune_args(tree: Path, out: Path, *extra: str) -> list[str]:

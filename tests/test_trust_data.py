@@ -448,7 +448,10 @@ def test_hidden_files_are_not_images(tmp_path, capsys):
 def test_nested_folders_and_looping_links_are_refused_or_ignored_clearly(tmp_path, capsys):
     root = make_domains(tmp_path / "d", ["photo", "art"], CLASSES, per_class=4)
     args = ["data", RECIPE, *sets(*tiny_overrides(root, "data.ood_domains=[art]"))]
-    os.symlink("loop", root / "art" / "loop")  # a link to itself: no folder, so no domain
+    os.symlink("loop", root / "art" / "loop")  # a link to itself: named (tests/test_links.py)
+    line = refused(args, capsys)
+    assert "loop is a symbolic link that loops" in line
+    (root / "art" / "loop").unlink()
     os.symlink("loop2.png", root / "art" / "dog" / "loop2.png")  # an image that loops: named
     line = refused(args, capsys)
     assert "cannot read image" in line and "loop2.png" in line

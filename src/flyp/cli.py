@@ -151,16 +151,16 @@ def _same_run(run_dir: Path, recipe, verb: str) -> None:
     """Refuse a recipe (its --set / --recipe changes, or a recipe.yaml edited by hand) that
     reads ``run_dir`` as another run: compared with the settings the run stored when it finished
     (its metrics.json), else with its recipe.yaml."""
-    from flyp.recipe import NUMBERS_KEY, RecipeError, differences, run_settings
+    from flyp.recipe import RecipeError, recipe_differences, run_settings
     from flyp.rundir import saved_settings
 
     saved, source = saved_settings(run_dir)
     if saved is None:
         saved = run_settings(load_recipe(run_dir / "recipe.yaml"))
-    settings = run_settings(recipe)
-    # where the data lives and what is evaluated may differ; so may the flyp that evaluates
-    ignore = tuple(k for k in {**saved, **settings} if k.startswith(EVAL_SETTABLE))
-    diff = differences(saved, settings, ignore=(*ignore, NUMBERS_KEY))
+    # where the data lives and what is evaluated may differ; so may the flyp that evaluates and
+    # the machine (auto precisions are what the run resolved them to)
+    ignore = tuple(k for k in {**saved, **run_settings(recipe)} if k.startswith(EVAL_SETTABLE))
+    diff = recipe_differences(saved, recipe, ignore)
     if diff:
         raise RecipeError(
             f"{verb} {run_dir} with other settings than it was trained with ({diff}), as its "
@@ -456,6 +456,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(bench.image_check.summary())
     if bench.skipped_images:
         print(f"{bench.skipped_images} unreadable images left out (data.on_bad_image=skip)")
+    if bench.skipped_links:
+        print(
+            f"{len(bench.skipped_links)} links that lead nowhere left out "
+            "(data.on_bad_image=skip)"
+        )
     return 0
 
 
@@ -962,6 +967,15 @@ _MACHINE_ANSWERS = {
 }
 
 
+# A path that is not what flyp reads or writes there, named by the error (a run's metrics.json
+# that is a folder, a link that loops on the way to a root): the path, then one of these.
+_PATH_ANSWERS = {
+    errno.EISDIR: "is a folder where flyp reads or writes a file; move it away or fix the path",
+    errno.ENOTDIR: "is not a folder, or a part of it is a file; fix the path",
+    errno.ELOOP: "is, or passes through, a symbolic link that loops; remove the link or fix it",
+}
+
+
 def _main(argv: list[str]) -> int:
     """Parse and run one subcommand; its expected errors become one line and status 2."""
     args = build_parser().parse_args(argv)
@@ -997,9 +1011,13 @@ def _main(argv: list[str]) -> int:
         return 2
     except OSError as err:
         answer = _MACHINE_ANSWERS.get(err.errno)
+        from flyp.outputs import for_terminal
+
+        if answer is None and err.errno in _PATH_ANSWERS and err.filename:
+            print(f"error: {for_terminal(f'{err.filename} {_PATH_ANSWERS[err.errno]}')}", file=sys.stderr)
+            return 2
         if answer is None:
             raise
-        from flyp.outputs import for_terminal
 
         # a copy's error names its source first; the file being written is its second name
         target = err.filename2 or err.filename

@@ -320,7 +320,7 @@ def check_same_data(run_dir: Path, exp: Experiment) -> None:
     classes = (read_metadata(weights) or {}).get("class_names") if weights.is_file() else None
     sizes = {name: len(samples) for name, samples in bench.eval_sets().items()}
     was = {name: s.get("n") for name, s in metrics["sets"].items() if name in sizes}
-    if metrics.get("skipped_images"):  # images skipped then may be read now: no size check
+    if metrics.get("skipped_images") or metrics.get("skipped_links"):  # may be read now
         was = {}
     differs = [f"{n} {was[n]} -> {sizes[n]} images" for n in was if was[n] != sizes[n]]
     if classes is not None and list(classes) != list(bench.class_names):

@@ -21,6 +21,8 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
+from flyp.paths import link_fault, resolved
+
 # The files a training run owns in its run directory (flyp.train): only training writes them.
 RUN_FILES = (
     "recipe.yaml",
@@ -52,7 +54,7 @@ def _same(a: Path, b: Path) -> bool:
             return os.path.samefile(a, b)
     except OSError:
         pass
-    return a.resolve() == b.resolve()
+    return resolved(a) == resolved(b)
 
 
 def data_folders(recipe) -> list[str]:
@@ -85,6 +87,9 @@ named like an image (``.png``, ``.jpg``, ...: text would replace a dataset's ima
     it writes there would be read back as a domain, class or image by the next run).
     """
     target = Path(target)
+    why = link_fault(target)
+    if why:  # written through, or replaced: neither is what a link to nowhere asks
+        raise OutputError(f"{flag} {target} is {why}; remove the link or pass another path")
     if folder and target.exists() and not target.is_dir():
         raise OutputError(f"{flag} {target} is a file; pass a folder (new or empty)")
     if not folder and target.is_dir():
@@ -109,7 +114,7 @@ named like an image (``.png``, ``.jpg``, ...: text would replace a dataset's ima
                     f"{flag} {target} would overwrite the input {given}; "
                     "choose an output path that is not one of the inputs"
                 )
-        real = file.resolve()
+        real = resolved(file)
         if real.name in RUN_FILES and is_run_dir(real.parent):
             raise OutputError(
                 f"{flag} {target} would overwrite {real.name} of the run directory "
@@ -117,7 +122,7 @@ named like an image (``.png``, ``.jpg``, ...: text would replace a dataset's ima
                 "files"
             )
     for root in (Path(p) for p in data if p):
-        if _same(target, root) or root.resolve() in target.resolve().parents:
+        if _same(target, root) or resolved(root) in resolved(target).parents:
             raise OutputError(
                 f"{flag} {target} lies in the data folder {root}, where what flyp writes would "
                 "be read as a domain, class or image by the next run; choose a path outside it"

@@ -124,6 +124,22 @@ def resolve(asked: str, device: torch.device | str) -> Precision:
     return Precision(asked, name, device.type, native, hardware, forced)
 
 
+def resolved_settings(train_precision: str, eval_precision: str, device: str) -> dict[str, str]:
+    """``train.precision`` and ``eval.precision`` as run settings: what each means on the device
+    ``device`` (train.device, "auto" included) picks on this machine, so that a run's stored
+    settings say fp32 or bf16, never ``auto`` (which resolves per machine). A device this
+    machine does not have (a recipe.yaml read away from its GPU) leaves the asked names, which
+    differ from any resolved run's."""
+    from flyp.distributed import pick_device
+
+    try:
+        here = pick_device(device)
+        names = [resolve(asked, here).name for asked in (train_precision, eval_precision)]
+    except (RuntimeError, AssertionError, ValueError):  # no such device here
+        names = [train_precision, eval_precision]
+    return {"train.precision": names[0], "eval.precision": names[1]}
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for the towers (weights and optimizer stay fp32), or nothing; ``auto`` is
     resolved for ``device`` first (callers in a loop pass the name they resolved once)."""

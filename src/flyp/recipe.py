@@ -666,12 +666,19 @@ NUMBERS_KEY = "flyp.numbers"
 def run_settings(recipe: Recipe) -> dict[str, Any]:
     """What decides a run's numbers, as ``{"section.key": value}``: the resolved recipe less
     what a resumed run may change (RESUME_SETTABLE) and NOT_RUN_SETTINGS. A run stores it with
-    its state and its metrics, so a rerun or a resume can tell whether it is the same run."""
+    its state and its metrics, so a rerun or a resume can tell whether it is the same run.
+
+    The precisions are the ones that compute, resolved on this machine (``auto`` is bf16 on
+    one and fp32 on another): a resume or a reuse elsewhere is then no longer the same run."""
+    from flyp.precision import resolved_settings  # it imports this module
+
     settings = {
         k: v
         for k, v in flat(recipe.to_dict()).items()
         if not k.startswith(RESUME_SETTABLE) and k not in NOT_RUN_SETTINGS
     }
+    t = recipe.train
+    settings |= resolved_settings(t.precision, recipe.eval.precision, t.device)
     return {**settings, NUMBERS_KEY: NUMBERS_VERSION}
 
 
@@ -711,6 +718,21 @@ def differences(
 
     text = ", ".join(f"{k} {shown(old, k)} -> {shown(new, k)}" for k in keys[:4])
     return text + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def recipe_differences(saved: dict[str, Any], recipe: Recipe, ignore: tuple = ()) -> str:
+    """How ``recipe`` differs from the settings a run stored (its metrics.json's), as
+    :func:`differences` says it: whether the recipe still describes that run. A precision the
+    recipe asks as ``auto`` is whatever the run resolved it to (it resolves per machine: this
+    one may differ), and the flyp that made the run (NUMBERS_KEY) is no part of the recipe."""
+    settings = run_settings(recipe)
+    for key, asked in (("train.precision", recipe.train.precision),
+                       ("eval.precision", recipe.eval.precision)):  # fmt: skip
+        if asked == "auto":
+            settings.pop(key)
+            if key in saved:
+                settings[key] = saved[key]
+    return differences(saved, settings, ignore=(*ignore, NUMBERS_KEY))
 
 
 def check_device(device: str, where: str = "train.device") -> None:

@@ -83,12 +83,24 @@ def _load_runs(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
 
 def _settings(run: dict[str, Any]) -> dict[str, Any] | None:
     """The settings that made a run (its metrics.json's, else its recipe.yaml's); None for a
-    merge (soups) or a run from before flyp stored them, which cannot be checked."""
-    from flyp.recipe import load_recipe, run_settings
+    merge (soups) or a run from before flyp stored them, which cannot be checked.
 
-    if run.get("settings") is not None:
-        return run["settings"]
+    A run whose recipe.yaml no longer describes it (edited by hand: another split_seed, another
+    lr) is refused, as ``flyp evaluate`` and ``flyp wise`` refuse it: the report would list it
+    under a recipe it was not made with."""
+    from flyp.recipe import load_recipe, recipe_differences, run_settings
+
     path = Path(run["run_dir"]) / "recipe.yaml"
+    if run.get("settings") is not None:
+        if path.is_file():
+            diff = recipe_differences(run["settings"], load_recipe(path))
+            if diff:
+                raise ReportError(
+                    f"{path} differs from the settings its run was made with ({diff}, as its "
+                    "metrics.json records them): edited after the run; put it back, or leave "
+                    "the run out"
+                )
+        return run["settings"]
     return run_settings(load_recipe(path)) if path.is_file() else None
 
 
@@ -100,11 +112,11 @@ def _check_one_experiment(runs: list[dict[str, Any]]) -> None:
     settings = [(run, _settings(run)) for run in runs]
     known = [(run, s) for run, s in settings if s is not None]
     for run, s in known[1:]:
-        diff = differences(known[0][1], s, only=("model.", "data.", "eval."))
+        diff = differences(known[0][1], s, only=("model.", "data.", "eval.", "train.precision"))
         if diff:
             raise ReportError(
                 f"{known[0][0]['run_dir']} and {run['run_dir']} differ in {diff}: a report "
-                "compares methods on one model, data and evaluation; report them apart"
+                "compares methods on one model, data, evaluation and precision; report them apart"
             )
     for method in dict.fromkeys(r["method"] for r in runs):
         group = [(r, s) for r, s in settings if r["method"] == method]

@@ -21,6 +21,7 @@ import torch
 
 from flyp.checkpoint import CheckpointError, atomic_write_text, read_json
 from flyp.errors import RunError
+from flyp.paths import link_fault
 from flyp.recipe import Recipe, differences, load_recipe, run_settings
 
 LOCK_NAME = ".flyp.lock"
@@ -75,6 +76,9 @@ def claim(run_dir: Path, resume: bool) -> Any:
     The temporary files of a killed run's unfinished writes are removed first: they are no
     part of the run, and a folder holding only them (a kill while the first recipe.yaml was
     being written) is taken as empty."""
+    why = link_fault(run_dir)
+    if why:  # mkdir would say only "File exists"
+        raise RunError(f"run directory {run_dir} is {why}; remove the link or pass another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_file(run_dir / LOCK_NAME)
     for path in run_dir.iterdir():
@@ -113,6 +117,9 @@ def saved_settings(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
     come from: a finished run's metrics.json, else its recipe.yaml (a killed run, or a run
     from before metrics.json held them); (None, None) for a folder that holds no run."""
     metrics = run_dir / "metrics.json"
+    why = link_fault(metrics)
+    if why:  # not a killed run's missing file: the finished run's settings are out of reach
+        raise RunError(f"{metrics} is {why}; restore it, or remove it to treat the run as unfinished")
     if metrics.is_file():
         settings = read_json(metrics, ("sets",)).get("settings")
         if settings is not None:

@@ -84,6 +84,7 @@ from flyp.models.base import (
     to_model_layout,
     tune_cpu_bf16,
 )
+from flyp.paths import link_fault
 from flyp.precision import Precision, announce, configure_device, resolve
 from flyp.probe import fit_probe
 from flyp.recipe import (
@@ -234,6 +235,12 @@ def finetune(
     state_path = run_dir / "state.pt"
     # one process unless started by torchrun
     env = init_distributed(recipe.train.device, recipe.train.dist_timeout_s)
+    for name in ("metrics.json", "state.pt") if resume else ():
+        why = link_fault(run_dir / name)
+        if why:  # taken as absent, the run would restart or end in silence
+            raise RunError(
+                f"{run_dir / name} is {why}; restore it, or start the run again with a new --out"
+            )
     if resume and (run_dir / "metrics.json").exists():  # finished: its results, if this run's
         check_same_run(run_dir, recipe)
         metrics = read_json(run_dir / "metrics.json", ("sets",))
@@ -300,6 +307,23 @@ def _check_micro_batch(saved: int | None, cfg: TrainConfig, model: nn.Module, ru
         )
 
 
+def _check_same_precision(
+    saved: dict[str, Any], settings: dict[str, Any], recipe: Recipe, run_dir: Path
+) -> None:
+    """A resume computes in the precision its run started in: ``auto`` resolved to fp32 on one
+    machine and bf16 on another would switch precisions mid-run."""
+    for key in ("train.precision", "eval.precision"):
+        was, now = saved.get(key), settings[key]
+        asked = recipe.train.precision if key == "train.precision" else recipe.eval.precision
+        if was in ("fp32", "bf16") and was != now and asked == "auto":
+            raise RunError(
+                f"{run_dir} started in {key} {was}, but auto resolves to {now} on this device: "
+                f"the run would switch precision mid-run; write '{key.split('.')[1]}: {was}' "
+                f"under {key.split('.')[0]}: in its recipe.yaml to resume as it started, or "
+                "start a new run with --out"
+            )
+
+
 def _train(
     recipe: Recipe, run_dir: Path, resume: bool, exp: Experiment, env: DistEnv, method
 ) -> dict[str, Any]:
@@ -315,6 +339,7 @@ def _train(
     settings = run_settings(recipe)
     state = load_checkpoint(run_dir / "state.pt") if resume else None
     if state is not None and "settings" in state:  # before recipe.yaml is written again
+        _check_same_precision(state["settings"], settings, recipe, run_dir)
         diff = differences(state["settings"], settings)
         if diff:
             raise RunError(
@@ -771,6 +796,7 @@ def _finish(
         "train_images_per_second": round(images_seen / train_seconds, 2) if train_seconds else None,
         "eval_seconds": round(time.time() - tick, 2),
         "skipped_images": exp.benchmark.skipped_images,
+        "skipped_links": len(exp.benchmark.skipped_links),
         "precision": _precisions(exp, classifier, untrained),
         # what decides these numbers: a rerun (flyp compare, flyp sweep) or a report checks it
         "settings": run_settings(exp.recipe),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flyp.data import templates as tpl
 from flyp.data.folders import (
+    LINK_FIX,
     DataError,
     Sample,
     check_domain_names,
@@ -27,6 +28,7 @@ from flyp.data.folders import (
 from flyp.data.lazy import lazy_builder
 from flyp.data.sets import Benchmark, finish
 from flyp.data.splits import stratified_split
+from flyp.paths import link_fault, resolved
 from flyp.recipe import DataConfig
 
 
@@ -35,7 +37,7 @@ def pacs_default_root() -> Path:
     ../shared/data/pacs next to the checkout. Nothing machine-specific: anywhere else, set one."""
     env = os.environ.get("FLYP_PACS_ROOT")
     if env:
-        return Path(env).expanduser().resolve()
+        return resolved(env)
     return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pacs"
 
 
@@ -47,10 +49,10 @@ def absolute_roots(cfg: DataConfig) -> DataConfig:
 
     root = cfg.root
     if root is not None:
-        root = str(Path(root).expanduser().resolve())
+        root = str(resolved(root))
     elif cfg.benchmark == "pacs":
-        root = str(pacs_default_root().resolve())
-    roots = {name: str(Path(path).expanduser().resolve()) for name, path in cfg.roots.items()}
+        root = str(resolved(pacs_default_root()))
+    roots = {name: str(resolved(path)) for name, path in cfg.roots.items()}
     return dataclasses.replace(cfg, root=root, roots=roots)
 
 
@@ -60,6 +62,7 @@ def _assemble(
     classes: list[str],
     templates: list[str],
     domains: dict[str, list[Sample]],
+    skipped_links: dict[str, str] | None = None,
 ) -> Benchmark:
     """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole."""
     check_domain_names([cfg.id_domain, *cfg.ood_domains])  # not 'val', 'train', 'test'
@@ -68,7 +71,10 @@ def _assemble(
     )
     tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
     display = [c.replace("_", " ") for c in classes]
-    return finish(cfg, name, display, templates, train, val, tests, id_name=cfg.id_domain)
+    return finish(
+        cfg, name, display, templates, train, val, tests, id_name=cfg.id_domain,
+        skipped_links=skipped_links,
+    )
 
 
 def _domain_folders(root: Path, cfg: DataConfig) -> dict[str, str]:
@@ -76,7 +82,13 @@ def _domain_folders(root: Path, cfg: DataConfig) -> dict[str, str]:
     folder is an error suggesting the nearest one."""
     available = subfolders(root)
     folders = {}
+    broken = {nfc(p.name): why for p in root.iterdir() if (why := link_fault(p))}
     for domain in [cfg.id_domain, *cfg.ood_domains]:
+        if nfc(domain) in broken:  # a whole set is no bad image: never skipped
+            raise DataError(
+                f"domain folder {root / domain} is {broken[nfc(domain)]}; {LINK_FIX}, or drop "
+                "the domain from data.id_domain / data.ood_domains"
+            )
         if nfc(domain) not in available:
             near = near_hint(nfc(domain), list(available))
             prefix = [a for a in available if a.startswith(nfc(domain)[:3])]
@@ -103,9 +115,10 @@ def build_folders(
         Path(root_text), "data root", "set data.root to the dataset folder (--set data.root=/path)"
     )
     folders = _domain_folders(root, cfg)
-    classes = check_same_classes(root, list(folders.values()))
-    domains = {d: list_domain(root, folder, classes) for d, folder in folders.items()}
-    return _assemble(cfg, name, classes, templates or tpl.SIMPLE, domains)
+    links: dict[str, str] | None = {} if cfg.on_bad_image == "skip" else None
+    classes = check_same_classes(root, list(folders.values()), links)
+    domains = {d: list_domain(root, folder, classes, links) for d, folder in folders.items()}
+    return _assemble(cfg, name, classes, templates or tpl.SIMPLE, domains, links)
 
 
 def build_pacs(cfg: DataConfig) -> Benchmark:

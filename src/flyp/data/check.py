@@ -34,6 +34,7 @@ from PIL import Image
 
 from flyp.data.folders import SKIP_HINT, DataError, Sample, decode_rgb
 from flyp.distributed import local_rank, on_node_main
+from flyp.paths import link_fault
 
 CHECK_VERSION = 2  # bumped when what the check accepts changes (2: past MAX_ASPECT): older manifests are ignored
 CHUNK = 64  # images per task: few enough futures for 1.28M images, small enough to spread
@@ -174,7 +175,7 @@ def _check_here(paths: Sequence[str], workers: int | None) -> CheckReport:
     for path in unique:
         stat = _stat(path)
         if stat is None:
-            report.bad[path] = "no such file"
+            report.bad[path] = link_fault(Path(path)) or "no such file"
             continue
         stats[path] = stat
         if known.get(path[cut:]) == stat:

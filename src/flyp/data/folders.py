@@ -26,9 +26,12 @@ from typing import NamedTuple
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from flyp.paths import link_fault
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 SKIP_HINT = "set data.on_bad_image=skip to leave bad images out"
+LINK_FIX = "point it at what exists, or remove it"
 
 
 class DataError(ValueError):
@@ -141,12 +144,38 @@ def near_hint(name: str, options: Sequence[str]) -> str:
 def require_dir(path: Path, what: str, fix: str) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
+        why = link_fault(path)
+        if why:
+            raise DataError(f"{what} {path} is {why}; {LINK_FIX} ({fix})")
         raise DataError(f"{what} {path} does not exist or is not a folder; {fix}")
     return path
 
 
+def account_links(folder: Path, skipped: dict[str, str] | None, what: str) -> None:
+    """Every visible link in ``folder`` that leads nowhere is refused in one line naming it
+    (``skipped`` None: data.on_bad_image=error) or recorded in ``skipped`` as {path: why} to be
+    named and counted (skip): the folder or images it stood for would otherwise be dropped in
+    silence. Links named like images are left to the image check, which names them the same
+    way. ``what``: what such a link would be ("class folder", "folder")."""
+    with os.scandir(folder) as entries:  # is_symlink from the listing: no call per image
+        links = sorted(Path(e.path) for e in entries if e.is_symlink())
+    for path in links:
+        if path.name.startswith(".") or path.suffix.lower() in IMAGE_SUFFIXES:
+            continue
+        why = link_fault(path)
+        if why is None:
+            continue
+        if skipped is None:
+            raise DataError(
+                f"{what} {path} is {why}, so its images cannot be read; {LINK_FIX}, or set "
+                "data.on_bad_image=skip to leave it out"
+            )
+        skipped[str(path)] = why
+
+
 def subfolder_paths(folder: Path) -> list[Path]:
-    """Visible sub-folders of ``folder``, sorted (a symbolic link that loops is none)."""
+    """Visible sub-folders of ``folder``, sorted (a symbolic link that leads nowhere is none:
+    :func:`account_links` names those where flyp reads)."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
 
 
@@ -207,14 +236,18 @@ def class_folders(domain_dir: Path) -> list[str]:
     return list(subfolders(domain_dir).values())
 
 
-def check_same_classes(root: Path, domains: Sequence[str]) -> list[str]:
+def check_same_classes(
+    root: Path, domains: Sequence[str], skipped: dict[str, str] | None = None
+) -> list[str]:
     """All domains must have the same class folders (compared in NFC); the first is the reference.
 
     ``domains`` are folder names under ``root``. Returns the NFC class names, sorted. An image
-    directly in a domain folder is refused: no class folder labels it.
+    directly in a domain folder is refused: no class folder labels it. A link in a domain
+    folder that leads nowhere is refused, or recorded in ``skipped`` (:func:`account_links`).
     """
     for domain in domains:
-        stray = [p.name for p in image_files(root / domain) if p.is_file()]
+        account_links(root / domain, skipped, "class folder")
+        stray = [p.name for p in image_files(root / domain) if p.is_file() or link_fault(p)]
         if stray:
             more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""
             raise DataError(
@@ -236,25 +269,33 @@ def check_same_classes(root: Path, domains: Sequence[str]) -> list[str]:
         classes = list(subfolders(root / domain))
         unmatched = sorted(set(reference) - set(classes))  # what a misspelt folder could be
         for extra in sorted(set(classes) - set(reference)):
+            why = link_fault(root / domains[0] / extra)
             raise DataError(
                 f"class folder '{extra}' in {domain} has no match in {domains[0]}"
-                f"{near_hint(extra, unmatched)}; "
+                f"{f' (there it is {why})' if why else near_hint(extra, unmatched)}; "
                 "rename it so every domain has the same class folders"
             )
         for missing in sorted(set(reference) - set(classes)):
+            why = link_fault(root / domain / missing)
             raise DataError(
                 f"class folder '{missing}' of {domains[0]} is missing from {domain}"
-                f"{near_hint(missing, classes)}; every domain needs the same class folders"
+                f"{f' (it is {why})' if why else near_hint(missing, classes)}; every domain "
+                "needs the same class folders"
             )
     return reference
 
 
-def list_domain(root: Path, domain: str, classes: Sequence[str]) -> list[Sample]:
-    """Every image of one domain folder, labelled by its class's index in ``classes`` (NFC)."""
+def list_domain(
+    root: Path, domain: str, classes: Sequence[str], skipped: dict[str, str] | None = None
+) -> list[Sample]:
+    """Every image of one domain folder, labelled by its class's index in ``classes`` (NFC).
+    A link in a class folder that leads nowhere (but one named like an image: the image check
+    names it) is refused, or recorded in ``skipped`` (:func:`account_links`)."""
     on_disk = subfolders(root / domain)
     samples = []
     for label, name in enumerate(classes):
         folder = root / domain / on_disk[nfc(name)]
+        account_links(folder, skipped, "folder")
         nested = [p.name for p in subfolder_paths(folder) if image_files(p)]
         if nested:
             raise DataError(
@@ -283,9 +324,11 @@ def read_csv(path: Path) -> list[tuple[str, str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(
-            f"CSV file {path} does not exist; write it or fix data.root / the domain name"
-        )
+        why = link_fault(path)
+        if why:
+            raise DataError(f"CSV file {path} is {why}; {LINK_FIX}")
+        what = "is a folder, not a CSV file" if path.is_dir() else "does not exist"
+        raise DataError(f"CSV file {path} {what}; write it or fix data.root / the domain name")
     text = io.StringIO(read_text(path, "CSV file"), newline="")
     reader = csv.DictReader(text, skipinitialspace=True)
     fields = [name.strip() for name in reader.fieldnames or []]

@@ -15,7 +15,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from flyp.data.folders import IMAGE_SUFFIXES, DataError, image_files
+from flyp.data.folders import IMAGE_SUFFIXES, LINK_FIX, DataError, image_files
+from flyp.paths import link_fault, resolved
 
 LAYOUTS = "DIR/<class>/<image> or DIR/<domain>/<class>/<image>"
 
@@ -83,7 +84,10 @@ def data_overrides(
 ) -> list[str]:
     """Recipe overrides (``key=value``, values as JSON, which YAML reads as it is) that point a
     recipe at ``folder``."""
-    folder = Path(folder).expanduser().resolve()
+    why = link_fault(Path(folder).expanduser())
+    if why:
+        raise DataError(f"--data {folder} is {why}; {LINK_FIX}, or pass a folder of images")
+    folder = resolved(folder)
     domains = domains_of(folder)
     if domains is None:  # one domain: the folder itself, seen from its parent
         if id_domain or ood_domains:
@@ -104,6 +108,14 @@ def data_overrides(
             id_domain = domains[0]
         if ood_domains is None:
             ood_domains = [d for d in domains if d != id_domain]
+            # every domain is taken: one whose link leads nowhere would drop out in silence
+            for path in sorted(folder.iterdir()):
+                why = None if path.name.startswith(".") else link_fault(path)
+                if why:
+                    raise DataError(
+                        f"--data {folder}: domain folder {path.name} is {why}; {LINK_FIX}, "
+                        "or name the domains to test on with --ood-domains"
+                    )
     values = {
         "name": folder.name,
         "data.benchmark": "folders",

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flyp.data import templates as tpl
-from flyp.data.check import CheckReport, check_samples
+from flyp.data.check import SHOW_SKIPPED, CheckReport, check_samples
 from flyp.data.folders import DataError, Sample, name_key, reserved_names
 from flyp.data.splits import stratified_subsample
+from flyp.distributed import local_rank
 from flyp.recipe import DataConfig
 
 
@@ -33,6 +35,8 @@ class Benchmark:
     ood_names: list[str]
     metric: str = "accuracy"  # the headline metric: "accuracy", "macro_f1", "worst_group_accuracy"
     skipped_images: int = 0
+    # Links that led nowhere, left out under data.on_bad_image=skip: {path: why} (else refused).
+    skipped_links: dict[str, str] = field(default_factory=dict)
     # Evaluation sets that cover only some classes (ImageNet-R/A): logits restricted to these.
     class_subsets: dict[str, list[int]] = field(default_factory=dict)
     # Group id of every sample of an evaluation set (FMoW regions), for worst-group accuracy.
@@ -128,12 +132,21 @@ def finish(
     metric: str = "accuracy",
     class_subsets: dict[str, list[int]] | None = None,
     group_of: Mapping[str, int] | None = None,
+    skipped_links: Mapping[str, str] | None = None,
 ) -> Benchmark:
     """k-shot and size limits, the image check (:mod:`flyp.data.check`), then the Benchmark.
 
     ``group_of`` maps an image path to its group (FMoW region); every evaluation set then
     gets its per-sample group list, computed after subsampling so the two stay aligned.
+    ``skipped_links``: links that led nowhere, left out under data.on_bad_image=skip (named on
+    stderr here, as skipped images are, and counted in the Benchmark).
     """
+    skipped_links = dict(sorted((skipped_links or {}).items()))
+    if local_rank() == 0:  # said once per node, as the image check says its skipped images
+        for path, why in list(skipped_links.items())[:SHOW_SKIPPED]:
+            print(f"data: skipped {path} ({why})", file=sys.stderr)
+        if len(skipped_links) > SHOW_SKIPPED:
+            print(f"data: skipped {len(skipped_links) - SHOW_SKIPPED} more links", file=sys.stderr)
     check_sets(train, val, tests, id_name)
     if cfg.k_shot is not None:
         train = k_shot(train, cfg.k_shot, cfg.split_seed)
@@ -177,6 +190,7 @@ def finish(
         ood_names=[k for k in tests if k != id_name],
         metric=metric,
         skipped_images=bad,
+        skipped_links=skipped_links,
         image_check=report,
         class_subsets={k: v for k, v in (class_subsets or {}).items() if k in tests},
         groups=groups,

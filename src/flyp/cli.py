@@ -39,23 +39,25 @@ def _recipe(args: argparse.Namespace):
     if data is not None and args.recipe is None and args.command != "data":
         from flyp.tracking import say
 
-        say(_data_choices(recipe))
+        say(_data_choices(recipe, wise=args.command == "compare" and not args.no_wise))
     return recipe
 
 
-def _data_choices(recipe) -> str:
+def _data_choices(recipe, wise: bool = False) -> str:
     """What ``--data`` without a recipe runs with (the recipe defaults, after any --set), next
-    to what the shipped PACS recipes use, and how to change it: one line."""
+    to what the shipped PACS recipes use, and how to change it: one line. The WiSE-FT alphas
+    are named only where WiSE-FT runs (``wise``: compare without --no-wise)."""
     templates = (
         f"template set {recipe.data.templates}"
         if recipe.data.templates
         else "1 prompt template ('a photo of a {}.')"
     )
     size, epochs = recipe.model.image_size or "the model's own", recipe.train.epochs
+    alphas = f", {len(recipe.eval.wise_alphas)} WiSE-FT alphas" if wise else ""
     return (
         f"--data without a recipe: image size {size}, precision {recipe.train.precision} "
         f"(eval {recipe.eval.precision}), {templates}, {epochs} epoch{'s' * (epochs != 1)}, lr "
-        f"{recipe.train.lr:g}, {len(recipe.eval.wise_alphas)} WiSE-FT alphas (recipes/pacs.yaml: "
+        f"{recipe.train.lr:g}{alphas} (recipes/pacs.yaml: "
         "160 px, 7 templates); change any with --set, e.g. --set model.image_size=160 "
         "--set data.templates=pacs, or pass a recipe"
     )
@@ -441,9 +443,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     bench = build_benchmark(recipe.data)
     shown = [for_terminal(c) for c in bench.class_names]  # folder names: no control characters
+    total = len(bench.class_names)
+    ood = [  # a domain covering a subset of the classes is scored on those: said here
+        f"{name} ({len(bench.class_subsets[name])} of {total} classes)"
+        if name in bench.class_subsets
+        else name
+        for name in bench.ood_names
+    ]
     print(for_terminal(
-        f"benchmark {bench.name}: {len(bench.class_names)} classes, {len(bench.templates)} templates, "
-        f"metric {bench.metric}; ID {bench.id_name}, OOD {', '.join(bench.ood_names) or 'none'}"
+        f"benchmark {bench.name}: {total} classes, {len(bench.templates)} templates, "
+        f"metric {bench.metric}; ID {bench.id_name}, OOD {', '.join(ood) or 'none'}"
     ))
     sets = {"train": bench.train, **bench.eval_sets()}
     width = max(len(c) for c in shown)
@@ -540,9 +549,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, top in zip(shown, result.top, strict=True):
         rest = ", ".join(f"{for_terminal(c)} {p:.3f}" for c, p in top)
         print(f"{path:<{width}}  {for_terminal(top[0][0]):<20}{top[0][1]:>7.3f}  {rest}")
+    of = f" of its {clf.all_classes}" if clf.subset is not None else ""  # --classes: some of its own
     print(
         f"{len(result.paths)} images classified, {len(skipped)} skipped "
-        f"({clf.head} head, {len(clf.class_names)} classes)"
+        f"({clf.head} head, {len(clf.class_names)}{of} classes)"
     )
     if out is not None:
         atomic_write_text(out, predictions_csv(result))
@@ -562,6 +572,12 @@ def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
         print(
             f"{name:<16}{100 * m['accuracy']:>10.1f}{100 * m['macro_f1']:>10.1f}{100 * m['worst_class_accuracy']:>10.1f}{m['n']:>7}"
         )
+    for name, m in metrics["sets"].items():
+        if m.get("classes") is not None:
+            print(
+                f"{for_terminal(name)}: scored on the {m['classes']} of {m['of_classes']} "
+                "classes it has (the others' logits left out)"
+            )
     if metrics.get("ood_mean") is not None:
         print(
             f"ID ({for_terminal(metrics['id_name'])}) {100 * metrics['id']:.1f}   "

@@ -205,6 +205,8 @@ def evaluate_sets(
         preds = logits.argmax(dim=1).numpy()
         group = np.asarray(groups[name]) if name in groups else None
         results[name] = metrics_from_predictions(preds, labels, group)
+        if name in class_subsets:  # scored on its own classes: the report says "k of n"
+            results[name].update(classes=len(class_subsets[name]), of_classes=num_classes)
         correct = preds == labels
         results[name].update(calibration(logits, labels, correct))
         if temperature is not None:

@@ -420,17 +420,41 @@ def cmd_wise(args: argparse.Namespace) -> int:
     twice = [a for i, a in enumerate(alphas) if a in alphas[:i]]
     if twice:
         raise RecipeError(f"--alphas lists {twice[0]:g} twice; list each once")
+    keep = _keep_alpha(args.keep) if args.keep is not None else None
+    if keep is None and recipe.eval.wise_keep:
+        keep = "best"
     check_device(recipe.train.device)
     exp = prepare(recipe)
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
-    result = wise_sweep(_on_device(exp), run_dir, alphas, pretrained)
+    result = wise_sweep(_on_device(exp), run_dir, alphas, pretrained, keep=keep)
     for p in result["points"]:
         print(
             f"alpha {p['alpha']:.2f}  val {100 * p['val']:.1f}  ID {100 * p['id']:.1f}  OOD mean {100 * p['ood_mean']:.1f}"
         )
     print(f"best alpha on ID validation: {result['best_alpha']}")
-    print(f"its model: {result['model']} (flyp predict, flyp evaluate and flyp export take it)")
+    if "model" in result:
+        print(
+            f"model at alpha {result['kept_alpha']:g}: {result['model']} (flyp predict, flyp "
+            "evaluate and flyp export take it)"
+        )
+    else:
+        print(f"no model kept; to keep one: flyp wise {run_dir} --keep best (or an alpha)")
     return 0
+
+
+def _keep_alpha(text: str) -> float | str:
+    """--keep: "best" (the alpha chosen on ID validation) or an alpha in [0, 1]."""
+    from flyp.recipe import RecipeError
+
+    if text == "best":
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = float("nan")
+    if not 0 <= alpha <= 1:
+        raise RecipeError(f"--keep {text}: give best or an alpha in [0, 1], e.g. --keep 0.5")
+    return alpha
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -774,10 +798,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "wise",
-        help="WiSE-FT sweep of one finished run; keeps the model at the alpha chosen on ID "
-        "validation as RUN_DIR/wise-model (predict, evaluate and export take it)",
+        help="WiSE-FT sweep of one finished run; --keep writes the model at an alpha as "
+        "RUN_DIR/wise-model (predict, evaluate and export take it)",
     )
     p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument(
+        "--keep",
+        metavar="ALPHA",
+        help="write the model at this alpha, or at the one chosen on ID validation (best), as "
+        "RUN_DIR/wise-model; the sweep's points already in wise.json are not evaluated again "
+        "(default: no model, unless the recipe sets eval.wise_keep: best)",
+    )
     p.add_argument(
         "--alphas",
         nargs="+",

@@ -149,7 +149,7 @@ def _method_order(name: str) -> tuple[int, int, str]:
     order = list(METHODS)
     base = name.split(" soup")[0]
     kinds = ["uniform", "greedy", "model stock"]  # each method's merges in this order
-    kind = name.partition("(")[2].rstrip(")")
+    kind = name.partition("(")[2].rstrip(")").split(" = ")[0]  # "uniform = greedy": one soup
     merge = kinds.index(kind) + 1 if name != base and kind in kinds else len(kinds) + 1
     return (order.index(base) if base in order else len(order), merge if name != base else 0, name)
 
@@ -413,7 +413,7 @@ def figure(results: dict[str, Any], title: str):
                     ax.plot([x], [y], ls="none", marker="*", ms=24, color="gold", mec="black", zorder=5, label="zero-shot")
                 continue
             base = name.split(" soup")[0]
-            marker = MARKERS.get(name.partition("(")[2].rstrip(")"), "o")
+            marker = MARKERS.get(name.partition("(")[2].rstrip(")").split(" = ")[0], "o")
             xerr, yerr = 100 * m["id"]["std"], 100 * m["ood_mean"]["std"]
             if xerr or yerr:
                 ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], fmt="none", ecolor=colour[base], capsize=3, zorder=3)

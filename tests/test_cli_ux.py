@@ -327,7 +327,9 @@ def test_every_legend_entry_shows_the_marker_drawn_for_it(tree, recipe_file, tmp
         }
         labels = [t.get_text() for t in legend.get_texts()]
         assert sorted(labels) == sorted(drawn)
-        assert {"zero-shot", "ft", "ft soup (uniform)", "ft soup (greedy)", "lp"} <= set(labels)
+        assert {"zero-shot", "ft", "lp"} <= set(labels)
+        soups = {"ft soup (uniform)", "ft soup (greedy)"}  # or one: greedy kept every run
+        assert soups <= set(labels) or "ft soup (uniform = greedy)" in labels
         for handle, label in zip(legend.legend_handles, labels, strict=True):
             point = drawn[label]
             assert isinstance(handle, Line2D), (label, handle)  # a marker, not error bars

@@ -58,14 +58,14 @@ STEPS = [
     Step(
         f"flyp predict runs/flyp {PACS}/art_painting/dog/pic_001.jpg \\\n"
         f"    {PACS}/cartoon/elephant/pic_001.jpg {PACS}/sketch/giraffe/7361.png \\\n"
-        f"    {PACS}/photo/guitar/063_0001.jpg --top-k 3 --out predictions.csv"
+        f"    {PACS}/photo/guitar/063_0001.jpg --top-k 3 --out runs/predictions.csv"
     ),
     Step(
         f"flyp predict runs/flyp {PACS}/art_painting/dog/pic_001.jpg \\\n"
         f'    {PACS}/photo/guitar/063_0001.jpg --classes "dog,cat,violin,car" --top-k 2'
     ),
-    Step("flyp export runs/flyp --format open_clip --out exported", status=2),
-    Step("flyp export runs/flyp --format flyp --out exported"),
+    Step("flyp export runs/flyp --format open_clip --out runs/exported", status=2),
+    Step("flyp export runs/flyp --format flyp --out runs/exported"),
 ]
 
 PYTHON = """\

@@ -308,3 +308,23 @@ def test_a_failed_export_leaves_nothing(open_clip_runs, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=f"no space left on the device while exporting to {out};"):
         export_run(open_clip_runs["flyp"], "open_clip", out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_flyp_export_readme_python_loads_and_predicts_as_the_run(tiny_run, tmp_path):
+    """The export's README shows flyp.load_classifier(OUT) (issue 23): its Python block, run
+    as written with OUT and the image filled in, predicts what the run itself predicts."""
+    import re
+
+    import flyp
+
+    out = export_run(tiny_run, "flyp", tmp_path / "export")
+    readme = (out / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, flags=re.S)
+    assert block, readme
+    assert "flyp.load_classifier" in block.group(1) and "load_weights" not in readme
+    image = next((tiny_run.parent / "data" / "sketch").glob("*/*.png"))
+    code = block.group(1).replace('"OUT"', repr(str(out))).replace('"image.jpg"', repr(str(image)))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # prints the prediction
+    expected = flyp.load_classifier(tiny_run).predict([str(image)], top_k=3)
+    assert namespace["clf"].predict([str(image)], top_k=3) == expected

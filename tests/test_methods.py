@@ -111,7 +111,8 @@ def test_compare_and_report(fake_pacs, tmp_path):
         assert img.format == "PNG" and img.size[0] > 500
     saved = json.loads((out / "results.json").read_text())
     text = (out / "report.md").read_text()
-    first, calibration = (t for t in text.split("\n\n") if t.startswith("| "))
+    first, per_seed, calibration = (t for t in text.split("\n\n") if t.startswith("| "))
+    assert per_seed.startswith("| method | seed |")  # the values behind each mean ± std
     table = [line for line in first.splitlines() if line.startswith("| ")]
     # the calibration table: every finetuned method, ECE as in results.json
     cal_rows = {line.split("|")[1].strip(): line for line in calibration.splitlines()[2:]}

@@ -83,7 +83,9 @@ def merged(tmp_path_factory):
     (tmp / "r.yaml").write_text("name: r\n")
     sets = [
         f"--set={o}"
-        for o in tiny_overrides(root, "train.epochs=2", "eval.wise_alphas=[0, 0.5, 1]")
+        for o in tiny_overrides(
+            root, "train.epochs=2", "eval.wise_alphas=[0, 0.5, 1]", "eval.wise_keep=true"
+        )
     ]
     out = tmp / "cmp"
     with pytest.MonkeyPatch.context() as mp:
@@ -175,8 +177,13 @@ def test_saved_soups_predict_as_the_merged_model_in_memory(merged, tmp_path, cap
     images = _images(root)
     runs = [load_classifier(out / f"ft-s{s}") for s in (0, 1, 2)]
     states = [{k: v.clone() for k, v in r.classifier.state_dict().items()} for r in runs]
-    greedy = json.loads((out / "soups" / "ft-soup-greedy" / "metrics.json").read_text())
-    kept = [int(Path(d).name.removeprefix("ft-s")) for d in greedy["kept_runs"]]
+    uniform = json.loads((out / "soups" / "ft-soup-uniform" / "metrics.json").read_text())
+    if "greedy" in uniform.get("is_also", []):  # greedy kept every run: the uniform soup
+        assert not (out / "soups" / "ft-soup-greedy").exists()
+        kept = [0, 1, 2]
+    else:
+        greedy = json.loads((out / "soups" / "ft-soup-greedy" / "metrics.json").read_text())
+        kept = [int(Path(d).name.removeprefix("ft-s")) for d in greedy["kept_runs"]]
     anchor = build_classifier(METHODS["ft"], load_model("tiny").model, _ctx(out)).state_dict()
     expected = {
         "uniform": uniform_soup(states),
@@ -185,6 +192,8 @@ def test_saved_soups_predict_as_the_merged_model_in_memory(merged, tmp_path, cap
     }
     for kind, state in expected.items():
         folder = out / "soups" / f"ft-soup-{kind}"
+        if not folder.exists():  # greedy = uniform, stored once
+            folder = out / "soups" / "ft-soup-uniform"
         memory = _in_memory(runs[0], state, images)
         saved = load_classifier(folder)
         assert saved.metadata["method"] == "ft" and saved.metadata["merge"]["runs"]
@@ -215,13 +224,13 @@ def test_a_saved_merge_exports_and_evaluates_like_a_run(merged, tmp_path, capsys
 
 
 def test_flyp_wise_keeps_the_model_at_the_chosen_alpha(merged, tmp_path, capsys):
-    """`flyp wise RUN --alphas 0.5` writes RUN/wise-model: its predictions are those of the
+    """`flyp wise RUN --alphas 0.5 --keep best` writes RUN/wise-model: its predictions are those of the
     interpolation (1 − α)·zero-shot + α·finetuned made here; the report does not take it for a
     run of its own."""
     out, root = merged
     run = tmp_path / "lpft-s1"  # a copy: the comparison's own sweep stays as it was
     shutil.copytree(out / "lpft-s1", run)
-    assert main(["wise", str(run), "--alphas", "0.5"]) == 0
+    assert main(["wise", str(run), "--alphas", "0.5", "--keep", "best"]) == 0
     assert "wise-model" in capsys.readouterr().out
     finetuned = load_classifier(run)
     zeroshot = build_classifier(METHODS["lpft"], load_model("tiny").model, _ctx(out)).state_dict()

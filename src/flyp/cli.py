@@ -39,23 +39,25 @@ def _recipe(args: argparse.Namespace):
     if data is not None and args.recipe is None and args.command != "data":
         from flyp.tracking import say
 
-        say(_data_choices(recipe))
+        say(_data_choices(recipe, wise=args.command == "compare" and not args.no_wise))
     return recipe
 
 
-def _data_choices(recipe) -> str:
+def _data_choices(recipe, wise: bool = False) -> str:
     """What ``--data`` without a recipe runs with (the recipe defaults, after any --set), next
-    to what the shipped PACS recipes use, and how to change it: one line."""
+    to what the shipped PACS recipes use, and how to change it: one line. The WiSE-FT alphas
+    are named only where WiSE-FT runs (``wise``: compare without --no-wise)."""
     templates = (
         f"template set {recipe.data.templates}"
         if recipe.data.templates
         else "1 prompt template ('a photo of a {}.')"
     )
     size, epochs = recipe.model.image_size or "the model's own", recipe.train.epochs
+    alphas = f", {len(recipe.eval.wise_alphas)} WiSE-FT alphas" if wise else ""
     return (
         f"--data without a recipe: image size {size}, precision {recipe.train.precision} "
         f"(eval {recipe.eval.precision}), {templates}, {epochs} epoch{'s' * (epochs != 1)}, lr "
-        f"{recipe.train.lr:g}, {len(recipe.eval.wise_alphas)} WiSE-FT alphas (recipes/pacs.yaml: "
+        f"{recipe.train.lr:g}{alphas} (recipes/pacs.yaml: "
         "160 px, 7 templates); change any with --set, e.g. --set model.image_size=160 "
         "--set data.templates=pacs, or pass a recipe"
     )
@@ -418,17 +420,41 @@ def cmd_wise(args: argparse.Namespace) -> int:
     twice = [a for i, a in enumerate(alphas) if a in alphas[:i]]
     if twice:
         raise RecipeError(f"--alphas lists {twice[0]:g} twice; list each once")
+    keep = _keep_alpha(args.keep) if args.keep is not None else None
+    if keep is None and recipe.eval.wise_keep:
+        keep = "best"
     check_device(recipe.train.device)
     exp = prepare(recipe)
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
-    result = wise_sweep(_on_device(exp), run_dir, alphas, pretrained)
+    result = wise_sweep(_on_device(exp), run_dir, alphas, pretrained, keep=keep)
     for p in result["points"]:
         print(
             f"alpha {p['alpha']:.2f}  val {100 * p['val']:.1f}  ID {100 * p['id']:.1f}  OOD mean {100 * p['ood_mean']:.1f}"
         )
     print(f"best alpha on ID validation: {result['best_alpha']}")
-    print(f"its model: {result['model']} (flyp predict, flyp evaluate and flyp export take it)")
+    if "model" in result:
+        print(
+            f"model at alpha {result['kept_alpha']:g}: {result['model']} (flyp predict, flyp "
+            "evaluate and flyp export take it)"
+        )
+    else:
+        print(f"no model kept; to keep one: flyp wise {run_dir} --keep best (or an alpha)")
     return 0
+
+
+def _keep_alpha(text: str) -> float | str:
+    """--keep: "best" (the alpha chosen on ID validation) or an alpha in [0, 1]."""
+    from flyp.recipe import RecipeError
+
+    if text == "best":
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = float("nan")
+    if not 0 <= alpha <= 1:
+        raise RecipeError(f"--keep {text}: give best or an alpha in [0, 1], e.g. --keep 0.5")
+    return alpha
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -441,9 +467,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     bench = build_benchmark(recipe.data)
     shown = [for_terminal(c) for c in bench.class_names]  # folder names: no control characters
+    total = len(bench.class_names)
+    ood = [  # a domain covering a subset of the classes is scored on those: said here
+        f"{name} ({len(bench.class_subsets[name])} of {total} classes)"
+        if name in bench.class_subsets
+        else name
+        for name in bench.ood_names
+    ]
     print(for_terminal(
-        f"benchmark {bench.name}: {len(bench.class_names)} classes, {len(bench.templates)} templates, "
-        f"metric {bench.metric}; ID {bench.id_name}, OOD {', '.join(bench.ood_names) or 'none'}"
+        f"benchmark {bench.name}: {total} classes, {len(bench.templates)} templates, "
+        f"metric {bench.metric}; ID {bench.id_name}, OOD {', '.join(ood) or 'none'}"
     ))
     sets = {"train": bench.train, **bench.eval_sets()}
     width = max(len(c) for c in shown)
@@ -545,9 +578,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, top in zip(shown, result.top, strict=True):
         rest = ", ".join(f"{for_terminal(c)} {p:.3f}" for c, p in top)
         print(f"{path:<{width}}  {for_terminal(top[0][0]):<20}{top[0][1]:>7.3f}  {rest}")
+    of = f" of its {clf.all_classes}" if clf.subset is not None else ""  # --classes: some of its own
     print(
         f"{len(result.paths)} images classified, {len(skipped)} skipped "
-        f"({clf.head} head, {len(clf.class_names)} classes)"
+        f"({clf.head} head, {len(clf.class_names)}{of} classes)"
     )
     if out is not None:
         atomic_write_text(out, predictions_csv(result))
@@ -567,6 +601,12 @@ def _print_metrics(metrics: dict, run_dir: Path | None) -> None:
         print(
             f"{name:<16}{100 * m['accuracy']:>10.1f}{100 * m['macro_f1']:>10.1f}{100 * m['worst_class_accuracy']:>10.1f}{m['n']:>7}"
         )
+    for name, m in metrics["sets"].items():
+        if m.get("classes") is not None:
+            print(
+                f"{for_terminal(name)}: scored on the {m['classes']} of {m['of_classes']} "
+                "classes it has (the others' logits left out)"
+            )
     if metrics.get("ood_mean") is not None:
         print(
             f"ID ({for_terminal(metrics['id_name'])}) {100 * metrics['id']:.1f}   "
@@ -763,10 +803,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "wise",
-        help="WiSE-FT sweep of one finished run; keeps the model at the alpha chosen on ID "
-        "validation as RUN_DIR/wise-model (predict, evaluate and export take it)",
+        help="WiSE-FT sweep of one finished run; --keep writes the model at an alpha as "
+        "RUN_DIR/wise-model (predict, evaluate and export take it)",
     )
     p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument(
+        "--keep",
+        metavar="ALPHA",
+        help="write the model at this alpha, or at the one chosen on ID validation (best), as "
+        "RUN_DIR/wise-model; the sweep's points already in wise.json are not evaluated again "
+        "(default: no model, unless the recipe sets eval.wise_keep: best)",
+    )
     p.add_argument(
         "--alphas",
         nargs="+",

@@ -2,8 +2,11 @@
 curve, optionally soups over seeds; then the report.
 
 out_dir/
-  <method>-s<seed>/   one run directory per method and seed (metrics.json, wise.json, weights)
-    wise-model/       the WiSE-FT model at the alpha chosen on ID validation
+  <method>-s<seed>/   one run directory per method and seed (metrics.json, wise.json, weights);
+                      a seed-free method's (lp) other seeds hold its first seed's files as
+                      hard links, so they are stored once
+    wise-model/       the WiSE-FT model at an alpha the user keeps (eval.wise_keep, or
+                      flyp wise RUN --keep ALPHA); not written otherwise
   soups/              each merge of a method's seeds (with --soups / --stock and several seeds)
   (a WiSE or merged model's folder holds model.safetensors, recipe.yaml and metrics.json, as a
   run directory does: flyp predict, flyp.load_classifier, flyp evaluate and flyp export take it)
@@ -13,6 +16,7 @@ out_dir/
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -113,21 +117,39 @@ def _point(alpha: float, sets: dict, exp: Experiment) -> dict[str, Any]:
     return {"alpha": alpha, **summarise(sets, b.id_name, b.ood_names, b.metric), "sets": sets}
 
 
+def swept_sets(run_dir: Path) -> dict[float, dict]:
+    """{alpha: per-set metrics} of the WiSE-FT points that ``run_dir``'s wise.json holds for
+    the run now in ``run_dir`` (none when it sweeps another run): what a new sweep or a kept
+    model reuses instead of evaluating again."""
+    if not (run_dir / "wise.json").is_file() or not (run_dir / "metrics.json").is_file():
+        return {}
+    wise = read_json(run_dir / "wise.json", ("points",))
+    run = read_json(run_dir / "metrics.json", ("sets",)).get("fingerprint")
+    if wise.get("fingerprint") != run:
+        return {}
+    return {p["alpha"]: p["sets"] for p in wise["points"] if isinstance(p, dict) and "sets" in p}
+
+
 def wise_sweep(
     exp: Experiment,
     run_dir: Path,
     alphas: Sequence[float],
     pretrained: dict[str, torch.Tensor],
     known: dict[float, dict] | None = None,
+    keep: float | str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the interpolations of a finished run; pick alpha on ID validation (``wise.json``)
-    and keep the model at that alpha (``RUN/wise-model``, see :func:`save_model`).
+    """Evaluate the interpolations of a finished run and pick alpha on ID validation
+    (``wise.json``). The model at an alpha is written only where ``keep`` asks for one: a
+    number, or "best" for the alpha chosen (``RUN/wise-model``, see :func:`save_model`); a
+    model kept before of this same run stays named in wise.json. ``known``: the metrics of
+    alphas already evaluated.
 
-    Every alpha not ``known`` is scored in one read of each set (flyp.evaluate.evaluate_states:
+    Every alpha not known is scored in one read of each set (flyp.evaluate.evaluate_states:
     each batch decoded once, forwarded through each interpolation). Under torchrun every rank
-    calls this and scores its share; rank 0 writes."""
+    calls this and scores its share; rank 0 reads what was swept before, and writes."""
     metrics = read_json(run_dir / "metrics.json", ("method", "seed", "sets"))
-    known = {a: sets for a, sets in (known or {}).items() if sets is not None}
+    given = {a: sets for a, sets in (known or {}).items() if sets is not None}
+    known = {**on_main(partial(swept_sets, run_dir)), **given}
     known.setdefault(1.0, metrics["sets"])
     classifier = zeroshot_classifier(exp, metrics["method"], pretrained)
     zeroshot = copy.deepcopy(classifier.state_dict())
@@ -141,17 +163,31 @@ def wise_sweep(
             known.update(zip(todo, evaluate_states(classifier, exp, states), strict=True))
     points = [_point(alpha, known[alpha], exp) for alpha in alphas]
     best = max(points, key=lambda p: (p["val"], -abs(p["alpha"] - 0.5)))
-    classifier.load_state_dict(interpolate(zeroshot, finetuned, best["alpha"]))
-    model_dir = run_dir / WISE_MODEL
-    name = f"{metrics['method']} WiSE-FT (α={best['alpha']:g})"
-    model_metrics = {"method": name, "seed": metrics["seed"], "recipe": exp.recipe.name, **best}
     result = {"method": metrics["method"], "seed": metrics["seed"], "best_alpha": best["alpha"], "points": points}
-    result["model"] = str(model_dir)
     result["fingerprint"] = metrics.get("fingerprint")  # the run it interpolates (compare checks)
+    model_dir = run_dir / WISE_MODEL
+    kept = on_main(partial(_kept_alpha, run_dir))
+    model: tuple[float, dict] | None = None
+    if keep is not None:
+        alpha = best["alpha"] if keep == "best" else float(keep)
+        point = next((p for p in points if p["alpha"] == alpha), None)
+        state = partial(interpolate, zeroshot, finetuned, alpha)
+        if point is None:  # an alpha outside the sweep: its numbers for the model's metrics
+            with tracking.running(f"{metrics['method']} seed {metrics['seed']} WiSE α={alpha:g}"):
+                point = _point(alpha, evaluate_states(classifier, exp, [state])[0], exp)
+        classifier.load_state_dict(state())
+        name = f"{metrics['method']} WiSE-FT (α={alpha:g})"
+        model_metrics = {"method": name, "seed": metrics["seed"], "recipe": exp.recipe.name, **point}
+        model_metrics["fingerprint"] = metrics.get("fingerprint")
+        model = alpha, {**model_metrics, "source_run": str(run_dir)}
+        kept = alpha
+    if kept is not None:
+        result.update(model=str(model_dir), kept_alpha=kept)
 
     def write() -> None:
-        save_model(classifier, exp, model_dir, run_dir, {"kind": "wise-ft", "alpha": best["alpha"]})
-        atomic_write_json(model_dir / "metrics.json", {**model_metrics, "source_run": str(run_dir)})
+        if model is not None:
+            save_model(classifier, exp, model_dir, run_dir, {"kind": "wise-ft", "alpha": model[0]})
+            atomic_write_json(model_dir / "metrics.json", model[1])
         atomic_write_json(run_dir / "wise.json", result)
 
     on_main(write)
@@ -159,7 +195,59 @@ def wise_sweep(
     return result
 
 
+def _kept_alpha(run_dir: Path) -> float | None:
+    """The alpha of ``RUN/wise-model`` when it is a finished WiSE-FT model of the run now in
+    ``run_dir`` (one of a run since replaced is not named), else None."""
+    path = run_dir / WISE_MODEL / "metrics.json"
+    if not path.is_file() or not (run_dir / "metrics.json").is_file():
+        return None
+    model = read_json(path, ("alpha",))
+    run = read_json(run_dir / "metrics.json", ("sets",)).get("fingerprint")
+    return model["alpha"] if model.get("fingerprint") == run else None
+
+
 SOUPS = ("uniform", "greedy")
+
+
+def _soup_dir(out_dir: Path, method: str, kind: str) -> Path:
+    return out_dir / f"{method}-soup-{kind.replace(' ', '-')}"
+
+
+def _sources(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """What a merge was made of: each run, its fingerprint and its weights file's size and
+    time, so a soup of runs since retrained or replaced is not taken for finished."""
+    out = []
+    for run_dir in run_dirs:
+        weights = (run_dir / "model.safetensors").stat()
+        run = read_json(run_dir / "metrics.json", ("sets",))
+        out.append(
+            {
+                "run": str(run_dir),
+                "fingerprint": run.get("fingerprint"),
+                "weights": [weights.st_size, weights.st_mtime_ns],
+            }
+        )
+    return out
+
+
+def _finished_merges(
+    out_dir: Path, method: str, run_dirs: Sequence[Path], kinds: Sequence[str]
+) -> dict[str, Path]:
+    """{kind: folder} of the merges of ``kinds`` already finished over exactly these runs: a
+    rerun leaves them in place. A greedy soup that kept every run is the uniform one (its
+    folder's metrics say ``"is_also": ["greedy"]``)."""
+    sources = _sources(run_dirs)
+    done: dict[str, Path] = {}
+    for kind in kinds:
+        folder = _soup_dir(out_dir, method, kind)
+        metrics = folder / "metrics.json"
+        if metrics.is_file() and read_json(metrics, ("sets",)).get("sources") == sources:
+            done[kind] = folder
+    uniform = done.get("uniform")
+    if "greedy" in kinds and "greedy" not in done and uniform is not None:
+        if "greedy" in read_json(uniform / "metrics.json", ("sets",)).get("is_also", []):
+            done["greedy"] = uniform
+    return done
 
 
 def make_soups(
@@ -178,12 +266,24 @@ def make_soups(
 
     The greedy soup's candidates are scored on ID validation one after another; the merges are
     then scored together, in one read of each set. Under torchrun every rank calls this and
-    scores its share; rank 0 writes."""
+    scores its share; rank 0 reads what is finished, and writes.
+
+    A merge finished before over the same runs is left in place, not made again. A greedy soup
+    that keeps every run is the uniform soup (greedy = uniform): stored and reported once, as
+    "<method> soup (uniform = greedy)", not as a second model that differs only by the order
+    of a float sum."""
     method = read_json(run_dirs[0] / "metrics.json", ("method",))["method"]
+    done = on_main(partial(_finished_merges, out_dir, method, run_dirs, kinds))
+    if done:
+        folders = ", ".join(sorted({str(f) for f in done.values()}))
+        tracking.note(f"reused {folders} (finished over the same runs)")  # "<method> soups: ..."
+    todo = [kind for kind in kinds if kind not in done]
+    if not todo:
+        return list(dict.fromkeys(done.values()))
     classifier = zeroshot_classifier(exp, method, pretrained)
     starts_from = "the pretrained weights" + (", zero-shot head" if classifier.head else "")
-    if "model stock" in kinds and get_method(method).probe:
-        fit_probe(classifier, exp, out_dir / f"{method}-soup-model-stock")  # writes probe.json
+    if "model stock" in todo and get_method(method).probe:
+        fit_probe(classifier, exp, _soup_dir(out_dir, method, "model stock"))  # writes probe.json
         starts_from = "the pretrained weights, linear probe"
     anchor = copy.deepcopy(classifier.state_dict())
     states = []
@@ -196,12 +296,24 @@ def make_soups(
         return validation_score(classifier, exp)
 
     merges = []
-    if "uniform" in kinds:
-        merges.append(("uniform", uniform_soup(states), {}))
-    if "greedy" in kinds:
+    same_as: list[str] = []
+    if "greedy" in todo:
         greedy, kept = greedy_soup(states, val_score)
-        merges.append(("greedy", greedy, {"kept_runs": [str(run_dirs[i]) for i in kept]}))
-    if "model stock" in kinds:
+        if len(kept) == len(states) and "uniform" in kinds:  # every run: the uniform soup
+            tracking.note(
+                f"the greedy soup kept all {len(states)} runs: it is the uniform soup "
+                "(greedy = uniform), stored once"
+            )
+            same_as = ["greedy"]
+            todo = [k for k in todo if k != "greedy"]
+            if "uniform" in done:  # name the finished uniform soup the greedy one too
+                done["greedy"] = done["uniform"]
+                on_main(partial(_add_same_as, done["uniform"], method))
+        else:
+            merges.append(("greedy", greedy, {"kept_runs": [str(run_dirs[i]) for i in kept]}))
+    if "uniform" in todo:
+        merges.insert(0, ("uniform", uniform_soup(states), {"is_also": same_as} if same_as else {}))
+    if "model stock" in todo:
         merged, ratios = model_stock(anchor, states)  # t of the tensors that moved only
         stock = {
             "anchor": starts_from,
@@ -210,27 +322,41 @@ def make_soups(
             "t": ratios,
         }
         merges.append(("model stock", merged, stock))
+    sources = _sources(run_dirs)
+    written = dict(done)
     scored = evaluate_states(classifier, exp, [state for _, state, _ in merges])
-    written = []
     for (name, state, extra), sets in zip(merges, scored, strict=True):
         classifier.load_state_dict(state)
-        soup_dir = out_dir / f"{method}-soup-{name.replace(' ', '-')}"
-        merge = {"kind": f"{name} soup" if name != "model stock" else name}
+        soup_dir = _soup_dir(out_dir, method, name)
+        label = f"{name} = greedy" if extra.get("is_also") else name
+        merge = {"kind": f"{label} soup" if name != "model stock" else name}
         merge["runs"] = [str(d) for d in extra.get("kept_runs", run_dirs)]
         b = exp.benchmark
         soup_metrics = {
-            "method": f"{method} soup ({name})",
+            "method": f"{method} soup ({label})",
             "seed": -1,
             "recipe": exp.recipe.name,
             **summarise(sets, b.id_name, b.ood_names, b.metric),
             "sets": sets,
             "runs": [str(d) for d in run_dirs],
+            "sources": sources,
             **extra,
         }
         on_main(partial(_write_merge, classifier, exp, soup_dir, run_dirs[0], merge, soup_metrics))
-        written.append(soup_dir)
+        written[name] = soup_dir
+        if extra.get("is_also"):
+            written["greedy"] = soup_dir
+    if same_as:  # a greedy soup folder of an earlier run of other runs would be reported too
+        on_main(partial(shutil.rmtree, _soup_dir(out_dir, method, "greedy"), ignore_errors=True))
     _reset(exp, pretrained)
-    return written
+    return list(dict.fromkeys(written[k] for k in kinds if k in written))
+
+
+def _add_same_as(folder: Path, method: str) -> None:
+    """Mark a finished uniform soup as the greedy one too (greedy kept every run)."""
+    metrics = read_json(folder / "metrics.json", ("sets",))
+    metrics.update(method=f"{method} soup (uniform = greedy)", is_also=["greedy"])
+    atomic_write_json(folder / "metrics.json", metrics)
 
 
 def _write_merge(
@@ -274,15 +400,25 @@ def check_request(
             )
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """``target`` as a hard link to ``source`` (the same bytes, stored once), or a copy where
+    the file system has no hard links. Nothing writes into a finished run's files in place
+    (every writer replaces a file whole: flyp.checkpoint), so a link cannot change both."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def _copy_seed_free(source: Path, target: Path, recipe: Recipe) -> None:
-    """A seed-free run (lp) reported for another seed: ``source``'s files, its recipe, metrics
-    and WiSE sweep relabelled with ``recipe``'s seed and marked as the same run. Its tracker
-    logs stay behind: they name the run that was trained, and this one was not."""
+    """A seed-free run (lp) reported for another seed: ``source``'s files as hard links (the
+    weights and logs stored once), its recipe, metrics and WiSE sweep written anew, relabelled
+    with ``recipe``'s seed and marked as the same run. Its tracker logs and a kept WiSE-FT
+    model stay behind: they name the run that was trained, and this one was not."""
     staging = target.parent / f".{target.name}.copying"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(
-        source, staging, ignore=shutil.ignore_patterns(LOCK_NAME, "wandb", "tensorboard")
-    )
+    skip = shutil.ignore_patterns(LOCK_NAME, "wandb", "tensorboard", WISE_MODEL)
+    shutil.copytree(source, staging, ignore=skip, copy_function=_link_or_copy)
     save_recipe(recipe, staging / "recipe.yaml")
     metrics = read_json(staging / "metrics.json", ("sets",))
     settings = run_settings(recipe)
@@ -292,19 +428,22 @@ def _copy_seed_free(source: Path, target: Path, recipe: Recipe) -> None:
     if (staging / "wise.json").exists():
         wise = read_json(staging / "wise.json", ("points",))
         wise.update(seed=recipe.train.seed, fingerprint=metrics["fingerprint"])
+        wise.pop("model", None), wise.pop("kept_alpha", None)  # the model stays with source
         atomic_write_json(staging / "wise.json", wise)
     staging.rename(target)
 
 
-def _wise_is_current(run_dir: Path, alphas: Sequence[float]) -> bool:
+def _wise_is_current(run_dir: Path, alphas: Sequence[float], keep: bool = False) -> bool:
     """Whether ``run_dir``'s wise.json sweeps these alphas over the run now in ``run_dir``
-    (one from other alphas, e.g. ``flyp wise --alphas``, or another run, is redone)."""
-    if not (run_dir / "wise.json").exists() or not (run_dir / WISE_MODEL / "metrics.json").exists():
-        return False  # never swept, or swept before the WiSE model was kept
+    (one from other alphas, e.g. ``flyp wise --alphas``, or another run, is redone), with, if
+    ``keep``, the model at the chosen alpha kept."""
+    if not (run_dir / "wise.json").exists():
+        return False  # never swept
     wise = read_json(run_dir / "wise.json", ("points", "best_alpha"))
     run = read_json(run_dir / "metrics.json", ("sets",)).get("fingerprint")
     swept = [p.get("alpha") for p in wise["points"] if isinstance(p, dict)]
-    return swept == list(alphas) and wise.get("fingerprint") == run
+    current = swept == list(alphas) and wise.get("fingerprint") == run
+    return current and (not keep or _kept_alpha(run_dir) == wise["best_alpha"])
 
 
 def check_same_data(run_dir: Path, exp: Experiment) -> None:
@@ -381,6 +520,7 @@ def compare(
     exp.frozen = FrozenFeatures.of(pretrained, exp.bundle.model, image_names)
     run_dirs: dict[str, list[Path]] = {}
     zeroshot_sets = None
+    reused: dict[str, list[str]] = {"runs": [], "WiSE-FT sweeps": []}
     for name, seed, run_dir in plan:
         one = run_recipe(name, seed)
         first = out_dir / f"{name}-s{seeds[0]}"
@@ -388,14 +528,22 @@ def compare(
         todo = on_main(partial(_next_step, run_dir, first, name in SEED_FREE))
         if todo == "copy":
             on_main(partial(_copy_seed_free, first, run_dir, one))
-        elif todo != "finished":  # checked above to be this run when finished
+        elif todo == "finished":  # checked above to be this run
+            reused["runs"].append(run_dir.name)
+        else:
             _reset(exp, pretrained)
             finetune(one, run_dir, resume=todo == "resume", exp=exp.for_run(one))
         if name == "zeroshot":
             zeroshot_sets = _finished_sets(run_dir)
-        elif wise and on_main(partial(_wise_is_stale, run_dir, exp.recipe.eval.wise_alphas)):
-            # every rank scores its share of the sweep; rank 0 writes
-            wise_sweep(exp, run_dir, exp.recipe.eval.wise_alphas, pretrained, known={0.0: zeroshot_sets})
+        elif wise:
+            alphas, keep = exp.recipe.eval.wise_alphas, exp.recipe.eval.wise_keep
+            if on_main(partial(_wise_is_current, run_dir, alphas, keep)):
+                reused["WiSE-FT sweeps"].append(run_dir.name)
+            else:  # every rank scores its share of the sweep; rank 0 writes
+                wise_sweep(exp, run_dir, alphas, pretrained, {0.0: zeroshot_sets}, "best" if keep else None)
+    if any(reused.values()):  # a rerun says what it did not do again
+        said = [f"{len(v)} finished {k} ({', '.join(v)})" for k, v in reused.items() if v]
+        tracking.note(f"reused {'; '.join(said)}")
     extra: list[Path] = []
     kinds = [*(SOUPS if soups else ()), *(["model stock"] if stock else [])]
     if kinds and len(seeds) > 1:
@@ -424,6 +572,3 @@ def _finished_sets(run_dir: Path) -> dict:
     return on_main(lambda: read_json(run_dir / "metrics.json", ("sets",))["sets"])
 
 
-def _wise_is_stale(run_dir: Path, alphas: Sequence[float]) -> bool:
-    """Whether the run needs its WiSE-FT sweep (wise.json does not sweep these alphas over it)."""
-    return not _wise_is_current(run_dir, alphas)

@@ -284,7 +284,11 @@ def evaluate_many(
         logits = collect_many(scorers, loader, class_subsets.get(name), f"eval {name}")
         for out, one in zip(outputs, logits, strict=True):
             out[name] = one
-    return [score_sets(out, num_classes, groups, label_groups) for out in outputs]
+    results = [score_sets(out, num_classes, groups, label_groups) for out in outputs]
+    for sets in results:
+        for name in sets.keys() & class_subsets.keys():  # on its own classes: "k of n"
+            sets[name].update(classes=len(class_subsets[name]), of_classes=num_classes)
+    return results
 
 
 @torch.no_grad()

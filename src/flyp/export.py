@@ -156,8 +156,14 @@ def _export_flyp(run_dir: Path, recipe: Recipe, folder: Path) -> dict[str, Any]:
         "model_spec": recipe.model.spec,
         "method": recipe.train.method,
         "load": [
+            "flyp predict OUT IMAGE...  # classify images (or folders of them, or a CSV)",
             "flyp evaluate OUT  # the recipe's data; or any data: --recipe / --set data.root=...",
-            "# Python: flyp.load_classifier('OUT') (the model, its head and preprocessing)",
+        ],
+        "python": [
+            "import flyp",
+            "",
+            'clf = flyp.load_classifier("OUT")  # the model, its head and preprocessing',
+            'print(clf.predict(["image.jpg"], top_k=3))  # per image: [(class, probability), ...]',
         ],
     }
 
@@ -349,5 +355,7 @@ def _readme(info: dict[str, Any]) -> str:
             "",
         ]
     lines += ["Load it (OUT is this folder):", "", "```", *info["load"], "```", ""]
+    if info.get("python"):  # flyp's own format: one call gives a classifier that predicts
+        lines += ["In Python:", "", "```python", *info["python"], "```", ""]
     lines += [f"Everything flyp knows about the export is in `{INFO_NAME}`.", ""]
     return "\n".join(lines)

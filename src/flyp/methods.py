@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import inspect
 import types
 from collections.abc import Callable
@@ -62,7 +63,11 @@ METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise RecipeError(f"unknown method '{name}' (train.method / --methods); known: {', '.join(METHODS)}")
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise RecipeError(
+            f"unknown method '{name}'{hint} (train.method / --methods); known: {', '.join(METHODS)}"
+        )
     return METHODS[name]
 
 

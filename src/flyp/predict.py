@@ -99,6 +99,10 @@ class FlypClassifier:
     metadata: dict[str, Any] = field(default_factory=dict)
     # The precision of the image tower, as the run's evaluation resolved it (load_classifier).
     precision: Precision | None = None
+    # Some of the run's own classes only (with_classes): the columns of the run's logits kept,
+    # as an evaluation set covering those classes is scored (flyp.evaluate.restrict).
+    subset: list[int] | None = None
+    all_classes: int | None = None  # the run's number of classes, where ``subset`` is set
 
     @property
     def device(self) -> torch.device:
@@ -133,9 +137,10 @@ class FlypClassifier:
         """Class logits (images x classes), on the CPU in fp32."""
         self.classifier.eval()
         with self._autocast():  # as the run's evaluation ran (the logits themselves in fp32)
-            return torch.cat(
+            logits = torch.cat(
                 [self.classifier(b).float().cpu() for b in self._batches(images, batch_size)]
             )
+        return logits if self.subset is None else logits[:, self.subset]
 
     def _autocast(self):
         return autocast(self.device, self.precision.name if self.precision else "fp32")
@@ -177,8 +182,22 @@ class FlypClassifier:
     ) -> FlypClassifier:
         """A zero-shot classifier over new class names, made with this run's text tower (the
         towers are shared, not copied; a linear head is left out: it knows only the old
-        classes). ``templates`` default to the run's own."""
+        classes). ``templates`` default to the run's own.
+
+        Names that are all among the run's own classes, without ``templates``, keep the run's
+        head and its logits of those classes only: the scores a run's evaluation gives a set
+        covering those classes (an OOD domain lacking some), whatever the head."""
         names = _check_names(names)
+        own = {name_key(n): i for i, n in enumerate(self.class_names)}
+        if templates is None and all(name_key(n) in own for n in names):
+            picked = [own[name_key(n)] for n in names]
+            subset = [self.subset[i] for i in picked] if self.subset is not None else picked
+            kept = [self.class_names[i] for i in picked]
+            meta = {**self.metadata, "class_names": kept}
+            total = self.all_classes or len(self.class_names)
+            return FlypClassifier(
+                self.classifier, self.bundle, kept, self.templates, meta, self.precision, subset, total
+            )
         templates = check_templates(
             templates if templates is not None else self.templates, "templates"
         )

@@ -225,6 +225,9 @@ class EvalConfig:
     wise_alphas: list[float] = setting(
         factory=lambda: [round(0.1 * i, 1) for i in range(11)], check=_check_alphas
     )
+    # keep each run's WiSE-FT model at the alpha chosen on ID validation (RUN/wise-model, a
+    # full model's size per run); off: the sweep's numbers only (flyp wise RUN --keep ALPHA)
+    wise_keep: bool = False
     # memory for evaluation images decoded once and reused (0: off)
     cache_gb: float = setting(4.0, at_least=0, at_most=100_000, resume=True)
     # as train.precision: autocast of the image tower (logits fp32)
@@ -654,7 +657,7 @@ def changes(before: Recipe, after: Recipe) -> tuple[list[str], list[str]]:
 
 # Keys that do not change a run's numbers: its label, and the WiSE-FT alphas (evaluated after
 # the run, into wise.json, which records its own).
-NOT_RUN_SETTINGS = ("name", "eval.wise_alphas", "train.log_to")  # change no number of a run
+NOT_RUN_SETTINGS = ("name", "eval.wise_alphas", "eval.wise_keep", "train.log_to")  # change no number of a run
 # The version of what changes a run's numbers beyond its settings: model construction, image
 # decoding, split allocation, the step (caption deduplication), the metrics. Raised with any such
 # change, it is stored with every run's settings, so that a run made by a flyp that computed

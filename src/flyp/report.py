@@ -51,9 +51,16 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict[str, Any]:
     return data
 
 
-def _stat(values: Sequence[float]) -> dict[str, float]:
+def _stat(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std and n of one number over a method's runs, with the values themselves
+    (in the order of the method's ``seeds``): the report's per-seed table and results.csv."""
     arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "n": len(arr),
+        "values": [float(v) for v in arr],
+    }
 
 
 def _load_runs(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
@@ -154,7 +161,7 @@ def _method_order(name: str) -> tuple[int, int, str]:
     order = list(METHODS)
     base = name.split(" soup")[0]
     kinds = ["uniform", "greedy", "model stock"]  # each method's merges in this order
-    kind = name.partition("(")[2].rstrip(")")
+    kind = name.partition("(")[2].rstrip(")").split(" = ")[0]  # "uniform = greedy": one soup
     merge = kinds.index(kind) + 1 if name != base and kind in kinds else len(kinds) + 1
     return (order.index(base) if base in order else len(order), merge if name != base else 0, name)
 
@@ -199,10 +206,16 @@ def aggregate(run_dirs: Sequence[Path]) -> dict[str, Any]:
                 },
             }
         methods[method] = entry
+    covers = {  # sets scored on a subset of the classes (an OOD domain lacking some)
+        s: {"classes": v["classes"], "of_classes": v["of_classes"]}
+        for s, v in first["sets"].items()
+        if isinstance(v.get("classes"), int) and isinstance(v.get("of_classes"), int)
+    }
     return {
         "metric": first["metric"],
         "id_name": first["id_name"],
         "ood_names": first["ood_names"],
+        "class_subsets": covers,
         "model": first.get("model"),
         "recipe": first.get("recipe"),
         "methods": methods,
@@ -243,9 +256,18 @@ def _fmt(stat: dict[str, float], scale: float = 100) -> str:
     return text + (f" ± {scale * stat['std']:.{digits}f}" if stat.get("n", 1) > 1 else "")
 
 
+def set_column(results: dict[str, Any], name: str) -> str:
+    """A set's column in the report: '<id> (ID)', '<set> (5 of 7 classes)' for a set scored on
+    the classes it covers, else its name."""
+    if name == results["id_name"]:
+        return f"{name} (ID)"
+    covers = results.get("class_subsets", {}).get(name)
+    return f"{name} ({covers['classes']} of {covers['of_classes']} classes)" if covers else name
+
+
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     sets = [results["id_name"], *results["ood_names"]]
-    header = ["method", *[f"{s} (ID)" if s == results["id_name"] else s for s in sets], "OOD mean", "WiSE α", "WiSE ID", "WiSE OOD mean"]
+    header = ["method", *[set_column(results, s) for s in sets], "OOD mean", "WiSE α", "WiSE ID", "WiSE OOD mean"]
     rows = []
     for name, m in results["methods"].items():
         row = [name, *[_fmt(m["sets"][s]) for s in sets], _fmt(m["ood_mean"])]
@@ -283,11 +305,21 @@ def spread_note(results: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any], title: str) -> str:
     header, rows = table_rows(results)
-    lines = [f"# {md_cell(title)}", "", f"Metric: {results['metric']} (%), mean over seeds; {spread_note(results)}. "
-             f"WiSE-FT α chosen on ID validation, per seed.", ""]
+    wise = any("wise" in m for m in results["methods"].values())  # none with --no-wise
+    chosen = " WiSE-FT α chosen on ID validation, per seed." if wise else ""
+    lines = [f"# {md_cell(title)}", "", f"Metric: {results['metric']} (%), mean over seeds; {spread_note(results)}.{chosen}", ""]
     lines += _md_table(header, rows)
     notes = [m["note"] for m in results["methods"].values() if m.get("note")]
+    if results.get("class_subsets"):
+        notes.append(
+            "a set marked (k of n classes) covers only k of the n classes and is scored on "
+            "them: the logits of the other classes are left out, as for ImageNet-R and -A"
+        )
     lines += ["", *(f"Note: {md_cell(note)}." for note in notes)] if notes else []
+    header, rows = per_seed_rows(results)
+    if rows:
+        lines += ["", "Per seed: the values behind each mean ± std.", ""]
+        lines += _md_table(header, rows)
     header, rows = calibration_rows(results)
     if rows:
         lines += ["", "Calibration: expected calibration error (%, 15 bins) and negative log-likelihood, "
@@ -297,13 +329,72 @@ def markdown(results: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
+def _numbers(m: dict[str, Any], sets: Sequence[str], id_name: str) -> list[tuple[str, str, dict]]:
+    """(quantity, unit, stat) of every number of one method's row of the table: each set, the
+    OOD mean and, where WiSE-FT ran, the chosen α and its ID and OOD mean."""
+    named = [(f"{s} (ID)" if s == id_name else s, m["sets"][s]) for s in sets]
+    named.append(("OOD mean", m["ood_mean"]))
+    out = [(name, "%", stat) for name, stat in named]
+    if "wise" in m:
+        alphas = _stat(m["wise"]["best_alpha"])
+        out += [("WiSE α", "alpha", alphas), ("WiSE ID", "%", m["wise"]["best"]["id"])]
+        out.append(("WiSE OOD mean", "%", m["wise"]["best"]["ood_mean"]))
+    return out
+
+
+def _seeds(results: dict[str, Any]) -> list[int]:
+    """Every training seed of the report's runs, in order (a merge's -1 is none)."""
+    seeds = {s for m in results["methods"].values() for s in m["seeds"] if isinstance(s, int) and s >= 0}
+    return sorted(seeds)
+
+
 def write_csv(results: dict[str, Any]) -> str:
-    header, rows = table_rows(results)
+    """One row per method and number, every cell a number: mean, std (sample, over seeds), n,
+    then the value of each seed (empty where the method has no run of that seed; a merge's one
+    value is its mean). Percentages as in the report (unit '%'); WiSE-FT's α as chosen."""
+    metric = results["metric"]
+    sets = [results["id_name"], *results["ood_names"]]
+    seeds = _seeds(results)
+    header = ["method", "quantity", "metric", "unit", "mean", "std", "n", *[f"seed {s}" for s in seeds]]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow([csv_cell(c) for c in header])  # no cell a spreadsheet runs as a formula
-    writer.writerows([[csv_cell(c) for c in row] for row in rows])
+    for name, m in results["methods"].items():
+        for quantity, unit, stat in _numbers(m, sets, results["id_name"]):
+            scale = 100 if unit == "%" else 1
+            by_seed = dict(zip(m["seeds"], stat.get("values", []), strict=False))
+            cells = [_num(scale * by_seed[s]) if s in by_seed else "" for s in seeds]
+            kind = metric if unit == "%" else "WiSE-FT alpha"
+            row = [name, quantity, kind, unit, _num(scale * stat["mean"]), _num(scale * stat["std"]), stat["n"]]
+            writer.writerow([csv_cell(c) for c in row[:4]] + row[4:] + cells)
     return buf.getvalue()
+
+
+def _num(value: float) -> float:
+    """A number as results.csv holds it: rounded to 1e-6 (of a percent: far below any
+    difference a report shows), so a spreadsheet shows 71.0, not 70.99999999999999."""
+    return round(float(value), 6)
+
+
+def per_seed_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The value behind each mean: one row per method and seed (methods with one run, the
+    zero-shot model and the merges, are in the main table already)."""
+    sets = [results["id_name"], *results["ood_names"]]
+    header = ["method", "seed", *[set_column(results, s) for s in sets], "OOD mean"]
+    wise = any("wise" in m for m in results["methods"].values())
+    header += ["WiSE α", "WiSE ID", "WiSE OOD mean"] if wise else []
+    rows = []
+    for name, m in results["methods"].items():
+        if m["ood_mean"]["n"] < 2:
+            continue
+        numbers = _numbers(m, sets, results["id_name"])
+        for i, seed in enumerate(m["seeds"]):
+            row = [name, str(seed)]
+            for _, unit, stat in numbers:
+                value = stat["values"][i]
+                row.append(f"{value:g}" if unit == "alpha" else f"{100 * value:.1f}")
+            rows.append(row + [""] * (len(header) - len(row)))
+    return header, rows
 
 
 MARKERS = {"uniform": "s", "greedy": "^", "model stock": "P"}  # soups; a method is a circle
@@ -334,7 +425,7 @@ def figure(results: dict[str, Any], title: str):
                     ax.plot([x], [y], ls="none", marker="*", ms=24, color="gold", mec="black", zorder=5, label="zero-shot")
                 continue
             base = name.split(" soup")[0]
-            marker = MARKERS.get(name.partition("(")[2].rstrip(")"), "o")
+            marker = MARKERS.get(name.partition("(")[2].rstrip(")").split(" = ")[0], "o")
             xerr, yerr = 100 * m["id"]["std"], 100 * m["ood_mean"]["std"]
             if xerr or yerr:
                 ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], fmt="none", ecolor=colour[base], capsize=3, zorder=3)

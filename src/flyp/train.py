@@ -516,7 +516,7 @@ def _set_up_loop(
     warmup = effective_warmup(cfg.warmup_steps, total_steps)
     if env.is_main:
         note(
-            f"training {cfg.epochs} epochs of {steps_per_epoch} steps (batch {cfg.batch_size}, "
+            f"training {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {steps_per_epoch} steps (batch {cfg.batch_size}, "
             f"lr {cfg.lr:g} after {warmup} warmup steps)"
         )
         if warmup < cfg.warmup_steps:  # said on a terminal too: the recipe asked for more

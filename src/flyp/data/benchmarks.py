@@ -18,6 +18,7 @@ from flyp.data.folders import (
     Sample,
     check_domain_names,
     check_same_classes,
+    covered_classes,
     list_domain,
     near_hint,
     nfc,
@@ -62,9 +63,11 @@ def _assemble(
     classes: list[str],
     templates: list[str],
     domains: dict[str, list[Sample]],
+    class_subsets: dict[str, list[int]] | None = None,
     skipped_links: dict[str, str] | None = None,
 ) -> Benchmark:
-    """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole."""
+    """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole, each
+    one covering a subset of the classes (``class_subsets``) scored on its own classes."""
     check_domain_names([cfg.id_domain, *cfg.ood_domains])  # not 'val', 'train', 'test'
     train, val, test = stratified_split(
         domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
@@ -72,8 +75,8 @@ def _assemble(
     tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
     display = [c.replace("_", " ") for c in classes]
     return finish(
-        cfg, name, display, templates, train, val, tests, id_name=cfg.id_domain,
-        skipped_links=skipped_links,
+        cfg, name, display, templates, train, val, tests, cfg.id_domain,
+        class_subsets=class_subsets, skipped_links=skipped_links,
     )
 
 
@@ -118,7 +121,9 @@ def build_folders(
     links: dict[str, str] | None = {} if cfg.on_bad_image == "skip" else None
     classes = check_same_classes(root, list(folders.values()), links)
     domains = {d: list_domain(root, folder, classes, links) for d, folder in folders.items()}
-    return _assemble(cfg, name, classes, templates or tpl.SIMPLE, domains, links)
+    subsets = {d: covered_classes(root, folder, classes) for d, folder in folders.items()}
+    subsets = {d: covered for d, covered in subsets.items() if covered is not None}
+    return _assemble(cfg, name, classes, templates or tpl.SIMPLE, domains, subsets, links)
 
 
 def build_pacs(cfg: DataConfig) -> Benchmark:
@@ -159,7 +164,17 @@ def build_csv(cfg: DataConfig) -> Benchmark:
                 "occur in the ID domain)"
             )
         domains[domain] = [Sample(p, index[lab]) for p, lab in domain_rows]
-    return _assemble(cfg, "csv", classes, tpl.SIMPLE, domains)
+    # an OOD domain using some of the labels is scored on those (as folders are)
+    subsets = {d: sorted({s.label for s in samples}) for d, samples in domains.items()}
+    subsets = {d: c for d, c in subsets.items() if d != cfg.id_domain and len(c) < len(classes)}
+    for domain, covered in subsets.items():
+        if len(covered) == 1:
+            raise DataError(
+                f"{root / (domain + '.csv')} uses only one label ('{classes[covered[0]]}'): "
+                f"scored on its own classes, every prediction would be right; add rows of more "
+                f"of {cfg.id_domain}.csv's labels or leave the domain out"
+            )
+    return _assemble(cfg, "csv", classes, tpl.SIMPLE, domains, subsets)
 
 
 BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {

@@ -239,7 +239,10 @@ def class_folders(domain_dir: Path) -> list[str]:
 def check_same_classes(
     root: Path, domains: Sequence[str], skipped: dict[str, str] | None = None
 ) -> list[str]:
-    """All domains must have the same class folders (compared in NFC); the first is the reference.
+    """Every domain's class folders must be among the first domain's (compared in NFC): the
+    first (the ID domain) is the reference and defines the classes; another domain may cover a
+    subset of them, as ImageNet-R covers 200 of ImageNet's 1000 (it is then scored on its own
+    classes: :func:`covered_classes`), but not add one, nor cover a single class.
 
     ``domains`` are folder names under ``root``. Returns the NFC class names, sorted. An image
     directly in a domain folder is refused: no class folder labels it. A link in a domain
@@ -272,17 +275,26 @@ def check_same_classes(
             why = link_fault(root / domains[0] / extra)
             raise DataError(
                 f"class folder '{extra}' in {domain} has no match in {domains[0]}"
-                f"{f' (there it is {why})' if why else near_hint(extra, unmatched)}; "
-                "rename it so every domain has the same class folders"
+                f"{f' (there it is {why})' if why else near_hint(extra, unmatched)}; rename it "
+                f"after one of {domains[0]}'s classes or remove it (a domain may lack some of "
+                f"{domains[0]}'s classes, not add any)"
             )
-        for missing in sorted(set(reference) - set(classes)):
-            why = link_fault(root / domain / missing)
+        if len(classes) == 1:
             raise DataError(
-                f"class folder '{missing}' of {domains[0]} is missing from {domain}"
-                f"{f' (it is {why})' if why else near_hint(missing, classes)}; every domain "
-                "needs the same class folders"
+                f"{root / domain} has only one class folder ('{classes[0]}'): scored on its own "
+                f"classes, every prediction would be right; add folders of more of "
+                f"{domains[0]}'s classes or leave the domain out"
             )
     return reference
+
+
+def covered_classes(root: Path, domain: str, classes: Sequence[str]) -> list[int] | None:
+    """The indices in ``classes`` of the class folders ``domain`` has, or None when it has all
+    of them: a domain covering a subset is scored with the logits restricted to its classes
+    (flyp.evaluate.restrict), as ImageNet-R and -A are."""
+    present = set(subfolders(root / domain))
+    covered = [i for i, name in enumerate(classes) if nfc(name) in present]
+    return None if len(covered) == len(classes) else covered
 
 
 def list_domain(
@@ -294,6 +306,8 @@ def list_domain(
     on_disk = subfolders(root / domain)
     samples = []
     for label, name in enumerate(classes):
+        if nfc(name) not in on_disk:  # a domain covering a subset of the classes
+            continue
         folder = root / domain / on_disk[nfc(name)]
         account_links(folder, skipped, "folder")
         nested = [p.name for p in subfolder_paths(folder) if image_files(p)]

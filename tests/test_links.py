@@ -112,11 +112,12 @@ def test_own_data_refuses_a_domain_link_that_leads_nowhere_unless_domains_are_na
 
 
 def test_a_class_folder_missing_as_a_broken_link_says_so_under_skip(root, capsys):
-    """Skipped in one domain, the class is missing there: the refusal says why."""
+    """Skipped in one domain, the class is missing there (art then covers one class, which is
+    refused): the refusal says why the class is missing."""
     (root / "art" / "dog").rename(root / "dog_moved")
     os.symlink("/nowhere/dog", root / "art" / "dog")
     line = refused(data_args(root, "data.on_bad_image=skip"), capsys)
-    assert "class folder 'dog' of photo is missing from art (it is a dangling symbolic link" in line
+    assert "art has only one class folder ('cat'; 'dog' is a dangling symbolic link" in line
 
 
 def test_a_dangling_image_link_gives_its_reason(root, capsys):

@@ -280,8 +280,10 @@ def check_same_classes(
                 f"{domains[0]}'s classes, not add any)"
             )
         if len(classes) == 1:
+            gone = [f"'{m}' is {why}" for m in unmatched if (why := link_fault(root / domain / m))]
             raise DataError(
-                f"{root / domain} has only one class folder ('{classes[0]}'): scored on its own "
+                f"{root / domain} has only one class folder ('{classes[0]}'"
+                f"{''.join(f'; {g}' for g in gone[:2])}): scored on its own "
                 f"classes, every prediction would be right; add folders of more of "
                 f"{domains[0]}'s classes or leave the domain out"
             )

@@ -28,7 +28,7 @@ def _recipe(args: argparse.Namespace):
     if data is not None:
         from flyp.data.own import data_overrides
 
-        overrides = data_overrides(data, args.id_domain, args.ood_domains)
+        overrides = data_overrides(data, args.id_domain, args.ood_domains, args.set)
         if args.recipe is not None:  # the recipe keeps its own name
             overrides = [o for o in overrides if not o.startswith("name=")]
     elif args.id_domain or args.ood_domains:

@@ -18,6 +18,7 @@ from flyp.data.folders import (
     check_domain_names,
     check_same_classes,
     list_domain,
+    name_key,
     near_hint,
     nfc,
     read_csv,
@@ -69,6 +70,32 @@ def _assemble(
     tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
     display = [c.replace("_", " ") for c in classes]
     return finish(cfg, name, display, templates, train, val, tests, id_name=cfg.id_domain)
+
+
+def assemble(
+    cfg: DataConfig,
+    name: str,
+    classes: list[str],
+    templates: list[str],
+    domains: dict[str, list[Sample]],
+) -> Benchmark:
+    """:func:`_assemble` for datasets whose domains are named by their publisher (a Hugging Face
+    dataset's splits 'train' and 'test', shards 'train-000.tar'): a domain named like one of
+    flyp's own sets is shown as '<name> split' ('test split'), not refused."""
+    import dataclasses
+
+    from flyp.data.folders import reserved_names
+
+    reserved = reserved_names(cfg.id_domain)
+    reserved.pop(name_key(f"{cfg.id_domain} (ID)"))
+
+    def shown(domain: str) -> str:
+        return f"{domain} split" if name_key(domain) in reserved else domain
+
+    renamed = dataclasses.replace(
+        cfg, id_domain=shown(cfg.id_domain), ood_domains=[shown(d) for d in cfg.ood_domains]
+    )
+    return _assemble(renamed, name, classes, templates, {shown(d): v for d, v in domains.items()})
 
 
 def _domain_folders(root: Path, cfg: DataConfig) -> dict[str, str]:
@@ -153,6 +180,8 @@ BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {
     "pacs": build_pacs,
     "folders": build_folders,
     "csv": build_csv,
+    "hf": lazy_builder("flyp.data.hf", "build_hf"),
+    "wds": lazy_builder("flyp.data.shards", "build_wds"),
     "imagenet": lazy_builder("flyp.data.imagenet", "build_imagenet"),
     "iwildcam": lazy_builder("flyp.data.wilds", "build_iwildcam"),
     "fmow": lazy_builder("flyp.data.wilds", "build_fmow"),

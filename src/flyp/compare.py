@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from flyp import tracking
+from flyp import progress, tracking
 from flyp.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -362,6 +362,7 @@ def compare(
     exp = prepare(recipe)
     for _, _, run_dir in plan:  # settings alike, but trained on another dataset (data.root)?
         on_main(partial(check_same_data, run_dir, exp))
+    on_main(partial(_say_plan, plan, run_recipe, exp, wise))
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
     image_names = image_tower_names(exp.bundle.model, exp.bundle.image_size)
     exp.frozen = FrozenFeatures.of(pretrained, exp.bundle.model, image_names)
@@ -392,7 +393,27 @@ def compare(
     all_dirs = [d for dirs in run_dirs.values() for d in dirs] + extra
     tracking.note(f"report: writing {out_dir / 'report.md'}")
     title = f"{recipe.name}: {exp.bundle.spec}"
+    progress.done()
     return on_main(partial(write_report, all_dirs, out_dir, title=title))
+
+
+def _say_plan(plan, run_recipe, exp: Experiment, wise: bool) -> None:
+    """The comparison's size in one line before its first run (flyp.progress): the runs still
+    to do (finished ones are reused), their steps and evaluations."""
+    todo, steps, evaluations, images = 0, 0, 0, 0
+    first_seed = plan[0][1]  # zeroshot's: the seed a seed-free run is trained on
+    for name, seed, run_dir in plan:
+        if (run_dir / "metrics.json").exists() or (name in SEED_FREE and seed != first_seed):
+            continue  # finished, or a seed-free run copied from its first seed
+        one = run_recipe(name, seed)
+        trains = get_method(name).objective != "none"
+        alphas = one.eval.wise_alphas if wise and name != "zeroshot" else ()
+        size = progress.run_size(one, exp.benchmark, trains, alphas)
+        todo, steps = todo + 1, steps + size[0]
+        evaluations, images = evaluations + size[1], images + size[2]
+    reused = len(plan) - todo
+    what = f"{reused} of {len(plan)} finished and reused" if reused else ""
+    progress.plan(todo, steps, evaluations, images, exp.recipe.train.batch_size, what, outer=True)
 
 
 def _next_step(run_dir: Path, first: Path, seed_free: bool) -> str:

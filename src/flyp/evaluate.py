@@ -17,6 +17,7 @@ from sklearn.metrics import f1_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from flyp import progress
 from flyp.data.loader import ImageDataset, eval_loader, materialize
 from flyp.models.base import keep_freed_memory, prefers_channels_last, tune_cpu_bf16
 from flyp.precision import autocast, resolve
@@ -110,9 +111,15 @@ def collect_logits(
 ) -> tuple[Tensor, np.ndarray]:
     """The logits (fp32, on the CPU; classes outside ``subset`` at -inf) and labels of a set."""
     logits, labels = [], []
+    total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    seen = 0
+    progress.begin()
     for images, batch_labels, _ in bar(loader, desc, leave=False):
         logits.append(restrict(logits_fn(images).float(), subset).cpu())
         labels.append(batch_labels)
+        seen += len(batch_labels)
+        progress.images(desc.removeprefix("eval "), seen, total, len(batch_labels))
+    progress.idle()
     return torch.cat(logits), torch.cat(labels).numpy()
 
 

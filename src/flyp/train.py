@@ -107,6 +107,7 @@ from flyp.rundir import (
     tidy_finished,
     truncate_log,
 )
+from flyp import progress
 from flyp.tracking import bar as progress_bar
 from flyp.tracking import (
     check_trackers,
@@ -368,8 +369,10 @@ def _train(
             initial=done_in_epoch,
             total=steps_per_epoch,
         )
+        progress.begin()
         for images, labels, seeds in bar:
             run.step_on(images, labels, seeds, epoch)
+            progress.step(run.step, run.total_steps)
             epoch_images += len(labels) * env.world
             step = run.step
             at_epoch_end = step % steps_per_epoch == 0
@@ -388,6 +391,7 @@ def _train(
             if at_epoch_end:
                 break  # the epoch-end work (validation, checkpoint) runs at the top of the loop
         run.train_seconds += time.time() - tick
+        progress.idle()
         if env.is_main and epoch_steps and run.step % steps_per_epoch == 0:
             seconds = max(time.time() - epoch_started, 1e-9)
             note(
@@ -493,6 +497,7 @@ def _set_up_loop(
     )
     warmup = effective_warmup(cfg.warmup_steps, total_steps)
     if env.is_main:
+        progress.run_plan(*progress.run_size(exp.recipe, exp.benchmark, True), cfg.batch_size)
         note(
             f"training {cfg.epochs} epochs of {steps_per_epoch} steps (batch {cfg.batch_size}, "
             f"lr {cfg.lr:g} after {warmup} warmup steps)"

@@ -400,20 +400,26 @@ def compare(
 def _say_plan(plan, run_recipe, exp: Experiment, wise: bool) -> None:
     """The comparison's size in one line before its first run (flyp.progress): the runs still
     to do (finished ones are reused), their steps and evaluations."""
-    todo, steps, evaluations, images = 0, 0, 0, 0
+    todo, steps, evaluations, images, finished, copied = 0, 0, 0, 0, 0, 0
     first_seed = plan[0][1]  # zeroshot's: the seed a seed-free run is trained on
     for name, seed, run_dir in plan:
-        if (run_dir / "metrics.json").exists() or (name in SEED_FREE and seed != first_seed):
-            continue  # finished, or a seed-free run copied from its first seed
+        if (run_dir / "metrics.json").exists():
+            finished += 1
+            continue
+        if name in SEED_FREE and seed != first_seed:
+            copied += 1  # copied from its first seed's run
+            continue
         one = run_recipe(name, seed)
         trains = get_method(name).objective != "none"
         alphas = one.eval.wise_alphas if wise and name != "zeroshot" else ()
         size = progress.run_size(one, exp.benchmark, trains, alphas)
         todo, steps = todo + 1, steps + size[0]
         evaluations, images = evaluations + size[1], images + size[2]
-    reused = len(plan) - todo
-    what = f"{reused} of {len(plan)} finished and reused" if reused else ""
-    progress.plan(todo, steps, evaluations, images, exp.recipe.train.batch_size, what, outer=True)
+    what = [f"{finished} of {len(plan)} finished and reused"] if finished else []
+    what += [f"{copied} seed-free cop{'ies' if copied > 1 else 'y'} of the first seed"] if copied else []
+    progress.plan(
+        todo, steps, evaluations, images, exp.recipe.train.batch_size, "; ".join(what), outer=True
+    )
 
 
 def _next_step(run_dir: Path, first: Path, seed_free: bool) -> str:

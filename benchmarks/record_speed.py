@@ -13,55 +13,35 @@ extras. ~1 minute.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pacs_photo  # noqa: E402
+from _common import PACS  # noqa: E402
+from make_record_data import images, write_hf, write_shards  # noqa: E402
 
 
-def build(rows, scratch: Path) -> dict[str, list[str]]:
+def build(root: Path, limit: int | None, scratch: Path) -> dict[str, list[str]]:
     """The overrides of each format's recipe data, the same images in each."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    classes = sorted({Path(p).parent.name for p, _, _ in rows})
+    classes, rows = images(root, ["photo"], limit)
     folder = scratch / "folders" / "photo"
-    for path, _, label in rows:
-        target = folder / classes[label] / Path(path).name
+    for _, label, path in rows:
+        target = folder / classes[label] / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(Path(path).read_bytes())
-    shards = scratch / "shards"
-    shards.mkdir()
-    (shards / "classes.txt").write_text("\n".join(classes) + "\n")
-    per_shard = 500
-    for start in range(0, len(rows), per_shard):
-        with tarfile.open(shards / f"photo-{start // per_shard:03d}.tar", "w") as tar:
-            for i, (path, _, label) in enumerate(rows[start : start + per_shard], start):
-                for name, blob in ((f"{i:06d}.jpg", Path(path).read_bytes()), (f"{i:06d}.cls", str(label).encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(blob)
-                    tar.addfile(info, io.BytesIO(blob))
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
-    table = datasets.Dataset.from_dict(
-        {"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _, _ in rows], "label": [r[2] for r in rows]},
-        features=features,
-    )
-    table.to_parquet(str(scratch / "parquet" / "photo-00000-of-00001.parquet"))
-    datasets.DatasetDict(photo=table).save_to_disk(str(scratch / "saved"))
+        target.write_bytes(path.read_bytes())
+    shards = write_shards(classes, rows, scratch / "shards")
+    parquet, saved = write_hf(classes, rows, scratch)
     common = ["data.id_domain=photo", "data.ood_domains=[]"]
     return {
         "folders": ["data.benchmark=folders", f"data.root={scratch / 'folders'}", *common],
         "wds shards": ["data.benchmark=wds", f"data.root={shards}", *common],
-        "parquet": ["data.benchmark=hf", f"data.root={scratch / 'parquet'}", *common],
-        "save_to_disk": ["data.benchmark=hf", f"data.root={scratch / 'saved'}", *common],
+        "parquet": ["data.benchmark=hf", f"data.root={parquet}", "data.domain_column=domain", *common],
+        "save_to_disk": ["data.benchmark=hf", f"data.root={saved}", *common],
     }
 
 
@@ -94,12 +74,11 @@ def measure(overrides: list[str]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--limit", type=int, default=None, help="images of PACS photo (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="images per class of PACS photo (default: all)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    rows = pacs_photo(args.limit)
     with tempfile.TemporaryDirectory() as scratch:
-        formats = build(rows, Path(scratch))
+        formats = build(PACS.resolve(), args.limit, Path(scratch))
         results: dict[str, list[dict]] = {name: [] for name in formats}
         for _ in range(args.rounds):
             for name, overrides in formats.items():

@@ -625,7 +625,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         "--data",
         metavar="DIR",
         help="your own images: DIR/<class>/<image> (split into train/val/test) or "
-        "DIR/<domain>/<class>/<image> (one domain trained on, the others OOD test sets); "
+        "DIR/<domain>/<class>/<image> (one domain trained on, the others OOD test sets), a "
+        "Hugging Face dataset (a save_to_disk folder or Parquet files: its splits are the "
+        "domains) or WebDataset .tar shards (a folder, a shard or a brace pattern: the name "
+        "before a shard's number is its domain); "
         "without a RECIPE, the recipe defaults apply and flyp says which it chose "
         "(default: the recipe's data)",
     )

@@ -150,6 +150,7 @@ def test_a_run_killed_mid_epoch_on_shards_resumes_to_the_uninterrupted_weights(t
     shards = make_shards(tmp_path / "shards", domains=("clean",))
     base = ["finetune", "--data", str(shards), "--model", "tiny:0.5", "--set", "train.batch_size=6"]
     base += ["--set", "train.epochs=2", "--set", "train.checkpoint_every=1"]
+    base += ["--set", "train.select_on=last"]  # the last weights, not a tie-broken best epoch
     assert main([*base, "--out", str(tmp_path / "whole")]) == 0
     killed = tmp_path / "killed"
     assert main([*base, "--set", "train.stop_after_steps=3", "--out", str(killed)]) == 0

@@ -83,7 +83,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, overrides in formats.items():
                 results[name].append(measure(overrides))
-    print(f"| source | images | index (s) | images/s, sorted (evaluation) | images/s, shuffled (training) |")
+    print("| source | images | index (s) | images/s, sorted (evaluation) | images/s, shuffled (training) |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

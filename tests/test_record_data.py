@@ -174,7 +174,7 @@ def test_building_reads_labels_only_and_the_image_check_samples(tmp_path, capsys
 
     monkeypatch.setattr(folders, "open_image", records.open_image)
     monkeypatch.setattr(sets, "RECORD_CHECK", 5)
-    overrides = [f"data.benchmark=wds", f"data.root={shards}", "data.id_domain=clean"]
+    overrides = ["data.benchmark=wds", f"data.root={shards}", "data.id_domain=clean"]
     bench = build_benchmark(load_recipe(None, [*overrides, "data.ood_domains=[corrupt]"]).data)
     assert len(bench.train) == 15 and len(read) == 5  # 48 images indexed, 5 decoded
     assert "a seeded sample of the 48 images" in bench.image_check.summary()

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flyp import progress
 from flyp.checkpoint import (
     CheckpointError,
     atomic_write_json,
@@ -107,7 +108,6 @@ from flyp.rundir import (
     tidy_finished,
     truncate_log,
 )
-from flyp import progress
 from flyp.tracking import bar as progress_bar
 from flyp.tracking import (
     check_trackers,

@@ -21,7 +21,6 @@ from flyp.data.records import is_record
 from flyp.data.splits import stratified_subsample
 from flyp.recipe import DataConfig
 
-
 # Images in shards or tables (Hugging Face, WebDataset) checked before a run: a seeded sample
 # of this many, not all (a 1.28M-image set would take over an hour; the rest are checked as read)
 RECORD_CHECK = 1000

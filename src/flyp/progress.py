@@ -98,35 +98,31 @@ def done() -> None:
         _state = None
 
 
-def step(k: int, n: int) -> None:
-    """A training step ended: step ``k`` of this run's ``n``."""
+def _count(seconds_key: str, timed_key: str, done_key: str, amount: int, where: str) -> _State | None:
+    """Add the time since the last mark to one counter of the plan; None without a plan."""
     state = _state
     if state is None:
-        return
+        return None
     now = time.perf_counter()
     with _lock:
-        state.step_seconds += now - state.mark
-        state.steps_timed += 1
-        state.steps_done += 1
-        state.mark = now
-        state.where, state.active = f"step {k}/{n}", True
-    if state.steps_timed >= ESTIMATE_AFTER:
+        setattr(state, seconds_key, getattr(state, seconds_key) + now - state.mark)
+        setattr(state, timed_key, getattr(state, timed_key) + amount)
+        setattr(state, done_key, getattr(state, done_key) + amount)
+        state.mark, state.where, state.active = now, where, True
+    return state
+
+
+def step(k: int, n: int) -> None:
+    """A training step ended: step ``k`` of this run's ``n``."""
+    state = _count("step_seconds", "steps_timed", "steps_done", 1, f"step {k}/{n}")
+    if state is not None and state.steps_timed >= ESTIMATE_AFTER:
         _maybe_estimate(state)
 
 
 def images(name: str, k: int, n: int | None, count: int) -> None:
     """An evaluation batch of ``count`` images ended: ``k`` of the set ``name``'s ``n``."""
-    state = _state
-    if state is None:
-        return
-    now = time.perf_counter()
-    with _lock:
-        state.eval_seconds += now - state.mark
-        state.eval_timed += count
-        state.eval_done += count
-        state.mark = now
-        state.where = f"evaluating {name} {k}/{n if n is not None else '?'} images"
-        state.active = True
+    where = f"evaluating {name} {k}/{n if n is not None else '?'} images"
+    _count("eval_seconds", "eval_timed", "eval_done", count, where)
 
 
 def begin() -> None:

@@ -61,8 +61,28 @@ def _assemble(
     classes: list[str],
     templates: list[str],
     domains: dict[str, list[Sample]],
+    publisher_names: bool = False,
 ) -> Benchmark:
-    """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole."""
+    """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole.
+
+    ``publisher_names``: the domains are named by the dataset's publisher (a Hugging Face
+    dataset's splits 'train' and 'test', shards 'train-000.tar'), so a domain named like one of
+    flyp's own sets is shown as '<name> split' ('test split') rather than refused."""
+    if publisher_names:
+        import dataclasses
+
+        from flyp.data.folders import reserved_names
+
+        reserved = reserved_names(cfg.id_domain)
+        reserved.pop(name_key(f"{cfg.id_domain} (ID)"))
+
+        def shown(domain: str) -> str:
+            return f"{domain} split" if name_key(domain) in reserved else domain
+
+        cfg = dataclasses.replace(
+            cfg, id_domain=shown(cfg.id_domain), ood_domains=[shown(d) for d in cfg.ood_domains]
+        )
+        domains = {shown(d): v for d, v in domains.items()}
     check_domain_names([cfg.id_domain, *cfg.ood_domains])  # not 'val', 'train', 'test'
     train, val, test = stratified_split(
         domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
@@ -72,30 +92,9 @@ def _assemble(
     return finish(cfg, name, display, templates, train, val, tests, id_name=cfg.id_domain)
 
 
-def assemble(
-    cfg: DataConfig,
-    name: str,
-    classes: list[str],
-    templates: list[str],
-    domains: dict[str, list[Sample]],
-) -> Benchmark:
-    """:func:`_assemble` for datasets whose domains are named by their publisher (a Hugging Face
-    dataset's splits 'train' and 'test', shards 'train-000.tar'): a domain named like one of
-    flyp's own sets is shown as '<name> split' ('test split'), not refused."""
-    import dataclasses
-
-    from flyp.data.folders import reserved_names
-
-    reserved = reserved_names(cfg.id_domain)
-    reserved.pop(name_key(f"{cfg.id_domain} (ID)"))
-
-    def shown(domain: str) -> str:
-        return f"{domain} split" if name_key(domain) in reserved else domain
-
-    renamed = dataclasses.replace(
-        cfg, id_domain=shown(cfg.id_domain), ood_domains=[shown(d) for d in cfg.ood_domains]
-    )
-    return _assemble(renamed, name, classes, templates, {shown(d): v for d, v in domains.items()})
+def assemble(cfg: DataConfig, name: str, classes: list[str], templates: list[str], domains):
+    """The benchmark of a dataset whose domains its publisher named (flyp.data.hf, .shards)."""
+    return _assemble(cfg, name, classes, templates, domains, publisher_names=True)
 
 
 def _domain_folders(root: Path, cfg: DataConfig) -> dict[str, str]:

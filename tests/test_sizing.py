@@ -88,3 +88,23 @@ def test_the_template_hint_names_a_set_that_fits_the_data(folder, fitting, tmp_p
     recipe = load_recipe(None, [f"name={folder}", "data.benchmark=folders", f"data.root={root}"])
     hint = _data_choices(recipe)
     assert f"--set data.templates={fitting}," in hint
+
+
+def test_progress_lines_name_evaluation_and_decoding_and_the_eta_counts_both(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "_start_beat", lambda: None)  # lines read here, not printed
+    progress.plan(1, 10, 2, 200, batch_size=10)
+    try:
+        assert progress.line() == "working (last: starting), 0/10 steps in all, ETA after the first steps"
+        progress.working("decoding images 64/100")
+        assert progress.line().startswith("decoding images 64/100, 0/10 steps in all")
+        state = progress._state
+        state.step_seconds, state.steps_timed, state.steps_done = 4.0, 2, 2  # 2 s a step
+        state.eval_seconds, state.eval_timed, state.eval_done = 1.0, 100, 100  # 10 ms an image
+        progress.images("val", 100, 100, 0)
+        # 8 steps x 2 s + 100 images x ~10 ms left
+        assert re.fullmatch(r"evaluating val 100/100 images, 2/10 steps in all, ETA 0:00:17", progress.line())
+        progress.idle()
+        assert progress.line().startswith("working (last: evaluating val 100/100 images)")
+    finally:
+        progress.done()
+    assert progress.line() is None

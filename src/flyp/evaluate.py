@@ -291,6 +291,7 @@ def _features(classifier: Classifier, loader) -> tuple[torch.Tensor, torch.Tenso
     for images, batch_labels, _ in loader:
         features.append(classifier.image_features(images).cpu())
         labels.append(batch_labels)
+        progress.working(f"image features {sum(map(len, labels))} images")
     return torch.cat(features), torch.cat(labels)
 
 

@@ -125,6 +125,15 @@ def images(name: str, k: int, n: int | None, count: int) -> None:
     _count("eval_seconds", "eval_timed", "eval_done", count, where)
 
 
+def working(what: str) -> None:
+    """Work that is neither a step nor an evaluated batch (decoding a set, the probe's or the
+    frozen tower's features) is going on: ``what`` is said in the next progress line. Its time
+    counts toward neither estimate."""
+    state = _state
+    if state is not None:
+        state.mark, state.where, state.active = time.perf_counter(), what, True
+
+
 def begin() -> None:
     """Time from now (a loop starts: what ran before it is no step's or batch's time)."""
     state = _state
@@ -177,13 +186,14 @@ def _maybe_estimate(state: _State) -> None:
 
 
 def line() -> str | None:
-    """The progress line now, or None when nothing is training or evaluating."""
+    """The progress line now (None without a plan)."""
     state = _state
-    if state is None or not state.active or not state.where:
+    if state is None:
         return None
+    where = state.where if state.active else f"working (last: {state.where or 'starting'})"
     left = remaining(state)
     eta = f"ETA {tracking.clock(left)}" if left is not None else "ETA after the first steps"
-    return f"{state.where}, {state.steps_done}/{state.steps_total} steps in all, {eta}"
+    return f"{where}, {state.steps_done}/{state.steps_total} steps in all, {eta}"
 
 
 def _beat_loop() -> None:

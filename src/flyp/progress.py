@@ -128,10 +128,14 @@ def images(name: str, k: int, n: int | None, count: int) -> None:
 def working(what: str) -> None:
     """Work that is neither a step nor an evaluated batch (decoding a set, the probe's or the
     frozen tower's features) is going on: ``what`` is said in the next progress line. Its time
-    counts toward neither estimate."""
+    counts as evaluation time (with no image counted): an evaluation from decoded images or
+    frozen features is fast only because this work was done for it."""
     state = _state
     if state is not None:
-        state.mark, state.where, state.active = time.perf_counter(), what, True
+        now = time.perf_counter()
+        with _lock:
+            state.eval_seconds += now - state.mark
+            state.mark, state.where, state.active = now, what, True
 
 
 def begin() -> None:

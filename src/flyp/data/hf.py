@@ -47,7 +47,10 @@ def is_hf(path: str | Path) -> bool:
         return False
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return True
-    return any(path.rglob("*.parquet"))
+    # Parquet files in the folder or under data/ (the Hub's layout); not a search of the whole
+    # tree: a folder of images (DIR/<class>/<image>) would be listed to its last file.
+    data = path / "data"
+    return any(path.glob("*.parquet")) or (data.is_dir() and any(data.rglob("*.parquet")))
 
 
 def _split_of(file: Path) -> str:

@@ -207,3 +207,11 @@ def test_bad_record_data_is_refused_in_one_line(setup, extra, fragment, tmp_path
     rc = main(["data", "--data", str(data), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and fragment in err[0], err
+
+
+def test_sweep_reads_a_saved_dataset(tmp_path):
+    saved = make_saved(tmp_path / "saved")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--data", str(saved), "--id-domain", "train", *TINY]
+    assert main([*argv, "--grid", "train.lr=1e-4,1e-5", "--out", str(out)]) == 0
+    assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 2

@@ -54,6 +54,17 @@ def test_finetune_says_its_plan_an_estimate_and_progress_lines_off_a_terminal(
     assert any(re.search(r"estimate: \d:\d\d:\d\d in all, \d:\d\d:\d\d left", s) for s in said)
     steps = [s for s in said if re.search(r"step \d/6, \d/6 steps in all, ETA \d:\d\d:\d\d", s)]
     assert steps, said
+    assert progress.line() is None  # no progress line outlives the run
+
+
+def test_no_plan_outlives_a_run_stopped_or_failed(data, tmp_path):
+    from flyp.recipe import load_recipe
+    from flyp.train import finetune
+
+    overrides = ["model.spec=tiny", "train.batch_size=6", "data.benchmark=folders"]
+    overrides += [f"data.root={data}", "data.ood_domains=[sketch]", "train.stop_after_steps=2"]
+    finetune(load_recipe(None, overrides), tmp_path / "r")
+    assert progress.line() is None
 
 
 def test_compare_plans_every_run_and_a_rerun_says_what_it_reuses(data, tmp_path, capsys):
@@ -67,6 +78,7 @@ def test_compare_plans_every_run_and_a_rerun_says_what_it_reuses(data, tmp_path,
     assert main(argv) == 0
     said = _said(capsys.readouterr().err)
     assert any("plan: 0 runs (5 of 5 finished and reused), 0 training steps" in s for s in said)
+    assert progress.line() is None
 
 
 def test_quick_sizes_the_run_and_a_set_of_the_same_key_wins(data, tmp_path, capsys):

@@ -214,7 +214,6 @@ def _is_main() -> bool:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from flyp import progress
     from flyp.recipe import RecipeError, save_recipe
     from flyp.train import finetune
 
@@ -237,7 +236,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     try:
         metrics = finetune(recipe, run_dir, resume=bool(args.resume))
-        progress.done()
     except KeyboardInterrupt:
         raise Interrupted(_kept_run(run_dir)) from None
     if _is_main():  # under torchrun every rank holds rank 0's metrics; one prints them

@@ -322,6 +322,7 @@ def _some(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+@progress.ends_plan
 def compare(
     recipe: Recipe,
     methods: Sequence[str],
@@ -393,7 +394,6 @@ def compare(
     all_dirs = [d for dirs in run_dirs.values() for d in dirs] + extra
     tracking.note(f"report: writing {out_dir / 'report.md'}")
     title = f"{recipe.name}: {exp.bundle.spec}"
-    progress.done()
     return on_main(partial(write_report, all_dirs, out_dir, title=title))
 
 

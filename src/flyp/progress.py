@@ -17,10 +17,13 @@ taken from a training step's until evaluations have been timed.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 from flyp import tracking
 
@@ -50,6 +53,9 @@ class _State:
     said_at: float = 0.0
     outer: bool = False  # a comparison's plan: its runs do not plan again
 
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _state: _State | None = None
 _lock = threading.Lock()
@@ -110,6 +116,26 @@ def _count(seconds_key: str, timed_key: str, done_key: str, amount: int, where: 
         setattr(state, done_key, getattr(state, done_key) + amount)
         state.mark, state.where, state.active = now, where, True
     return state
+
+
+def run_done() -> None:
+    """A run ended (finished, stopped or failed): its own plan ends; a comparison's goes on."""
+    if _state is not None and not _state.outer:
+        done()
+
+
+def ends_plan(function: Callable[P, R]) -> Callable[P, R]:
+    """``function`` (a comparison) ends the plan it made when it returns or raises, so no
+    progress line outlives it."""
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            done()
+
+    return wrapper
 
 
 def step(k: int, n: int) -> None:

@@ -268,6 +268,7 @@ def finetune(
                 shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
+        progress.run_done()  # no progress line outlives the run (a comparison's plan goes on)
         close_tracker(run_dir)  # a run that raised closes its trackers now
         if lock is not None:
             release(run_dir, lock)

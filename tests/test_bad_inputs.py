@@ -171,7 +171,7 @@ CASES = [
     Case(  # was a ValueError traceback after the image check
         "templates",
         lambda e: e.finetune("data.templates=pac"),
-        "data.templates: 'pac' is not one of caltech101, flowers102, fmow, iwildcam, pacs, pcam, "
+        "data.templates: 'pac' is not one of caltech101, flowers102, fmow, generic, iwildcam, pacs, pcam, "
         "simple, sst2, stanford_cars (did you mean 'pacs'?)",
     ),
     Case(

@@ -17,7 +17,7 @@ REFUSED = [
     ('data.split_seed=4294967296', 'data.split_seed: 4294967296 is out of range; a seed must be between 0 and 4294967295'),
     ('data.max_train=0', 'data.max_train: 0 is out of range; it must be >= 1'),
     ('data.max_eval=0', 'data.max_eval: 0 is out of range; it must be >= 1'),
-    ('data.templates=pac', "data.templates: 'pac' is not one of caltech101, flowers102, fmow, iwildcam, pacs, pcam, simple, sst2, stanford_cars (did you mean 'pacs'?)"),
+    ('data.templates=pac', "data.templates: 'pac' is not one of caltech101, flowers102, fmow, generic, iwildcam, pacs, pcam, simple, sst2, stanford_cars (did you mean 'pacs'?)"),
     ('data.on_bad_image=skipp', "data.on_bad_image: 'skipp' is not one of error, skip (did you mean 'skip'?)"),
     ('data.num_workers=many', "data.num_workers: 'many' is not a number of workers; use auto or a whole number >= 0"),
     ('data.num_workers=-1', 'data.num_workers: -1 is out of range; it must be >= 0'),

@@ -15,6 +15,15 @@ from pathlib import Path
 from flyp.recipe import RESUME_SETTABLE, load_recipe
 
 DEFAULT_METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
+# --quick: a comparison of a small dataset in about 10 minutes on 2 CPU cores with the default
+# model (README: Sizing a run on your own data); any --set of these keys wins
+QUICK = [
+    "model.image_size=128",
+    "train.epochs=3",
+    "data.max_train=1000",
+    "data.max_eval=300",
+    "eval.wise_alphas=[0, 0.5, 1]",
+]
 
 def _recipe(args: argparse.Namespace):
     """The recipe of a subcommand: RECIPE (or the defaults), pointed at ``--data DIR`` and
@@ -28,13 +37,15 @@ def _recipe(args: argparse.Namespace):
     if data is not None:
         from flyp.data.own import data_overrides
 
-        overrides = data_overrides(data, args.id_domain, args.ood_domains)
+        overrides = data_overrides(data, args.id_domain, args.ood_domains, args.set)
         if args.recipe is not None:  # the recipe keeps its own name
             overrides = [o for o in overrides if not o.startswith("name=")]
     elif args.id_domain or args.ood_domains:
         raise RecipeError("--id-domain and --ood-domains go with --data DIR; in a recipe, set data.id_domain / data.ood_domains")
     if getattr(args, "model", None):
         overrides.append(f"model.spec={json.dumps(args.model)}")
+    if getattr(args, "quick", False):  # before --set: a --set of the same key wins
+        overrides += QUICK
     recipe = load_recipe(args.recipe, [*overrides, *args.set])
     if data is not None and args.recipe is None and args.command != "data":
         from flyp.tracking import say
@@ -52,14 +63,18 @@ def _data_choices(recipe, wise: bool = False) -> str:
         if recipe.data.templates
         else "1 prompt template ('a photo of a {}.')"
     )
+    from flyp.data.templates import fitting_set
+
     size, epochs = recipe.model.image_size or "the model's own", recipe.train.epochs
     alphas = f", {len(recipe.eval.wise_alphas)} WiSE-FT alphas" if wise else ""
+    fitting = fitting_set(recipe.name, Path(str(recipe.data.root or "")).name)
     return (
         f"--data without a recipe: image size {size}, precision {recipe.train.precision} "
         f"(eval {recipe.eval.precision}), {templates}, {epochs} epoch{'s' * (epochs != 1)}, lr "
         f"{recipe.train.lr:g}{alphas} (recipes/pacs.yaml: "
         "160 px, 7 templates); change any with --set, e.g. --set model.image_size=160 "
-        "--set data.templates=pacs, or pass a recipe"
+        f"--set data.templates={fitting}, or pass a recipe; --quick sizes a run for a small "
+        "dataset (README: Sizing a run on your own data)"
     )
 
 
@@ -653,7 +668,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         "--data",
         metavar="DIR",
         help="your own images: DIR/<class>/<image> (split into train/val/test) or "
-        "DIR/<domain>/<class>/<image> (one domain trained on, the others OOD test sets); "
+        "DIR/<domain>/<class>/<image> (one domain trained on, the others OOD test sets), a "
+        "Hugging Face dataset (a save_to_disk folder or Parquet files: its splits are the "
+        "domains) or WebDataset .tar shards (a folder, a shard or a brace pattern: the name "
+        "before a shard's number is its domain); "
         "without a RECIPE, the recipe defaults apply and flyp says which it chose "
         "(default: the recipe's data)",
     )
@@ -672,6 +690,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="model spec (model.spec): default, open_clip:..., hf:DIR (default: the recipe's "
         "model.spec)",
+    )
+
+
+def _add_quick_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="size the run for a quick look: " + ", ".join(QUICK) + " (a --set of these keys "
+        "wins; README: Sizing a run on your own data) (default: the recipe's settings)",
     )
 
 
@@ -707,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
         "recipe", nargs="?", help="recipe YAML (see recipes/) (default: none; use --data)"
     )
     _add_data_options(p)
+    _add_quick_option(p)
     _add_set_option(p)
     p.add_argument("--out", help="run directory (default: runs/<recipe>-<method>-s<seed>)")
     p.add_argument(
@@ -747,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[0], help="training seeds; each method per seed"
     )
+    _add_quick_option(p)
     _add_set_option(p)
     p.add_argument("--out", help="output folder (default: runs/<recipe>-compare)")
     p.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT sweeps")
@@ -784,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2",
         help="values of one key, e.g. train.lr=1e-5,3e-5,1e-4; repeat for more keys",
     )
+    _add_quick_option(p)
     _add_set_option(p)
     p.add_argument("--out", help="output folder (default: runs/<recipe>-<method>-sweep)")
     p.set_defaults(func=cmd_sweep)

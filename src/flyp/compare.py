@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from flyp import tracking
+from flyp import progress, tracking
 from flyp.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -475,6 +475,7 @@ def _some(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+@progress.ends_plan
 def compare(
     recipe: Recipe,
     methods: Sequence[str],
@@ -515,6 +516,7 @@ def compare(
     exp = prepare(recipe)
     for _, _, run_dir in plan:  # settings alike, but trained on another dataset (data.root)?
         on_main(partial(check_same_data, run_dir, exp))
+    on_main(partial(_say_plan, plan, run_recipe, exp, wise))
     pretrained = copy.deepcopy(exp.bundle.model.state_dict())
     image_names = image_tower_names(exp.bundle.model, exp.bundle.image_size)
     exp.frozen = FrozenFeatures.of(pretrained, exp.bundle.model, image_names)
@@ -555,6 +557,31 @@ def compare(
     tracking.note(f"report: writing {out_dir / 'report.md'}")
     title = f"{recipe.name}: {exp.bundle.spec}"
     return on_main(partial(write_report, all_dirs, out_dir, title=title))
+
+
+def _say_plan(plan, run_recipe, exp: Experiment, wise: bool) -> None:
+    """The comparison's size in one line before its first run (flyp.progress): the runs still
+    to do (finished ones are reused), their steps and evaluations."""
+    todo, steps, evaluations, images, finished, copied = 0, 0, 0, 0, 0, 0
+    first_seed = plan[0][1]  # zeroshot's: the seed a seed-free run is trained on
+    for name, seed, run_dir in plan:
+        if (run_dir / "metrics.json").exists():
+            finished += 1
+            continue
+        if name in SEED_FREE and seed != first_seed:
+            copied += 1  # copied from its first seed's run
+            continue
+        one = run_recipe(name, seed)
+        trains = get_method(name).objective != "none"
+        alphas = one.eval.wise_alphas if wise and name != "zeroshot" else ()
+        size = progress.run_size(one, exp.benchmark, trains, alphas)
+        todo, steps = todo + 1, steps + size[0]
+        evaluations, images = evaluations + size[1], images + size[2]
+    what = [f"{finished} of {len(plan)} finished and reused"] if finished else []
+    what += [f"{copied} seed-free cop{'ies' if copied > 1 else 'y'} of the first seed"] if copied else []
+    progress.plan(
+        todo, steps, evaluations, images, exp.recipe.train.batch_size, "; ".join(what), outer=True
+    )
 
 
 def _next_step(run_dir: Path, first: Path, seed_free: bool) -> str:

@@ -19,6 +19,7 @@ from sklearn.metrics import f1_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from flyp import progress
 from flyp.data.loader import ImageDataset, OnDevice, eval_loader, materialize, uint8_transform
 from flyp.distributed import eval_shard, gather_in_rank_order, shard_bounds
 from flyp.models.base import keep_freed_memory, prefers_channels_last, tune_cpu_bf16
@@ -113,9 +114,15 @@ def collect_logits(
 ) -> tuple[Tensor, np.ndarray]:
     """The logits (fp32, on the CPU; classes outside ``subset`` at -inf) and labels of a set."""
     logits, labels = [], []
+    total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    seen = 0
+    progress.begin()
     for images, batch_labels, _ in bar(loader, desc, leave=False):
         logits.append(restrict(logits_fn(images).float(), subset).cpu())
         labels.append(batch_labels)
+        seen += len(batch_labels)
+        progress.images(desc.removeprefix("eval "), seen, total, len(batch_labels))
+    progress.idle()
     return torch.cat(logits), torch.cat(labels).numpy()
 
 
@@ -301,10 +308,16 @@ def collect_many(
     """:func:`collect_logits` of several models from one pass over ``loader``."""
     logits: list[list[Tensor]] = [[] for _ in scorers]
     labels = []
+    total = len(loader.dataset) if getattr(loader, "dataset", None) is not None else None
+    seen = 0
+    progress.begin()
     for images, batch_labels, _ in bar(loader, desc, leave=False):
         for mine, scorer in zip(logits, scorers, strict=True):
             mine.append(restrict(scorer(images).float(), subset).cpu())
         labels.append(batch_labels)
+        seen += len(batch_labels)
+        progress.images(desc.removeprefix("eval "), seen, total, len(batch_labels))
+    progress.idle()
     if not labels:  # an empty shard
         return [(torch.zeros(0, 0), np.zeros(0, dtype=np.int64)) for _ in scorers]
     return [(torch.cat(mine), torch.cat(labels).numpy()) for mine in logits]
@@ -395,6 +408,7 @@ def _features(classifier: Classifier, loader) -> tuple[torch.Tensor, torch.Tenso
     for images, batch_labels, _ in loader:
         features.append(classifier.image_features(images).cpu())
         labels.append(batch_labels)
+        progress.working(f"image features {sum(map(len, labels))} images")
     if not labels:  # an empty shard
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)

@@ -343,8 +343,12 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[str], list[tuple[
     that do not exist."""
     paths: list[str] = []
     missing: list[tuple[str, str]] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
+    for text in map(str, inputs):
+        item = Path(text)
+        records = _records(text)
+        if records is not None:
+            paths += records
+        elif item.is_dir():
             paths += sorted(
                 str(p)
                 for p in item.rglob("*")
@@ -367,6 +371,18 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[str], list[tuple[
         else:
             missing.append((str(item), "does not exist"))
     return paths, missing
+
+
+def _records(text: str) -> list[str] | None:
+    """The images of WebDataset shards (a .tar, a brace pattern, a folder of them) or of a
+    Hugging Face dataset (save_to_disk folder, Parquet), as record paths; None for other inputs."""
+    from flyp.data import hf, shards
+
+    if shards.is_shards(text) and ("{" in text or Path(text).exists()):
+        return shards.shard_images(text)
+    if hf.is_hf(text):
+        return hf.table_images(text)
+    return None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from flyp import progress
 from flyp.checkpoint import atomic_write_json
 from flyp.data.loader import ImageDataset, eval_loader
 from flyp.distributed import is_main
@@ -41,6 +42,7 @@ def image_features(model: nn.Module, loader: DataLoader, desc: str = "features")
         images = to_model_layout(images.to(device, non_blocking=True), channels_last)
         feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
         labels.append(batch_labels)
+        progress.working(f"{desc} {sum(map(len, labels))} images")
     # scikit-learn works on the CPU: features come back from whatever device the model is on
     return torch.cat(feats).cpu().numpy(), torch.cat(labels).cpu().numpy()
 

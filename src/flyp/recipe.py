@@ -165,6 +165,13 @@ class DataConfig:
     roots: dict[str, str] = setting(factory=dict, resume=True)
     # few-shot: keep exactly k training images per class (paper builders)
     k_shot: int | None = setting(None, at_least=1)
+    # Hugging Face datasets (benchmark hf) and WebDataset shards (wds): the columns holding the
+    # image, the label and the domain (None: found, or the splits are the domains), and a file of
+    # class names, one a line in label order (None: the ClassLabel, or classes.txt by the shards)
+    image_column: str | None = None
+    label_column: str | None = None
+    domain_column: str | None = None
+    classes_file: str | None = None
 
 
 @dataclass

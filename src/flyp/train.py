@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flyp import progress
 from flyp.checkpoint import (
     CheckpointError,
     atomic_write_json,
@@ -275,6 +276,7 @@ def finetune(
                 shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
+        progress.run_done()  # no progress line outlives the run (a comparison's plan goes on)
         close_tracker(run_dir)  # a run that raised closes its trackers now
         if lock is not None:
             release(run_dir, lock)
@@ -394,8 +396,10 @@ def _train(
             initial=done_in_epoch,
             total=steps_per_epoch,
         )
+        progress.begin()
         for images, labels, seeds in bar:
             run.step_on(images, labels, seeds, epoch)
+            progress.step(run.step, run.total_steps)
             epoch_images += len(labels) * env.world
             step = run.step
             at_epoch_end = step % steps_per_epoch == 0
@@ -414,6 +418,7 @@ def _train(
             if at_epoch_end:
                 break  # the epoch-end work (validation, checkpoint) runs at the top of the loop
         run.train_seconds += time.time() - tick
+        progress.idle()
         if env.is_main and epoch_steps and run.step % steps_per_epoch == 0:
             seconds = max(time.time() - epoch_started, 1e-9)
             note(
@@ -515,6 +520,7 @@ def _set_up_loop(
     )
     warmup = effective_warmup(cfg.warmup_steps, total_steps)
     if env.is_main:
+        progress.run_plan(*progress.run_size(exp.recipe, exp.benchmark, True), cfg.batch_size)
         note(
             f"training {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {steps_per_epoch} steps (batch {cfg.batch_size}, "
             f"lr {cfg.lr:g} after {warmup} warmup steps)"

@@ -20,6 +20,7 @@ from flyp.data.folders import (
     check_same_classes,
     covered_classes,
     list_domain,
+    name_key,
     near_hint,
     nfc,
     read_csv,
@@ -65,9 +66,30 @@ def _assemble(
     domains: dict[str, list[Sample]],
     class_subsets: dict[str, list[int]] | None = None,
     skipped_links: dict[str, str] | None = None,
+    publisher_names: bool = False,
 ) -> Benchmark:
     """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole, each
-    one covering a subset of the classes (``class_subsets``) scored on its own classes."""
+    one covering a subset of the classes (``class_subsets``) scored on its own classes.
+
+    ``publisher_names``: the domains are named by the dataset's publisher (a Hugging Face
+    dataset's splits 'train' and 'test', shards 'train-000.tar'), so a domain named like one of
+    flyp's own sets is shown as '<name> split' ('test split') rather than refused."""
+    if publisher_names:
+        import dataclasses
+
+        from flyp.data.folders import reserved_names
+
+        reserved = reserved_names(cfg.id_domain)
+        reserved.pop(name_key(f"{cfg.id_domain} (ID)"))
+
+        def shown(domain: str) -> str:
+            return f"{domain} split" if name_key(domain) in reserved else domain
+
+        cfg = dataclasses.replace(
+            cfg, id_domain=shown(cfg.id_domain), ood_domains=[shown(d) for d in cfg.ood_domains]
+        )
+        domains = {shown(d): v for d, v in domains.items()}
+        class_subsets = {shown(d): v for d, v in (class_subsets or {}).items()}
     check_domain_names([cfg.id_domain, *cfg.ood_domains])  # not 'val', 'train', 'test'
     train, val, test = stratified_split(
         domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
@@ -78,6 +100,11 @@ def _assemble(
         cfg, name, display, templates, train, val, tests, cfg.id_domain,
         class_subsets=class_subsets, skipped_links=skipped_links,
     )
+
+
+def assemble(cfg: DataConfig, name: str, classes: list[str], templates: list[str], domains):
+    """The benchmark of a dataset whose domains its publisher named (flyp.data.hf, .shards)."""
+    return _assemble(cfg, name, classes, templates, domains, publisher_names=True)
 
 
 def _domain_folders(root: Path, cfg: DataConfig) -> dict[str, str]:
@@ -181,6 +208,8 @@ BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {
     "pacs": build_pacs,
     "folders": build_folders,
     "csv": build_csv,
+    "hf": lazy_builder("flyp.data.hf", "build_hf"),
+    "wds": lazy_builder("flyp.data.shards", "build_wds"),
     "imagenet": lazy_builder("flyp.data.imagenet", "build_imagenet"),
     "iwildcam": lazy_builder("flyp.data.wilds", "build_iwildcam"),
     "fmow": lazy_builder("flyp.data.wilds", "build_fmow"),

@@ -33,6 +33,7 @@ import PIL
 from PIL import Image
 
 from flyp.data.folders import SKIP_HINT, DataError, Sample, decode_rgb
+from flyp.data.records import container
 from flyp.distributed import local_rank, on_node_main
 from flyp.paths import link_fault
 
@@ -53,11 +54,20 @@ class CheckReport:
     seconds: float = 0.0
     workers: int = 1
     manifest: str | None = None
+    # Images inside shards or tables (flyp.data.records): a seeded sample of this many was
+    # checked; the others are decoded as they are read, and a bad one stops the run naming it.
+    sampled_from: int | None = None
 
     def summary(self) -> str:
+        sampled = (
+            f" (a seeded sample of the {self.sampled_from} images in shards/tables; the others "
+            "are checked as they are read)"
+            if self.sampled_from is not None
+            else ""
+        )
         return (
-            f"image check: {self.images} images in {self.seconds:.1f} s ({self.decoded} decoded "
-            f"with {self.workers} threads, {self.cached} known good from {self.manifest}); "
+            f"image check: {self.images} images{sampled} in {self.seconds:.1f} s ({self.decoded} "
+            f"decoded with {self.workers} threads, {self.cached} known good from {self.manifest}); "
             f"{len(self.bad)} bad"
         )
 
@@ -141,8 +151,9 @@ def _decode_chunk(paths: Sequence[str]) -> list[str | None]:
 
 
 def _stat(path: str) -> list[int] | None:
+    """(size, modification time) of the file, or of the shard / table file holding a record."""
     try:
-        st = os.stat(path)
+        st = os.stat(container(path))
     except OSError:
         return None
     return [st.st_size, st.st_mtime_ns]

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from flyp.data.records import is_record, open_image
 from flyp.paths import link_fault
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -451,7 +452,7 @@ def decode_rgb(path: str) -> Image.Image:
     """Open, decode every pixel, turn upright and convert to RGB; any failure raises (PIL's own
     exception, or ImageShapeError past MAX_ASPECT). Every image flyp reads goes through here:
     training, evaluation, the decoded-image cache, the image check and predict."""
-    with Image.open(path) as img:
+    with Image.open(open_image(path) if is_record(path) else path) as img:
         width, height = img.size
         if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
             raise ImageShapeError(

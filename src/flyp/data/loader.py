@@ -16,6 +16,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from flyp import progress
 from flyp.data.folders import Sample, load_rgb
 
 
@@ -229,6 +230,7 @@ def materialize(
     for batch_images, batch_labels, _ in eval_loader(dataset, batch_size, workers):
         images.append(batch_images)
         labels.append(batch_labels)
+        progress.working(f"decoding images {sum(map(len, labels))}/{len(dataset)}")
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     if not images:  # an empty shard of a small set (several ranks)
         return TensorDataset(torch.zeros(0), labels_t, labels_t.clone())

@@ -80,13 +80,20 @@ def domains_of(folder: Path) -> list[str] | None:
 
 
 def data_overrides(
-    folder: str | Path, id_domain: str | None = None, ood_domains: Sequence[str] | None = None
+    folder: str | Path,
+    id_domain: str | None = None,
+    ood_domains: Sequence[str] | None = None,
+    sets: Sequence[str] = (),
 ) -> list[str]:
     """Recipe overrides (``key=value``, values as JSON, which YAML reads as it is) that point a
-    recipe at ``folder``."""
+    recipe at ``folder``: a folder of images, a Hugging Face dataset or WebDataset shards
+    (``sets``: the run's --set overrides, for data.domain_column)."""
     why = link_fault(Path(folder).expanduser())
     if why:
         raise DataError(f"--data {folder} is {why}; {LINK_FIX}, or pass a folder of images")
+    records = _record_overrides(folder, id_domain, ood_domains, sets)
+    if records is not None:
+        return records
     folder = resolved(folder)
     domains = domains_of(folder)
     if domains is None:  # one domain: the folder itself, seen from its parent
@@ -120,6 +127,54 @@ def data_overrides(
         "name": folder.name,
         "data.benchmark": "folders",
         "data.root": str(root),
+        "data.id_domain": id_domain,
+        "data.ood_domains": list(ood_domains),
+    }
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def _record_overrides(
+    data: str | Path,
+    id_domain: str | None,
+    ood_domains: Sequence[str] | None,
+    sets: Sequence[str],
+) -> list[str] | None:
+    """The overrides for a Hugging Face dataset (``hf``) or WebDataset shards (``wds``) at
+    ``data``, or None when it is neither (a folder of images). Their domains are the dataset's
+    splits (or the values of data.domain_column) and the shards' names before their number."""
+    from flyp.data import hf, shards
+
+    text = str(data)
+    if shards.is_shards(text):
+        benchmark = "wds"
+        root = text if "{" in text else str(Path(text).expanduser().resolve())
+        domains = list(shards.domains_of(root))
+    elif hf.is_hf(text):
+        benchmark = "hf"
+        root = str(Path(text).expanduser().resolve())
+        column = None
+        for item in sets:
+            key, _, value = item.partition("=")
+            if key.strip() == "data.domain_column":
+                column = None if value.strip() in ("", "null", "~") else value.strip().strip("\"'")
+        domains = hf.domains_of(root, column)
+    else:
+        return None
+    if id_domain is None:
+        if len(domains) > 1:
+            raise DataError(
+                f"--data {data} holds the domains {', '.join(domains)}; choose the one to train "
+                "on with --id-domain (the others are OOD test sets unless --ood-domains names them)"
+            )
+        id_domain = domains[0]
+    if ood_domains is None:
+        ood_domains = [d for d in domains if d != id_domain]
+    # the run's name: the shards' folder, or the dataset's folder (or Parquet file)
+    named = Path(shards.shard_files(root)[0]).parent if benchmark == "wds" else Path(root)
+    values = {
+        "name": named.stem or benchmark,
+        "data.benchmark": benchmark,
+        "data.root": root,
         "data.id_domain": id_domain,
         "data.ood_domains": list(ood_domains),
     }

@@ -120,6 +120,7 @@ FMOW = [
 
 TEMPLATE_SETS: dict[str, list[str]] = {
     "simple": SIMPLE,
+    "generic": PACS,  # open_clip's seven: no domain of their own; PACS's prompts by name
     "pacs": PACS,
     "caltech101": CALTECH101,
     "stanford_cars": STANFORD_CARS,
@@ -129,6 +130,31 @@ TEMPLATE_SETS: dict[str, list[str]] = {
     "iwildcam": IWILDCAM,
     "fmow": FMOW,
 }
+
+
+# Words in a dataset's name (its recipe name or folder) that pick a template set made for it.
+FITTING = {
+    "pacs": "pacs",
+    "caltech": "caltech101",
+    "cars": "stanford_cars",
+    "flower": "flowers102",
+    "pcam": "pcam",
+    "camelyon": "pcam",
+    "sst": "sst2",
+    "iwildcam": "iwildcam",
+    "fmow": "fmow",
+}
+
+
+def fitting_set(*names: str) -> str:
+    """The template set made for a dataset named ``names`` (its recipe name, its folder), else
+    'generic' (open_clip's seven, which name no domain): never another dataset's prompts."""
+    for name in names:
+        folded = name.casefold()
+        for word, set_name in FITTING.items():
+            if word in folded:
+                return set_name
+    return "generic"
 
 
 def get_templates(name: str) -> list[str]:

@@ -1,0 +1,98 @@
+"""Write a DIR/<domain>/<class>/<image> tree as the formats datasets ship in: a Hugging Face
+dataset (Parquet as the Hub stores it, data/train-00000-of-00001.parquet, with a ClassLabel and
+a domain column; and a save_to_disk folder, one split per domain) and WebDataset shards
+(<domain>-000.tar, ... of <key>.jpg + <key>.cls, with classes.txt). The README's walkthrough
+and benchmarks/record_speed.py build theirs with it.
+
+    .venv/bin/python benchmarks/make_record_data.py ../shared/data/pacs OUT --domains photo sketch
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tarfile
+from pathlib import Path
+
+PER_SHARD = 500
+
+
+def images(root: Path, domains: list[str], limit: int | None = None):
+    """(domain, class index, image path) in sorted order, classes by the first domain's folders;
+    at most ``limit`` images of each class in each domain."""
+    classes = sorted(p.name for p in (root / domains[0]).iterdir() if p.is_dir())
+    rows = []
+    for domain in domains:
+        for label, name in enumerate(classes):
+            files = [
+                p
+                for p in sorted((root / domain / name).iterdir())
+                if p.is_file() and not p.name.startswith(".")
+            ]
+            rows += [(domain, label, p) for p in files[:limit]]
+    return classes, rows
+
+
+def write_shards(classes, rows, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    for domain in dict.fromkeys(d for d, _, _ in rows):
+        mine = [r for r in rows if r[0] == domain]
+        for start in range(0, len(mine), PER_SHARD):
+            with tarfile.open(out / f"{domain}-{start // PER_SHARD:03d}.tar", "w") as tar:
+                for i, (_, label, path) in enumerate(mine[start : start + PER_SHARD], start):
+                    suffix = path.suffix.lower().lstrip(".")
+                    for name, blob in (
+                        (f"{i:06d}.{suffix}", path.read_bytes()),
+                        (f"{i:06d}.cls", str(label).encode()),
+                    ):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(blob)
+                        tar.addfile(info, io.BytesIO(blob))
+    return out
+
+
+def write_hf(classes, rows, out: Path) -> tuple[Path, Path]:
+    """(the Parquet dataset's folder, the save_to_disk folder)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=classes),
+            "domain": datasets.Value("string"),
+        }
+    )
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": p.read_bytes(), "path": None} for _, _, p in rows],
+            "label": [label for _, label, _ in rows],
+            "domain": [d for d, _, _ in rows],
+        },
+        features=features,
+    )
+    table.to_parquet(str(out / "parquet" / "data" / "train-00000-of-00001.parquet"))
+    by_domain = {
+        d: table.select([i for i, r in enumerate(rows) if r[0] == d])
+        for d in dict.fromkeys(d for d, _, _ in rows)
+    }
+    datasets.DatasetDict(by_domain).save_to_disk(str(out / "saved"))
+    return out / "parquet", out / "saved"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--domains", nargs="+", required=True)
+    parser.add_argument("--limit", type=int, default=None, help="images per class and domain (default: all)")
+    args = parser.parse_args()
+    classes, rows = images(args.root, args.domains, args.limit)
+    write_shards(classes, rows, args.out / "shards")
+    write_hf(classes, rows, args.out)
+    print(f"{len(rows)} images of {len(classes)} classes written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -138,6 +138,7 @@ def test_parquet_with_a_domain_column_and_saved_splits_named_train_and_test(tmp_
     assert metrics["sets"]["test split"]["n"] == 24
 
 
+@pytest.mark.slow  # a comparison of two methods: several seconds
 def test_compare_reads_shards(tmp_path, capsys):
     shards = make_shards(tmp_path / "shards")
     out = tmp_path / "cmp"

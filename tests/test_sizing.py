@@ -120,3 +120,9 @@ def test_progress_lines_name_evaluation_and_decoding_and_the_eta_counts_both(mon
     finally:
         progress.done()
     assert progress.line() is None
+
+
+def test_quick_is_refused_on_a_resume(tmp_path, capsys):
+    assert main(["finetune", "--resume", str(tmp_path / "run"), "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drop --quick" in err[0], err

@@ -220,6 +220,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from flyp.train import finetune
 
     if args.resume:
+        if args.quick:
+            raise RecipeError(
+                "--quick sizes a new run; a resumed run keeps its own settings: drop --quick"
+            )
         if args.recipe or args.out or args.data:
             raise RecipeError(
                 "--resume continues a run with its own recipe.yaml in its own folder; "

@@ -5,7 +5,7 @@ or bf16), so a resume on a machine where ``auto`` resolves otherwise is refused 
 a rerun or a report does not take runs of two precisions as one experiment; evaluating it on
 such a machine is no change to it. ``flyp report`` refuses a run whose recipe.yaml was edited
 after it was made, as ``flyp evaluate`` does. The hardware is mocked:
-``flyp.precision.native_bf16`` is what ``auto`` asks."""
+``flyp.hardware.native_bf16`` is what ``auto`` asks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import flyp.precision
+import flyp.hardware
 from flyp.cli import main
 from flyp.precision import AUTO_ENV
 from flyp.recipe import load_recipe, run_settings
@@ -30,7 +30,7 @@ def hardware(monkeypatch):
     def say(native: bool) -> None:
         monkeypatch.delenv(AUTO_ENV, raising=False)
         why = "mocked: native bf16" if native else "mocked: no bf16"
-        monkeypatch.setattr(flyp.precision, "native_bf16", lambda device: (native, why))
+        monkeypatch.setattr(flyp.hardware, "native_bf16", lambda device: (native, why))
 
     return say
 

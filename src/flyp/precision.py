@@ -22,61 +22,20 @@ suite sets it, so that its pinned numbers are the same on every machine.
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
 from dataclasses import dataclass
 
 import torch
 
-from flyp.recipe import PRECISIONS, RecipeError  # the recipe's choices; resolved here
+import flyp.hardware as hw
+from flyp.hardware import AUTO_ENV, cpu_bf16_feature, native_bf16  # noqa: F401 - as before
+from flyp.recipe import PRECISIONS  # the recipe's choices; resolved here
 from flyp.tracking import say
 
-AUTO_ENV = "FLYP_AUTO_PRECISION"
 # What bf16 costs where it is emulated (measured on an AVX2-only AMD EPYC): in the warning.
 SLOWDOWN = (
     "expect it to run about 10x slower than fp32 (on an AVX2-only EPYC a 1024² bf16 matmul ran "
     "at 0.9 GFLOP/s against 134 in fp32, and a CIFAR finetune took 814 s against 78 s)"
 )
-
-
-def _cpu_query(name: str) -> bool:
-    query = getattr(torch.cpu, name, None)  # private in torch; absent in some versions
-    return bool(query()) if query is not None else False
-
-
-def cpu_bf16_feature() -> str | None:
-    """The CPU feature that computes bf16 natively, as torch sees it ("AMX", "AVX512-BF16",
-    "Arm BF16"), or None: oneDNN then emulates bf16, far slower than fp32."""
-    if _cpu_query("_is_amx_tile_supported"):
-        return "AMX"
-    if _cpu_query("_is_avx512_bf16_supported"):
-        return "AVX512-BF16"
-    arm = platform.machine().lower() in ("arm64", "aarch64")
-    if arm and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "Arm BF16"
-    return None
-
-
-def _cuda_name(device: torch.device) -> str:
-    try:
-        return f"CUDA device {torch.cuda.get_device_name(device)!r}"
-    except (AssertionError, RuntimeError):  # no CUDA here (tests mock the capability query)
-        return f"CUDA device {device}"
-
-
-def native_bf16(device: torch.device) -> tuple[bool, str]:
-    """Whether ``device`` computes bf16 natively, and a phrase saying why (for the run's line)."""
-    if device.type == "cuda":
-        name = _cuda_name(device)
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return True, f"{name} supports bf16"
-        return False, f"{name} has no native bf16"
-    if device.type == "cpu":
-        feature = cpu_bf16_feature()
-        if feature:
-            return True, f"this CPU has native bf16 ({feature})"
-        return False, "this CPU has no native bf16 (neither AMX nor AVX512-BF16)"
-    return False, f"bf16 autocast is not used on {device.type}"
 
 
 @dataclass(frozen=True)
@@ -112,32 +71,9 @@ def resolve(asked: str, device: torch.device | str) -> Precision:
     if asked not in PRECISIONS:
         raise ValueError(f"unknown precision '{asked}'; choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    native, hardware = native_bf16(device)
-    name, forced = asked, False
-    if asked == "auto":
-        name = "bf16" if native else "fp32"
-        override = os.environ.get(AUTO_ENV)
-        if override:
-            if override not in ("fp32", "bf16"):
-                raise RecipeError(f"{AUTO_ENV}={override!r} is not fp32 or bf16; unset it or fix it")
-            name, forced = override, True
+    native, hardware = hw.native_bf16(device)
+    name, forced = hw.auto_name(native) if asked == "auto" else (asked, False)
     return Precision(asked, name, device.type, native, hardware, forced)
-
-
-def resolved_settings(train_precision: str, eval_precision: str, device: str) -> dict[str, str]:
-    """``train.precision`` and ``eval.precision`` as run settings: what each means on the device
-    ``device`` (train.device, "auto" included) picks on this machine, so that a run's stored
-    settings say fp32 or bf16, never ``auto`` (which resolves per machine). A device this
-    machine does not have (a recipe.yaml read away from its GPU) leaves the asked names, which
-    differ from any resolved run's."""
-    from flyp.distributed import pick_device
-
-    try:
-        here = pick_device(device)
-        names = [resolve(asked, here).name for asked in (train_precision, eval_precision)]
-    except (RuntimeError, AssertionError, ValueError):  # no such device here
-        names = [train_precision, eval_precision]
-    return {"train.precision": names[0], "eval.precision": names[1]}
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -680,7 +680,7 @@ def run_settings(recipe: Recipe) -> dict[str, Any]:
 
     The precisions are the ones that compute, resolved on this machine (``auto`` is bf16 on
     one and fp32 on another): a resume or a reuse elsewhere is then no longer the same run."""
-    from flyp.precision import resolved_settings  # it imports this module
+    from flyp.hardware import resolved_settings  # torch: only when a run's settings are made
 
     settings = {
         k: v

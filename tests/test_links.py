@@ -209,3 +209,29 @@ def test_a_data_root_that_loops_and_a_csv_file_that_is_a_folder_are_named(tmp_pa
     csv = ["data.benchmark=csv", "data.id_domain=a", "data.ood_domains=[]"]
     line = refused(data_args(tmp_path / "csvs", *csv), capsys)
     assert f"CSV file {tmp_path / 'csvs' / 'a.csv'} is a folder, not a CSV file" in line
+
+
+def test_the_paper_benchmarks_refuse_a_class_folder_link_to_nowhere(tmp_path):
+    """Caltech101 (and every builder reading class folders: ImageNet's shifts, ObjectNet): a
+    class folder that is a broken link is refused naming it, not left out in silence."""
+    from flyp.data.benchmarks import build_benchmark
+    from flyp.data.folders import DataError
+    from test_paper_benchmarks import _cfg, fake_caltech101
+
+    root = fake_caltech101(tmp_path)
+    os.symlink("/nowhere/zebra", root / "caltech101" / "101_ObjectCategories" / "zebra")
+    with pytest.raises(DataError, match=r"class folder .*zebra is a dangling symbolic link"):
+        build_benchmark(_cfg("caltech101", root, val_fraction=0.2, test_fraction=0.2))
+
+
+def test_the_paper_benchmarks_hand_an_image_link_to_nowhere_to_the_image_check(tmp_path):
+    """An image named like one but linking nowhere is listed (not dropped), so the image check
+    names it: refused, or skipped and counted under data.on_bad_image=skip."""
+    from flyp.data.paper import images_in
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x")
+    os.symlink("/nowhere/b.jpg", folder / "b.jpg")
+    (folder / "sub.jpg").mkdir()  # a folder named like an image is none
+    assert [p.name for p in images_in(folder)] == ["a.jpg", "b.jpg"]

@@ -257,7 +257,8 @@ def _launch(tmp_path: Path, args: list[str], out: Path, nodes: int) -> list[str]
 
 
 # Numbers that depend on the clock: everything else must agree.
-TIMING = ("train_seconds", "eval_seconds", "train_images_per_second", "seconds")
+TIMING = ("train_seconds", "eval_seconds", "train_images_per_second", "seconds",
+          "sources")  # a merge's sources: its runs' weights files by size and time  # fmt: skip
 # Temperature scaling's T, fitted by scipy's bounded minimiser on the NLL of 9 validation images:
 # where that NLL is flat, logits equal to 1e-7 give a T that differs in the 4th digit (measured:
 # 1.00512 against 1.00463, 0.39495 against 0.39520), and the ECE and NLL after scaling move with

@@ -380,7 +380,7 @@ def test_evaluate_and_wise_run_on_the_recipes_device(command, fake_pacs, tmp_pat
 
     monkeypatch.setattr(flyp.distributed, "pick_device", lambda device, local_rank=0: META)
     monkeypatch.setattr(flyp.evaluate, "evaluate_classifier", spy)
-    monkeypatch.setattr(flyp.compare, "evaluate_classifier", spy)
+    monkeypatch.setattr(flyp.compare, "evaluate_states", lambda clf, exp, states: spy(clf, exp))
     monkeypatch.setattr(flyp.compare, "load_weights", lambda *a: None)  # meta holds no values
     monkeypatch.setattr("flyp.checkpoint.load_weights", lambda *a: None)
     argv = ["evaluate", str(run)] if command == "evaluate" else ["wise", str(run), "--alphas", "0.5"]

@@ -233,7 +233,9 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def class_folders(domain_dir: Path) -> list[str]:
-    """Class folder names of one domain folder as on disk, sorted by their NFC form."""
+    """Class folder names of one domain folder as on disk, sorted by their NFC form (a class
+    folder that is a link leading nowhere is refused: :func:`account_links`)."""
+    account_links(domain_dir, None, "class folder")
     return list(subfolders(domain_dir).values())
 
 

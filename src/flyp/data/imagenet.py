@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from flyp.data.folders import DataError, Sample, require_dir
+from flyp.data.folders import DataError, Sample, account_links, require_dir
 from flyp.data.imagenet_meta import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, OBJECTNET_TO_IMAGENET
 from flyp.data.paper import images_in, labelled_folders, set_root
 from flyp.data.sets import Benchmark, finish
@@ -123,6 +123,7 @@ def read_objectnet(folder: Path) -> list[Sample]:
     class of the ObjectNet class (see ``objectnet_logits`` for the exact protocol)."""
     images = folder / "images" if (folder / "images").is_dir() else folder
     index = class_index()
+    account_links(images, None, "class folder")  # a class folder that leads nowhere: refused
     samples = []
     for name in OBJECTNET_FOLDERS:
         sub = images / name

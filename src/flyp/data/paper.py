@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from flyp.data.folders import IMAGE_SUFFIXES, DataError, Sample, nfc
+from flyp.data.folders import IMAGE_SUFFIXES, DataError, Sample, account_links, nfc
+from flyp.paths import link_fault
 from flyp.recipe import DataConfig
 
 
@@ -17,12 +18,15 @@ def images_in(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.name.startswith(".")
+        and (p.is_file() or link_fault(p))  # a link to nowhere: the image check names it
     )
 
 
 def labelled_folders(folder: Path, index: Mapping[str, int], what: str) -> list[Sample]:
     """``folder/<name>/<image>`` labelled by ``index[name]``; unknown sub-folders are an error."""
+    account_links(folder, None, "class folder")  # a class folder that leads nowhere: refused
     samples = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if nfc(sub.name) not in index:

@@ -32,6 +32,9 @@ def test_finetune_says_its_plan_an_estimate_and_progress_lines_off_a_terminal(
     data, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setattr(progress, "EVERY_S", 0.02)
+    # a fresh beat thread: one started by an earlier test sleeps up to 1 s between its looks,
+    # longer than this whole run's training
+    monkeypatch.setattr(progress, "_beat", None)
     real_step = progress.step
 
     def slow_step(k: int, n: int) -> None:  # long enough for the progress thread to speak

@@ -8,6 +8,7 @@ uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -267,10 +268,19 @@ def finish_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[flo
     """uint8 images to the model's input: ToTensor's ``float().div(255)``, then Normalize's
     ``sub(mean).div(std)``, in fp32 as torchvision does them (bitwise its output)."""
     x = images.to(torch.float32).div(255)
-    shape = (-1, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    mean_t, std_t = _pixel_constants(tuple(mean), tuple(std), x.device)
     return x.sub_(mean_t).div_(std_t)
+
+
+@functools.cache
+def _pixel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's mean and std as (3, 1, 1) fp32 tensors on ``device``, made once: no
+    host-to-device copy in a training step."""
+    shape = (-1, 1, 1)
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
+        torch.tensor(std, dtype=torch.float32, device=device).view(shape),
+    )
 
 
 class OnDevice:

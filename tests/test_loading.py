@@ -339,3 +339,31 @@ TINY_VIT = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+
+
+def test_a_training_image_is_augmented_from_its_own_seed_alone(tmp_path):
+    """The augmentation of a drawn sample is what torch.manual_seed(its seed) would give, the
+    same whatever the caller's generator holds, and leaves that generator as it was."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from flyp.data.folders import Sample
+
+    path = tmp_path / "x.png"
+    Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy()).save(path)
+    augment = transforms.Compose(
+        [transforms.RandomResizedCrop(16, scale=(0.2, 1.0)), transforms.RandomHorizontalFlip(),
+         transforms.PILToTensor()]
+    )
+    dataset = ImageDataset([Sample(str(path), 3)], augment)
+    torch.manual_seed(12345)
+    expected = augment(Image.open(path).convert("RGB"))
+    torch.manual_seed(999)
+    before = torch.get_rng_state()
+    image, label, seed = dataset[(0, 12345)]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's draws are untouched
+    assert (label, seed) == (3, 12345)
+    assert torch.equal(image, expected)
+    torch.rand(7)  # another state of the caller's generator: the same image
+    assert torch.equal(dataset[(0, 12345)][0], expected)
+    assert not torch.equal(dataset[(0, 12346)][0], expected)  # the seed does choose the crop

@@ -192,9 +192,10 @@ def test_training_on_uint8_batches_gives_the_float_paths_weights(fake_pacs, tmp_
     """The training loader's batches cross as uint8 and are finished on the device: the
     random crops draw what they drew, and the run ends with bitwise the weights of the fp32
     batches (seen failing with /254 for /255 in the finish)."""
+    from safetensors.torch import load_file
+
     import flyp.train as train_mod
     from flyp.train import finetune
-    from safetensors.torch import load_file
 
     recipe = _recipe(fake_pacs, "eval.every_epoch=false", "train.epochs=1")
     finetune(recipe, tmp_path / "uint8")

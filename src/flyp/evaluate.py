@@ -9,7 +9,6 @@ reused, and :func:`validation_score`, the number every choice is made on.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 

@@ -51,7 +51,13 @@ from flyp.checkpoint import (
     save_weights,
 )
 from flyp.data.benchmarks import absolute_roots
-from flyp.data.loader import EpochSampler, ImageDataset, finish_pixels, train_loader, uint8_transform
+from flyp.data.loader import (
+    EpochSampler,
+    ImageDataset,
+    finish_pixels,
+    train_loader,
+    uint8_transform,
+)
 from flyp.distributed import (
     DistEnv,
     average_gradients,

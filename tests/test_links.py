@@ -235,3 +235,30 @@ def test_the_paper_benchmarks_hand_an_image_link_to_nowhere_to_the_image_check(t
     os.symlink("/nowhere/b.jpg", folder / "b.jpg")
     (folder / "sub.jpg").mkdir()  # a folder named like an image is none
     assert [p.name for p in images_in(folder)] == ["a.jpg", "b.jpg"]
+
+
+@pytest.mark.parametrize("name", ["recipe.yaml", "model.safetensors", "metrics.json"])
+def test_a_run_file_that_is_a_link_to_nowhere_is_named_by_every_verb_that_reads_it(
+    name, root, tmp_path, capsys
+):
+    """Before: "RUN has no recipe.yaml, so it is not a flyp run", "is the run finished?", or
+    (report, a dangling recipe.yaml) a report made without its recipe check."""
+    run = _zeroshot_run(root, tmp_path)
+    capsys.readouterr()
+    (run / name).unlink()
+    os.symlink(f"/nowhere/{name}", run / name)
+    readers = {
+        "recipe.yaml": ["report", "export"],
+        "model.safetensors": ["predict", "export"],
+        "metrics.json": ["export"],
+    }
+    verbs = {
+        "report": ["report", str(run), "--out", str(tmp_path / "rep")],
+        "predict": ["predict", str(run), str(root / "art"), "--out", str(tmp_path / "p.csv")],
+        "export": ["export", str(run), "--format", "flyp", "--out", str(tmp_path / "ex")],
+    }
+    for verb in readers[name]:
+        line = refused(verbs[verb], capsys)
+        assert f"{run / name} is a dangling symbolic link (to /nowhere/{name}" in line, verb
+        assert "restore the file it points to" in line
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "ex").exists()

@@ -39,6 +39,7 @@ from flyp.methods import Classifier, get_method
 from flyp.models import ModelBundle, load_model
 from flyp.models.openclip import uses_quick_gelu
 from flyp.outputs import check_output, data_folders, md_cell
+from flyp.paths import broken_link
 from flyp.recipe import Recipe, load_recipe
 
 FORMATS = ("open_clip", "hf", "flyp")
@@ -114,6 +115,10 @@ def _check(run_dir: Path, fmt: str, out: Path) -> Recipe:
         raise ExportError(
             f"run directory {run_dir} does not exist; pass a folder flyp finetune wrote"
         )
+    for name in ("recipe.yaml", "model.safetensors", "metrics.json"):
+        refusal = broken_link(run_dir / name)
+        if refusal:
+            raise ExportError(refusal)
     if not (run_dir / "recipe.yaml").is_file():
         raise ExportError(f"{run_dir} has no recipe.yaml, so it is not a flyp run directory")
     for name in ("model.safetensors", "metrics.json"):

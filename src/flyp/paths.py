@@ -30,6 +30,16 @@ def link_fault(path: Path | str) -> str | None:
     return None
 
 
+def broken_link(path: Path | str) -> str | None:
+    """The refusal for a run file that is a link leading nowhere ("RUN/recipe.yaml is a
+    dangling symbolic link (to X, which does not exist); ..."), or None. Checked before a
+    missing file is taken for an unfinished run or a folder that is no run."""
+    why = link_fault(path)
+    if why is None:
+        return None
+    return f"{path} is {why}; restore the file it points to, or replace the link with the file"
+
+
 def resolved(path: Path | str) -> Path:
     """``path`` absolute with its links followed, as ``Path.resolve()``; a link loop on the way
     is an OSError ELOOP naming the path (the CLI's one line), not resolve()'s RuntimeError."""

@@ -241,12 +241,16 @@ def _weights_path(path: Path, unfinished: bool = False) -> tuple[Path, Path | No
     from flyp.errors import RunError
     from flyp.outputs import not_a_run
     from flyp.outputs import unfinished as unfinished_reason
+    from flyp.paths import broken_link
 
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist; pass a run directory or its model.safetensors"
         )
     weights, run_dir = (path / "model.safetensors", path) if path.is_dir() else (path, None)
+    refusal = broken_link(weights)
+    if refusal:
+        raise FileNotFoundError(refusal)
     if path.is_dir() and not weights.is_file():
         many = not_a_run(path)
         if many:

@@ -19,6 +19,7 @@ from flyp.checkpoint import (
     check_results,
 )
 from flyp.outputs import csv_cell, md_cell, plot_label
+from flyp.paths import broken_link
 
 # What a finished run's metrics.json must hold for a report to use it.
 RUN_KEYS = ("method", "metric", "id_name", "ood_names", "id", "ood_mean", "sets")
@@ -67,6 +68,10 @@ def _load_runs(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     runs = []
     for run_dir in map(Path, run_dirs):
         path = run_dir / "metrics.json"
+        for name in ("metrics.json", "wise.json", "recipe.yaml"):
+            refusal = broken_link(run_dir / name)
+            if refusal:
+                raise ReportError(refusal)
         if not path.exists():
             raise FileNotFoundError(f"{run_dir} has no metrics.json: is the run finished? (resume it with flyp finetune --resume {run_dir})")
         run = _read_json(path, RUN_KEYS)

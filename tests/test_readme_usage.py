@@ -229,10 +229,12 @@ def test_a_step_that_fails_leaves_readme_and_record_as_they_were(tmp_path, monke
     record = tmp_path / "readme_usage.json"
     (tmp_path / "pacs").mkdir()
     monkeypatch.setattr(usage, "README", readme)
-    monkeypatch.setattr(usage, "RECORD", record)
-    monkeypatch.setattr(usage, "STEPS", [usage.Step("echo fine"), usage.Step("exit 3")])
+    steps = [usage.Step("echo fine"), usage.Step("exit 3")]
+    walk = usage.Walk("usage", steps, "print(1)", record, usage.BEGIN, usage.END)
+    monkeypatch.setitem(usage.WALKS, "usage", walk)
     monkeypatch.setenv("FLYP_PACS_ROOT", str(tmp_path / "pacs"))
-    monkeypatch.setattr(sys, "argv", ["readme_usage.py", "--keep", str(tmp_path / "scratch")])
+    argv = ["readme_usage.py", "--walk", "usage", "--keep", str(tmp_path / "scratch")]
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stop:
         usage.main()
     assert "the README step `exit 3` ended with exit status 3, not 0" in str(stop.value)

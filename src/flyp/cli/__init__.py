@@ -4,7 +4,9 @@ One module per verb (finetune.py, evaluate.py, ...) declares that verb's options
 code that runs it: ``register(sub)`` adds its parser, whose handler is the module's ``run``.
 Here the parser is assembled from them, in the order ``flyp --help`` lists them, and ``main``
 runs one with flyp's handling of bad input, Ctrl-C, SIGTERM and a closed pipe. What the verbs
-share is in _common.py; what they ask of a run directory, in flyp.rundir.
+share is in _common.py; what they ask of a run directory, in flyp.rundir. A verb imports what
+it runs with (flyp.rundir, torch, ...) inside its ``run``: ``flyp --help`` and ``--version``
+build every parser without importing torch.
 """
 
 from __future__ import annotations

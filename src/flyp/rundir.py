@@ -5,6 +5,11 @@ ends), clearing what a run that never reached its first checkpoint wrote, the st
 (``log.jsonl``: appended per record, cut back to the checkpoint a resumed run restarts from),
 the random generators' state saved with each checkpoint, and the settings a finished or killed
 run was made with (checked before a run directory is reused or resumed).
+
+What the verbs ask of a run directory is here too: where a run goes by default, its
+recipe.yaml (or why the folder holds no run), its data folders, whether it finished, the
+recipe a resumed run continues with and the one an evaluation may use, and what a run or a
+comparison interrupted by Ctrl-C kept (with the command that continues it).
 """
 
 from __future__ import annotations
@@ -12,17 +17,30 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from flyp.checkpoint import CheckpointError, atomic_write_text, read_json
+from flyp.checkpoint import CheckpointError, atomic_write_text, load_state, read_json
 from flyp.errors import RunError
+from flyp.outputs import data_folders, unfinished
 from flyp.paths import link_fault
-from flyp.recipe import Recipe, differences, load_recipe, run_settings
+from flyp.recipe import (
+    RESUME_SETTABLE,
+    Recipe,
+    RecipeError,
+    changes,
+    differences,
+    flat,
+    load_recipe,
+    recipe_differences,
+    run_settings,
+)
 
 LOCK_NAME = ".flyp.lock"
 
@@ -195,3 +213,125 @@ def truncate_log(path: Path, step: int) -> None:
                     "delete that line to resume, or start the run again in a new run directory"
                 ) from None
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def default_run_dir(recipe_name: str, method: str, seed: int) -> Path:
+    """Where ``flyp finetune`` without --out writes a run: runs/<recipe>-<method>-s<seed>."""
+    return Path("runs") / f"{recipe_name}-{method}-s{seed}"
+
+
+def run_recipe_path(run_dir: Path, what: str) -> Path:
+    """``run_dir``/recipe.yaml, or a one-line error saying what the folder is not."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist; pass {what}")
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no recipe.yaml, so it is not a flyp run; pass {what}"
+        )
+    return path
+
+
+def run_data_folders(run_dir: Path) -> list[str]:
+    """The data folders of the run in ``run_dir`` (none when its recipe.yaml does not load: the
+    verb reading the run says why)."""
+    try:
+        return data_folders(load_recipe(run_dir / "recipe.yaml"))
+    except (RecipeError, OSError):
+        return []
+
+
+def check_finished(run_dir: Path, allowed: bool) -> None:
+    """Refuse the weights of an unfinished run, or with --unfinished warn on stderr."""
+    reason = unfinished(run_dir)
+    if reason and not allowed:
+        raise RunError(
+            f"{reason}; finish it with flyp finetune --resume {run_dir}, or pass --unfinished "
+            "to use those weights anyway"
+        )
+    if reason:
+        print(f"warning: {reason}; the numbers are not the finished run's", file=sys.stderr)
+
+
+# What evaluating a finished run (flyp evaluate, flyp wise) may change in its recipe: which OOD
+# sets and how many images are evaluated, and how (besides where the data lives, the device and
+# speed: RESUME_SETTABLE). Anything else would split, build or load another model than the one
+# trained: another data.split_seed or test_fraction tests on images the run trained on.
+EVAL_SETTABLE = ("data.ood_domains", "data.max_eval", "data.on_bad_image", "eval.")
+
+
+def check_as_trained(run_dir: Path, recipe: Recipe, verb: str) -> None:
+    """Refuse a recipe (its --set / --recipe changes, or a recipe.yaml edited by hand) that
+    reads ``run_dir`` as another run: compared with the settings the run stored when it finished
+    (its metrics.json), else with its recipe.yaml."""
+    saved, source = saved_settings(run_dir)
+    if saved is None:
+        saved = run_settings(load_recipe(run_dir / "recipe.yaml"))
+    # where the data lives and what is evaluated may differ; so may the flyp that evaluates and
+    # the machine (auto precisions are what the run resolved them to)
+    ignore = tuple(k for k in {**saved, **run_settings(recipe)} if k.startswith(EVAL_SETTABLE))
+    diff = recipe_differences(saved, recipe, ignore)
+    if diff:
+        raise RecipeError(
+            f"{verb} {run_dir} with other settings than it was trained with ({diff}), as its "
+            f"{source.name if source else 'recipe.yaml'} records them: other "
+            "splits would score images it trained on, another model or head is not this run; "
+            "drop those changes (only data.ood_domains, data.max_eval, eval.* and where the data "
+            "lives may differ)"
+        )
+
+
+def resume_recipe(run_dir: Path, overrides: list[str]) -> tuple[Recipe, list[str]]:
+    """The recipe of a killed run, with the ``--set`` overrides that leave the run the same run
+    applied; one that would change it (train.lr, data.max_train, ...) is refused by name."""
+    path = run_recipe_path(run_dir, "the run directory of a killed run")
+    saved = load_recipe(path, ["train.stop_after_steps="])
+    recipe = load_recipe(path, ["train.stop_after_steps=", *overrides])
+    changed, refused = changes(saved, recipe)
+    if refused:
+        key = refused[0]
+        before, after = flat(saved.to_dict()), flat(recipe.to_dict())
+        raise RecipeError(
+            f"--resume {run_dir} cannot change {key} ({before.get(key)!r} -> {after[key]!r}): "
+            f"the rest of the run would differ from its start; start a new run with --out, "
+            f"or change only {', '.join(RESUME_SETTABLE)}"
+        )
+    return recipe, changed
+
+
+def _command(argv: list[str]) -> str:
+    """The command line a user typed, quoted so that it can be pasted back."""
+    return shlex.join(["flyp", *argv])
+
+
+def checkpoint_step(state_path: Path) -> int | None:
+    """The step of a run's last checkpoint, or None if its state cannot be read."""
+    try:
+        return int(load_state(state_path)["step"])
+    except Exception:  # a message about an interrupted run must not fail on a bad state file
+        return None
+
+
+def kept_run(run_dir: Path) -> str:
+    """What an interrupted ``flyp finetune`` kept, and how to go on."""
+    state = run_dir / "state.pt"
+    if (run_dir / "metrics.json").is_file():
+        return f"the run had finished: its results are in {run_dir / 'metrics.json'}"
+    if not state.is_file():
+        return "nothing was kept (no checkpoint yet); start it again with the same command"
+    step = checkpoint_step(state)
+    at = f" (step {step})" if step is not None else ""
+    resume = _command(["finetune", "--resume", str(run_dir)])
+    return f"kept {shlex.quote(str(run_dir))} at its last checkpoint{at}; resume with: {resume}"
+
+
+def kept_runs(out: Path, argv: list[str]) -> str:
+    """What an interrupted ``flyp compare`` or ``flyp sweep`` kept under ``out``, and how to go
+    on: rerunning the same command reuses finished runs and resumes killed ones."""
+    finished = sorted(p.parent.name for p in out.glob("**/metrics.json"))
+    partial = sorted(p.parent.name for p in out.glob("**/state.pt"))
+    kept = f"kept {len(finished)} finished run{'s' * (len(finished) != 1)} in {out}"
+    if partial:
+        their = "its last checkpoint" if len(partial) == 1 else "their last checkpoints"
+        kept += f" and {', '.join(partial)} at {their}"
+    return f"{kept}; continue with the same command: {_command(argv)}"

@@ -248,17 +248,27 @@ def test_a_run_file_that_is_a_link_to_nowhere_is_named_by_every_verb_that_reads_
     (run / name).unlink()
     os.symlink(f"/nowhere/{name}", run / name)
     readers = {
-        "recipe.yaml": ["report", "export"],
-        "model.safetensors": ["predict", "export"],
-        "metrics.json": ["export"],
+        "recipe.yaml": ["report", "export", "evaluate", "wise"],
+        "model.safetensors": ["predict", "export", "evaluate"],
+        "metrics.json": ["report", "export", "wise"],
     }
     verbs = {
         "report": ["report", str(run), "--out", str(tmp_path / "rep")],
         "predict": ["predict", str(run), str(root / "art"), "--out", str(tmp_path / "p.csv")],
         "export": ["export", str(run), "--format", "flyp", "--out", str(tmp_path / "ex")],
+        "evaluate": ["evaluate", str(run)],
+        "wise": ["wise", str(run)],
     }
     for verb in readers[name]:
         line = refused(verbs[verb], capsys)
         assert f"{run / name} is a dangling symbolic link (to /nowhere/{name}" in line, verb
         assert "restore the file it points to" in line
     assert not (tmp_path / "rep").exists() and not (tmp_path / "ex").exists()
+
+
+def test_flyp_data_counts_its_templates_in_words(root, capsys):
+    """'1 template', not '1 templates'; and the seven of the pacs set."""
+    assert main(data_args(root, "data.templates=simple")) == 0
+    assert ", 1 template, " in capsys.readouterr().out
+    assert main(data_args(root, "data.templates=pacs")) == 0
+    assert ", 7 templates, " in capsys.readouterr().out

@@ -29,7 +29,7 @@ import torch
 from flyp.checkpoint import CheckpointError, atomic_write_text, load_state, read_json
 from flyp.errors import RunError
 from flyp.outputs import data_folders, unfinished
-from flyp.paths import link_fault
+from flyp.paths import broken_link, link_fault
 from flyp.recipe import (
     RESUME_SETTABLE,
     Recipe,
@@ -225,6 +225,9 @@ def run_recipe_path(run_dir: Path, what: str) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} does not exist; pass {what}")
     path = run_dir / "recipe.yaml"
+    refusal = broken_link(path)
+    if refusal:
+        raise FileNotFoundError(refusal)
     if not path.is_file():
         raise FileNotFoundError(
             f"{run_dir} has no recipe.yaml, so it is not a flyp run; pass {what}"

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         for name in bench.ood_names
     ]
     print(for_terminal(
-        f"benchmark {bench.name}: {total} classes, {len(bench.templates)} templates, "
+        f"benchmark {bench.name}: {total} classes, {len(bench.templates)} template{'s' * (len(bench.templates) != 1)}, "
         f"metric {bench.metric}; ID {bench.id_name}, OOD {', '.join(ood) or 'none'}"
     ))
     sets = {"train": bench.train, **bench.eval_sets()}

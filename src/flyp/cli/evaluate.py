@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from flyp.experiment import prepare
     from flyp.methods import LossContext, build_classifier, get_method
     from flyp.outputs import check_output, not_a_run
+    from flyp.paths import broken_link
     from flyp.recipe import RecipeError, check_device
     from flyp.rundir import check_as_trained, check_finished, run_recipe_path
 
@@ -53,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
             else run_recipe_path(target, "a run directory or a .safetensors file")
         )
         weights = target / "model.safetensors"
+        refusal = broken_link(weights)
+        if refusal:
+            raise FileNotFoundError(refusal)
         if not weights.is_file():
             raise FileNotFoundError(
                 f"{target} has no model.safetensors: is the run finished? "

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         for d in dirs
         for r in (
             [d]
-            if (d / "metrics.json").exists()
+            if (d / "metrics.json").exists() or (d / "metrics.json").is_symlink()
             else sorted(
                 p.parent
                 for p in d.glob("**/metrics.json")

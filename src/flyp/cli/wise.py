@@ -40,11 +40,15 @@ def run(args: argparse.Namespace) -> int:
 
     from flyp.compare import wise_sweep
     from flyp.experiment import prepare
+    from flyp.paths import broken_link
     from flyp.recipe import RecipeError, check_device
     from flyp.rundir import check_as_trained, run_recipe_path
 
     run_dir = Path(args.run_dir)
     recipe = load_recipe(run_recipe_path(run_dir, "a finished run directory"), args.set)
+    refusal = broken_link(run_dir / "metrics.json")
+    if refusal:
+        raise FileNotFoundError(refusal)
     if not (run_dir / "metrics.json").is_file():
         raise FileNotFoundError(
             f"{run_dir} has no metrics.json: is the run finished? "

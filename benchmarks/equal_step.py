@@ -10,7 +10,8 @@ which a neighbour's load changes far less than the wall clock):
   own parts: `model(images, texts)`, `open_clip.ClipLoss`, AdamW with its parameter groups
   (no weight decay on gains, biases, the scale), zero_grad, backward, step, the scale clamp.
   flyp's is `flyp.train`'s: `flyp.gradcache.forward_backward` with method `flyp`, AdamW over
-  `flyp.train.param_groups`, a cosine scheduler step and the scale clamp. First the gradients of
+  `flyp.train.param_groups` fused as flyp runs it (`train.fused_optimizer`, on by default; the
+  same update), a cosine scheduler step and the scale clamp. First the gradients of
   one step of each are compared (they should agree to float rounding);
 - **data**: one batch of PACS photo from disk, decoded and augmented with the model's training
   transform, no workers: flyp's `ImageDataset` + `EpochSampler` loader (per-sample augmentation
@@ -103,7 +104,9 @@ def build(args: argparse.Namespace):
     ctx = LossContext(bundle.tokenizer, class_names, ["a photo of a {}."], unique_captions=False)
     ctx.caption_table()
     cfg = TrainConfig(precision="fp32")
-    f_opt = torch.optim.AdamW(param_groups(classifier, cfg), lr=1e-5)
+    # flyp.train's optimizer: fused AdamW (train.fused_optimizer, on by default): the same
+    # update as torch's per-tensor loop in one kernel
+    f_opt = torch.optim.AdamW(param_groups(classifier, cfg), lr=1e-5, fused=cfg.fused_optimizer)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(f_opt, T_max=10_000)
     method = get_method("flyp")
     steps = [0]

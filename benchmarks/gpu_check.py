@@ -129,10 +129,12 @@ def flyp_path(
     captions: str, compiled: bool,
 ) -> dict:  # fmt: skip
     """flyp's FLYP step: captions from the labels, forward + contrastive loss + backward through
-    flyp.gradcache.forward_backward (one chunk here), then AdamW."""
+    flyp.gradcache.forward_backward (one chunk here), then flyp's fused AdamW."""
     from flyp.gradcache import forward_backward
     from flyp.methods import Classifier, LossContext, get_method
     from flyp.models import load_model
+    from flyp.recipe import TrainConfig
+    from flyp.train import param_groups
 
     torch.manual_seed(0)
     bundle = load_model(f"open_clip:{args.model}", context_length=context_length)
@@ -142,7 +144,12 @@ def flyp_path(
         (IMAGENET_CLASSES, IMAGENET_TEMPLATES) if captions == "imagenet" else (CLASSES, TEMPLATES)
     )
     ctx = LossContext(bundle.tokenizer, class_names, templates, unique_captions=unique)
-    optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=1e-5, weight_decay=0.1)
+    # flyp.train's optimizer: its parameter groups, AdamW fused into one kernel
+    # (train.fused_optimizer, on by default: the same update as the per-tensor loop)
+    cfg = TrainConfig()
+    optimizer = torch.optim.AdamW(
+        param_groups(classifier, cfg), lr=1e-5, fused=cfg.fused_optimizer
+    )
     images, _ = batch_data(args, device, bundle.image_size)  # labels on the host, as flyp's
     labels = torch.randint(0, len(class_names), (args.batch,))  # loader gives them
     seeds = torch.randint(0, 2**62, (args.batch,))  # each sample's template

@@ -14,7 +14,9 @@ apart and pass the folder: --extra-path /tmp/octrain_deps (pip install --target 
 The rows, each an alternating run per round:
 - "flyp equal work": open_clip's work and settings: every caption encoded (no deduplication),
   fp32, the full 77-token text context, no workers, no gradient clipping (open_clip_train's
-  default); the headline ratio. Every flyp row uses the layout flyp.train does (channels_last for
+  default); the headline ratio. flyp's step is as flyp.train runs it on a CPU in fp32: AdamW
+  fused into one kernel (`train.fused_optimizer`, on by default: the same update) and glibc
+  keeping freed memory, as in every flyp row. Every flyp row uses the layout flyp.train does (channels_last for
   convolutional towers only); the other rows clip gradients at 1.0, flyp's default.
 - "flyp dedup PACS": as equal work, but each distinct caption of a batch encoded once
   (train.unique_captions, flyp's default): on PACS (7 classes, one template) a batch of 32 holds
@@ -95,11 +97,13 @@ def flyp_child(args: argparse.Namespace) -> None:
     ctx.caption_table()  # every caption tokenized once, before the first step (as flyp.train)
     classifier = Classifier(model)
     cfg = TrainConfig(precision=args.precision)
-    recommended = args.precision == "bf16"  # flyp's CPU speed settings (flyp.train does these)
-    if recommended:
+    # What flyp.train does on every CPU run, whatever the precision: AdamW fused into one kernel
+    # (train.fused_optimizer, the same update as torch's loop) and glibc keeping freed memory.
+    # Neither changes the work; bf16's per-operator tuning comes with bf16 only.
+    keep_freed_memory()
+    if args.precision == "bf16":
         tune_cpu_bf16(model)
-        keep_freed_memory()
-    optimizer = torch.optim.AdamW(param_groups(classifier, cfg), lr=1e-5, fused=recommended or None)
+    optimizer = torch.optim.AdamW(param_groups(classifier, cfg), lr=1e-5, fused=cfg.fused_optimizer)
     classifier.train()
     freeze_batchnorm_stats(classifier)
     dataset = ImageDataset(samples, bundle.train_transform)
@@ -202,7 +206,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--full-text", action="store_true")
     parser.add_argument("--unique", type=int, default=1, help="child: deduplicate captions")
-    parser.add_argument("--clip", type=int, default=1, help="child: clip gradients (flyp's default)")
+    parser.add_argument(
+        "--clip", type=int, default=1, help="child: clip gradients (flyp's default)"
+    )
     parser.add_argument("--captions", default="pacs", choices=["pacs", "imagenet"])
     parser.add_argument("--extra-path", default=os.environ.get("OPEN_CLIP_TRAIN_DEPS", ""))
     args = parser.parse_args()

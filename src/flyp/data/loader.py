@@ -48,13 +48,19 @@ class ImageDataset(Dataset):
             image = load_rgb(sample.path)
         if self.preprocess is not None:
             image = self.preprocess(image)
-        if seed is None:
-            return self.transform(image), sample.label, -1
-        # torchvision's augmentations draw from torch's global generator: seed it for this
-        # sample only, leaving the caller's generator as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), sample.label, seed
+        return seeded(self.transform, image, sample.label, seed)
+
+
+def seeded(transform: Callable, image: Image.Image, label: int, seed: int | None):
+    """(``transform(image)``, label, seed): the transform's random draws made from ``seed``
+    (-1 and unseeded for None), so a sample looks the same in every run that draws it."""
+    if seed is None:
+        return transform(image), label, -1
+    # torchvision's augmentations draw from torch's global generator: seed it for this
+    # sample only, leaving the caller's generator as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image), label, seed
 
 
 class EpochSampler(Sampler):

@@ -16,6 +16,7 @@ an image's bytes; images are read by offset when drawn (:mod:`flyp.data.records`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -149,7 +150,8 @@ def index_shard(shard: str, labels: bool = True) -> list[tuple[str, str, object]
     return out
 
 
-def _class_names(cfg: DataConfig, shards: list[str], id_labels: list) -> list[str]:
+def named_classes(cfg: DataConfig, shards: list[str]) -> list[str] | None:
+    """The class names of data.classes_file, else of classes.txt beside the shards, else None."""
     from flyp.data.hf import class_names_file
 
     if cfg.classes_file:
@@ -157,6 +159,14 @@ def _class_names(cfg: DataConfig, shards: list[str], id_labels: list) -> list[st
     beside = Path(shards[0]).parent / "classes.txt"
     if beside.is_file():
         return class_names_file(str(beside))
+    return None
+
+
+def _class_names(cfg: DataConfig, shards: list[str], id_labels: list) -> list[str]:
+    names = named_classes(cfg, shards)
+    if names is not None:
+        return names
+    beside = Path(shards[0]).parent / "classes.txt"
     if all(isinstance(v, str) for v in id_labels):
         return sorted(set(id_labels))
     raise DataError(
@@ -179,28 +189,44 @@ def build_wds(cfg: DataConfig):
                 f"found: {', '.join(found)} (a domain is the name before a shard's number); fix "
                 "data.id_domain / data.ood_domains"
             )
+    if cfg.stream:  # the training shards are read as the run trains, never indexed
+        from flyp.data.stream import build_streamed
+
+        return build_streamed(cfg, found)
     indexed = {d: [s for shard in found[d] for s in index_shard(shard)] for d in wanted}
     all_shards = [shard for d in wanted for shard in found[d]]
     classes = _class_names(cfg, all_shards, [s[2] for s in indexed[cfg.id_domain]])
-    index = {c: i for i, c in enumerate(classes)}
-    domains: dict[str, list[Sample]] = {}
-    for d, samples in indexed.items():
-        domains[d] = []
-        for key, image, label in samples:
-            if isinstance(label, str):
-                if label not in index:
-                    raise DataError(
-                        f"sample '{key}' ({container_name(image)}) has label '{label}', no class "
-                        f"of {cfg.id_domain}{near_hint(label, classes)}; fix the label"
-                    )
-                label = index[label]
-            if not 0 <= int(label) < len(classes):
-                raise DataError(
-                    f"sample '{key}' ({container_name(image)}) has class index {label}, outside "
-                    f"0..{len(classes) - 1} of the {len(classes)} class names; fix it or the names"
-                )
-            domains[d].append(Sample(image, int(label)))
+    domains = {
+        d: [
+            Sample(image, class_index(label, key, container_name(image), classes, cfg.id_domain))
+            for key, image, label in samples
+        ]
+        for d, samples in indexed.items()
+    }
     return assemble(cfg, "wds", classes, tpl.SIMPLE, domains)
+
+
+def class_index(label, key: str, where: str, classes: list[str], id_domain: str) -> int:
+    """A sample's label (a class index, or one of the names ``classes``) as a checked index."""
+    if isinstance(label, str):
+        index = _index_of(tuple(classes))
+        if label not in index:
+            raise DataError(
+                f"sample '{key}' ({where}) has label '{label}', no class "
+                f"of {id_domain}{near_hint(label, classes)}; fix the label"
+            )
+        label = index[label]
+    if not 0 <= int(label) < len(classes):
+        raise DataError(
+            f"sample '{key}' ({where}) has class index {label}, outside "
+            f"0..{len(classes) - 1} of the {len(classes)} class names; fix it or the names"
+        )
+    return int(label)
+
+
+@functools.lru_cache(maxsize=8)
+def _index_of(classes: tuple[str, ...]) -> dict[str, int]:
+    return {c: i for i, c in enumerate(classes)}
 
 
 def container_name(record: str) -> str:

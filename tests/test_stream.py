@@ -89,6 +89,8 @@ def test_the_stream_is_fixed_by_the_seed_and_each_rank_opens_only_its_own_shards
     assert [(y, s) for _, y, s in resumed] == [(y, s) for _, y, s in first[0]][2:]
     with pytest.raises(RunError, match="5 shards cannot serve 6 processes"):
         stream_loader(ShardStream(spec, to_tensor, 0, 1, 0, 6), 0, "cpu")
+    with pytest.raises(RunError, match="resume it with 1 "):  # another world, another stream
+        stream_loader(ranks(2)[0], 0, "cpu", saved={"world": 1, "lanes": 1})
 
 
 def test_the_training_shards_are_never_indexed(shards, monkeypatch):
@@ -114,7 +116,8 @@ def test_a_streamed_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(sh
     # step 4: epoch 2's step 1 of 3, an odd step with 2 lanes (the lanes turn at a resume)
     assert main([*base, "--set", "train.stop_after_steps=4", "--out", str(killed)]) == 0
     assert not (killed / "metrics.json").exists()
-    assert main(["finetune", "--resume", str(killed)]) == 0
+    # resumed with other workers: the stream keeps the 2 lanes it started with
+    assert main(["finetune", "--resume", str(killed), "--set", "data.num_workers=0"]) == 0
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert main(["data", "--data", str(shards), *STREAM]) == 0

@@ -164,8 +164,8 @@ def test_under_two_processes_each_rank_reads_its_own_shards(shards, tmp_path):
     "setup, extra, fragment",
     [
         ("folders", ["--set", "data.benchmark=folders"], "data.stream streams WebDataset shards"),
-        ("ok", ["--set", "data.max_train=4"], "drop data.max_train"),
-        ("ok", ["--set", "train.method=lp"], "use data.stream: false for it"),
+        ("ok", ["--set", "data.max_train=4"], "set data.max_train=null"),
+        ("ok", ["--set", "train.method=lp"], "leave lp out (train.method, --methods)"),
         ("no-sizes", [], "or set data.train_samples"),
         ("no-classes", [], "or set data.classes_file"),
         ("few-shards", [], "write it as more shards (at least 3)"),

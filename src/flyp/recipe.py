@@ -472,15 +472,16 @@ def check_stream(data: DataConfig, method: str) -> None:
     for key in ("max_train", "k_shot"):
         if getattr(data, key) is not None:
             raise RecipeError(
-                f"data.{key} subsamples an indexed training set, and data.stream never indexes "
-                f"it; drop data.{key} (data.train_samples sets an epoch's length), or set "
+                f"data.{key}={getattr(data, key)} subsamples an indexed training set, and "
+                f"data.stream never indexes it; set data.{key}=null (--quick sets "
+                "data.max_train) and size an epoch with data.train_samples, or set "
                 "data.stream: false"
             )
     if method in NEEDS_INDEXED_TRAIN:
         raise RecipeError(
-            f"train.method={method} fits its probe on the features of every training image, "
-            "and data.stream never indexes them; use data.stream: false for it, or a method "
-            "that trains by steps (ft, flyp, ...)"
+            f"method {method} fits its probe on the features of every training image, and "
+            f"data.stream never indexes them; leave {method} out (train.method, --methods), "
+            "or set data.stream: false"
         )
 
 

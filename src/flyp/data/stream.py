@@ -216,7 +216,7 @@ def read_shard(shard: str, classes: tuple[str, ...], id_domain: str) -> Iterator
 
 def _open_tar(shard: str) -> tarfile.TarFile:
     """A shard opened for one sequential pass (the one place the stream opens a shard)."""
-    return tarfile.open(shard, "r|")
+    return tarfile.open(shard, "r|", bufsize=1 << 20)  # read in 1 MiB pieces, not 10 kB
 
 
 FIX_BAD = "remove or replace it (a streamed training image is never skipped)"

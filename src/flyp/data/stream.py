@@ -176,8 +176,8 @@ Item = tuple[str, bytes, int]
 
 
 def read_shard(shard: str, classes: tuple[str, ...], id_domain: str) -> Iterator[Item]:
-    """The samples of one shard in tar order, read in one pass (tarfile's stream mode): the
-    members sharing a key (WebDataset's rule), one image and its label (.cls, .txt or .json)."""
+    """The samples of one shard in tar order, read in one forward pass: the consecutive members
+    sharing a key (WebDataset's rule), one image and its label (.cls, .txt or .json)."""
     key = image = label = None
     rank = len(LABEL_EXTENSIONS)
 
@@ -215,8 +215,10 @@ def read_shard(shard: str, classes: tuple[str, ...], id_domain: str) -> Iterator
 
 
 def _open_tar(shard: str) -> tarfile.TarFile:
-    """A shard opened for one sequential pass (the one place the stream opens a shard)."""
-    return tarfile.open(shard, "r|", bufsize=1 << 20)  # read in 1 MiB pieces, not 10 kB
+    """A shard opened for one forward pass (the one place the stream opens a shard). Read as a
+    file, not in tarfile's pipe mode ("r|"), which parsed each sample 2.5x slower (~150 against
+    ~60 us) through its own buffering; the reads are the same, in order."""
+    return tarfile.open(shard, "r:")
 
 
 FIX_BAD = "remove or replace it (a streamed training image is never skipped)"

@@ -191,3 +191,12 @@ def test_a_stream_given_its_length_needs_no_sizes_json(tmp_path, capsys):
     root = stream_shards(tmp_path / "s", sizes=False)
     assert main(["data", "--data", str(root), *STREAM, "--set", "data.train_samples=12"]) == 0
     assert "(12 samples per data.train_samples)" in capsys.readouterr().out
+
+
+def test_a_comparison_with_a_probe_method_is_refused_before_any_run(shards, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--data", str(shards), *STREAM, "--model", "tiny", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    # the --data notice, then the refusal in one line
+    assert rc == 2 and "method lp fits its probe" in err[-1] and "--data without" in err[0], err
+    assert not out.exists()

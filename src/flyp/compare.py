@@ -53,7 +53,6 @@ from flyp.recipe import (
     RecipeError,
     check_device,
     check_seed,
-    check_stream,
     fingerprint,
     load_recipe,
     run_settings,
@@ -385,7 +384,6 @@ def check_request(
     nothing to merge (one seed, or no method that trains)."""
     for name in methods:
         get_method(name)  # unknown names fail before any training
-        check_stream(recipe.data, name)  # lp with data.stream: before the first run
     for seed in seeds:
         check_seed(seed, "--seeds")
     check_device(recipe.train.device)

@@ -51,17 +51,26 @@ class ImageDataset(Dataset):
         return seeded(self.transform, image, sample.label, seed)
 
 
-def seeded(transform: Callable, image: Image.Image, label: int, seed: int | None):
+def seeded(
+    transform: Callable, image: Image.Image, label: int, seed: int | None, cpu_only: bool = False
+):
     """(``transform(image)``, label, seed): the transform's random draws made from ``seed``
-    (-1 and unseeded for None), so a sample looks the same in every run that draws it."""
+    (-1 and unseeded for None), so a sample looks the same in every run that draws it.
+
+    ``cpu_only``: seed only the CPU generator, which torchvision's augmentations draw from
+    (the same draws). torch.manual_seed also seeds every accelerator's generator (lazily,
+    recording a traceback each time: 0.1-1 ms a sample), which the indexed loader keeps doing
+    so that its runs' numbers stay as they were: with no loader workers on a GPU, that seeding
+    also sets the CUDA generator that dropout draws from after the batch."""
     if seed is None:
         return transform(image), label, -1
-    # torchvision's augmentations draw from torch's global CPU generator: seed it for this
-    # sample only, leaving the caller's generator as it was. (torch.manual_seed would also
-    # queue a seeding of every lazy accelerator, recording a traceback each time: ~0.1-1 ms
-    # a sample; the CPU generator's draws are the same.)
+    # torchvision's augmentations draw from torch's global generator: seed it for this
+    # sample only, leaving the caller's CPU generator as it was.
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+        if cpu_only:
+            torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
         return transform(image), label, seed
 
 

@@ -312,7 +312,7 @@ class ShardStream(IterableDataset):
                 raise DataError(
                     f"cannot read image {where} ({type(err).__name__}: {err}); {FIX_BAD}"
                 ) from err
-            yield seeded(self.transform, image, label, seed)
+            yield seeded(self.transform, image, label, seed, cpu_only=True)
 
 
 def stream_loader(

@@ -11,7 +11,9 @@ names (sorted, as the ID domain uses them).
 
 Needs the ``wds`` extra (``pip install 'flyp[wds]'``: ``webdataset``, whose brace expansion this
 uses), imported only here. Indexing reads every tar header and the small label members, never
-an image's bytes; images are read by offset when drawn (:mod:`flyp.data.records`).
+an image's bytes; images are read by offset when drawn (:mod:`flyp.data.records`). With
+``data.stream`` the ID domain's training shards are not indexed but read in sequence as the run
+trains (:mod:`flyp.data.stream`).
 """
 
 from __future__ import annotations

@@ -367,7 +367,7 @@ def _train(
     # One loader for the whole run: its workers persist across epochs (the sampler is told each
     # epoch's order); batches pinned for a GPU, copied with non_blocking.
     local_batch = cfg.batch_size // env.world  # batch_size is the global batch
-    if isinstance(run.dataset, ShardStream):  # the stream is its own sampler: set_epoch
+    if isinstance(run.dataset, ShardStream):  # its own sampler (set_epoch); workers per epoch
         sampler = run.dataset
         loader, run.stream_layout = stream_loader(
             sampler, exp.recipe.data.num_workers, env.device, run.stream_layout

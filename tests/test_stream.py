@@ -66,13 +66,14 @@ def test_the_stream_is_fixed_by_the_seed_and_each_rank_opens_only_its_own_shards
     assert len(spec.shards) == 5 and spec.samples == 15  # 8 shards less 1 validation, 2 test
     to_tensor = __import__("torchvision").transforms.PILToTensor()
 
-    def ranks(world: int) -> list[ShardStream]:
+    def ranks(world: int, spec=spec) -> list[ShardStream]:
         return [ShardStream(spec, to_tensor, 0, 2, r, world, buffer=4) for r in range(world)]
 
     opened = _opened(monkeypatch)
     first = [_epoch(s, 1) for s in ranks(2)]
     per_rank = []
-    for rank, stream in enumerate(ranks(2)):  # a second build: the same stream
+    again = build_benchmark(load_recipe(None, _overrides(shards)).data).stream
+    for rank, stream in enumerate(ranks(2, again)):  # a second build: the same stream
         del opened[:]
         samples = _epoch(stream, 1)
         per_rank.append(set(opened))

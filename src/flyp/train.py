@@ -51,7 +51,13 @@ from flyp.checkpoint import (
     save_weights,
 )
 from flyp.data.benchmarks import absolute_roots
-from flyp.data.loader import EpochSampler, ImageDataset, finish_pixels, train_loader, uint8_transform
+from flyp.data.loader import (
+    EpochSampler,
+    ImageDataset,
+    finish_pixels,
+    train_loader,
+    uint8_transform,
+)
 from flyp.data.stream import ShardStream, stream_loader
 from flyp.distributed import (
     DistEnv,

@@ -220,7 +220,7 @@ BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {
     "folders": build_folders,
     "csv": build_csv,
     "hf": lazy_builder("flyp.data.hf", "build_hf"),
-    "wds": lazy_builder("flyp.data.shards", "build_wds"),
+    "wds": lazy_builder("flyp.data.stream", "build_shards"),  # indexed, or data.stream
     "imagenet": lazy_builder("flyp.data.imagenet", "build_imagenet"),
     "iwildcam": lazy_builder("flyp.data.wilds", "build_iwildcam"),
     "fmow": lazy_builder("flyp.data.wilds", "build_fmow"),

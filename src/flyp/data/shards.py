@@ -177,9 +177,8 @@ def _class_names(cfg: DataConfig, shards: list[str], id_labels: list) -> list[st
     )
 
 
-def build_wds(cfg: DataConfig):
-    from flyp.data.benchmarks import assemble
-
+def found_domains(cfg: DataConfig) -> dict[str, list[str]]:
+    """{domain: its shards} of data.root, each domain the recipe names checked to be there."""
     if cfg.root is None:
         raise DataError("data.root is not set; point it at .tar shards (a folder or a pattern)")
     found = domains_of(cfg.root)
@@ -191,10 +190,15 @@ def build_wds(cfg: DataConfig):
                 f"found: {', '.join(found)} (a domain is the name before a shard's number); fix "
                 "data.id_domain / data.ood_domains"
             )
-    if cfg.stream:  # the training shards are read as the run trains, never indexed
-        from flyp.data.stream import build_streamed
+    return found
 
-        return build_streamed(cfg, found)
+
+def build_wds(cfg: DataConfig):
+    """Every shard indexed (data.stream: flyp.data.stream.build_shards instead)."""
+    from flyp.data.benchmarks import assemble
+
+    found = found_domains(cfg)
+    wanted = list(dict.fromkeys([cfg.id_domain, *cfg.ood_domains]))
     indexed = {d: [s for shard in found[d] for s in index_shard(shard)] for d in wanted}
     all_shards = [shard for d in wanted for shard in found[d]]
     classes = _class_names(cfg, all_shards, [s[2] for s in indexed[cfg.id_domain]])

@@ -45,8 +45,10 @@ from flyp.data.shards import (
     LABEL_EXTENSIONS,
     _label,
     _split,
+    build_wds,
     class_index,
     container_name,
+    found_domains,
     index_shard,
     named_classes,
 )
@@ -138,6 +140,12 @@ def epoch_samples(cfg: DataConfig, train: list[str]) -> tuple[int, str]:
             )
         total += sizes[Path(shard).name]
     return total, SIZES
+
+
+def build_shards(cfg: DataConfig):
+    """``data.benchmark: wds``: every shard indexed (flyp.data.shards), or with data.stream the
+    training shards streamed."""
+    return build_streamed(cfg, found_domains(cfg)) if cfg.stream else build_wds(cfg)
 
 
 def build_streamed(cfg: DataConfig, found: dict[str, list[str]]):

@@ -201,3 +201,17 @@ def test_a_comparison_with_a_probe_method_is_refused_before_any_run(shards, tmp_
     # the --data notice, then the refusal in one line
     assert rc == 2 and "method lp fits its probe" in err[-1] and "--data without" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("label", ["txt", "json"])
+def test_a_shard_read_in_sequence_gives_the_labels_its_index_gives(label, tmp_path):
+    from flyp.data.shards import index_shard
+    from flyp.data.stream import read_shard
+    from test_record_data import CLASSES
+
+    root = stream_shards(tmp_path / "s", label=label)
+    for shard in sorted(map(str, root.glob("clean-*.tar"))):
+        streamed = [(where.rsplit(" ", 1)[-1], y) for where, _, y in read_shard(shard, tuple(CLASSES), "clean")]
+        indexed = [(key, CLASSES.index(y)) for key, _, y in index_shard(shard)]
+        assert [y for _, y in streamed] == [y for _, y in indexed] and len(streamed) == 3
+        assert [w.split(".")[0] for w, _ in streamed] == [k for k, _ in indexed]

@@ -33,14 +33,25 @@ def images(root: Path, domains: list[str], limit: int | None = None):
     return classes, rows
 
 
-def write_shards(classes, rows, out: Path) -> Path:
+def write_shards(classes, rows, out: Path, per_shard: int = PER_SHARD, shuffle: bool = False) -> Path:
+    """<domain>-000.tar, ... of ``per_shard`` samples, classes.txt, and sizes.json (each shard's
+    sample count, WebDataset's convention, which data.stream reads). ``shuffle``: the samples
+    in a seeded order, so that every shard holds every class (as a dataset's writer shuffles)."""
+    import json
+    import random
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    sizes = {}
     for domain in dict.fromkeys(d for d, _, _ in rows):
         mine = [r for r in rows if r[0] == domain]
-        for start in range(0, len(mine), PER_SHARD):
-            with tarfile.open(out / f"{domain}-{start // PER_SHARD:03d}.tar", "w") as tar:
-                for i, (_, label, path) in enumerate(mine[start : start + PER_SHARD], start):
+        if shuffle:
+            random.Random(0).shuffle(mine)
+        for start in range(0, len(mine), per_shard):
+            name = f"{domain}-{start // per_shard:03d}.tar"
+            sizes[name] = len(mine[start : start + per_shard])
+            with tarfile.open(out / name, "w") as tar:
+                for i, (_, label, path) in enumerate(mine[start : start + per_shard], start):
                     suffix = path.suffix.lower().lstrip(".")
                     for name, blob in (
                         (f"{i:06d}.{suffix}", path.read_bytes()),
@@ -49,6 +60,7 @@ def write_shards(classes, rows, out: Path) -> Path:
                         info = tarfile.TarInfo(name)
                         info.size = len(blob)
                         tar.addfile(info, io.BytesIO(blob))
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
     return out
 
 
@@ -87,9 +99,11 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--domains", nargs="+", required=True)
     parser.add_argument("--limit", type=int, default=None, help="images per class and domain (default: all)")
+    parser.add_argument("--per-shard", type=int, default=PER_SHARD, help=f"samples a shard (default {PER_SHARD})")
+    parser.add_argument("--shuffle", action="store_true", help="shards in a seeded order: every class in each")
     args = parser.parse_args()
     classes, rows = images(args.root, args.domains, args.limit)
-    write_shards(classes, rows, args.out / "shards")
+    write_shards(classes, rows, args.out / "shards", args.per_shard, args.shuffle)
     write_hf(classes, rows, args.out)
     print(f"{len(rows)} images of {len(classes)} classes written to {args.out}")
 

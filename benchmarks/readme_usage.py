@@ -15,7 +15,8 @@ walkthrough cannot change without rerunning this::
 
 A second walkthrough, OWN_STEPS, is a new user's own data as it ships: PACS photo and sketch
 written as a Parquet dataset and as WebDataset shards, checked, compared with `--quick` over three
-seeds (about ten minutes on 2 quiet cores: the timed `--quick`), and predicted from a shard. Its
+seeds (about ten minutes on 2 quiet cores: the timed `--quick`), FLYP trained on the shards
+streamed (`data.stream`), and predicted from a shard. Its
 progress lines are kept with their times of day: they are what a piped log shows (the plan, the
 estimate, step k/N with its ETA). Its record is docs/readme_own_data.json, between its own
 markers in the README's "Your data as a Hugging Face dataset or WebDataset shards"::
@@ -82,13 +83,21 @@ STEPS = [
 
 OWN_DATA = "mypacs"
 OWN_STEPS = [
-    Step(f"python benchmarks/make_record_data.py {PACS} {OWN_DATA} --domains photo sketch"),
-    Step(f"ls {OWN_DATA} {OWN_DATA}/parquet/data {OWN_DATA}/shards"),
+    Step(
+        f"python benchmarks/make_record_data.py {PACS} {OWN_DATA} --domains photo sketch \\\n"
+        "    --per-shard 100 --shuffle"
+    ),
+    Step(f"ls {OWN_DATA} {OWN_DATA}/parquet/data && head -c 120 {OWN_DATA}/shards/sizes.json"),
     Step(f"flyp data --data {OWN_DATA}/shards --id-domain photo"),
     Step(f"flyp data --data {OWN_DATA}/parquet --set data.domain_column=domain --id-domain photo"),
     Step(
         f"flyp compare --data {OWN_DATA}/parquet --set data.domain_column=domain --id-domain photo \\\n"
         "    --quick --seeds 0 1 2 --out runs/mypacs"
+    ),
+    Step(
+        f"flyp finetune --data {OWN_DATA}/shards --id-domain photo --set data.stream=true \\\n"
+        "    --set model.image_size=128 --set train.epochs=2 --set data.max_eval=300 "
+        "--out runs/streamed"
     ),
     Step(
         f"flyp predict runs/mypacs/flyp-s0 {OWN_DATA}/shards/sketch-000.tar --top-k 2 \\\n"

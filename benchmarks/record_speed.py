@@ -1,7 +1,9 @@
 """Images/s of the same images read from folders, WebDataset shards, Parquet and a save_to_disk
 folder (flyp.data.records), as flyp reads them: the index (building the benchmark, image check
 left out), then every image decoded to RGB, in the evaluation's order (sorted) and in a
-training epoch's order (shuffled), one process.
+training epoch's order (shuffled), one process. "wds stream" is data.stream: the training
+shards read in sequence through the shuffle buffer (flyp.data.stream), decoded as they come;
+its index is the held-out validation and test shards only.
 
     .venv/bin/python benchmarks/record_speed.py [--limit N] [--rounds R]
 
@@ -34,12 +36,13 @@ def build(root: Path, limit: int | None, scratch: Path) -> dict[str, list[str]]:
         target = folder / classes[label] / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(path.read_bytes())
-    shards = write_shards(classes, rows, scratch / "shards")
+    shards = write_shards(classes, rows, scratch / "shards", per_shard=100, shuffle=True)
     parquet, saved = write_hf(classes, rows, scratch)
     common = ["data.id_domain=photo", "data.ood_domains=[]"]
     return {
         "folders": ["data.benchmark=folders", f"data.root={scratch / 'folders'}", *common],
         "wds shards": ["data.benchmark=wds", f"data.root={shards}", *common],
+        "wds stream": ["data.benchmark=wds", f"data.root={shards}", "data.stream=true", *common],
         "parquet": ["data.benchmark=hf", f"data.root={parquet}", "data.domain_column=domain", *common],
         "save_to_disk": ["data.benchmark=hf", f"data.root={saved}", *common],
     }
@@ -49,6 +52,7 @@ def measure(overrides: list[str]) -> dict[str, float]:
     import flyp.data.sets as sets
     from flyp.data import build_benchmark
     from flyp.data.folders import load_rgb
+    from flyp.data.stream import ShardStream
     from flyp.recipe import load_recipe
 
     check = sets.check_samples
@@ -59,6 +63,12 @@ def measure(overrides: list[str]) -> dict[str, float]:
         index = time.perf_counter() - tick
     finally:
         sets.check_samples = check
+    if bench.stream is not None:  # the training shards read in sequence, one lane, buffer 1000
+        stream = ShardStream(bench.stream, lambda image: 0, seed=0, batch_size=1)
+        tick = time.perf_counter()
+        n = sum(1 for _ in stream)
+        rate = n / (time.perf_counter() - tick)
+        return {"images": n, "index_s": index, "sorted_images_per_s": rate, "shuffled_images_per_s": rate}
     paths = sorted(s.path for part in (bench.train, bench.val, *bench.tests.values()) for s in part)
     out = {"images": len(paths), "index_s": index}
     for order in ("sorted", "shuffled"):

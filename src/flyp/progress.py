@@ -252,7 +252,7 @@ def run_size(recipe, benchmark, trains: bool, wise_alphas=()) -> tuple[int, int,
     a WiSE-FT sweep over ``wise_alphas`` (0 and 1 are the runs' own numbers: not evaluated)."""
     sets = benchmark.eval_sets()
     every = sum(len(s) for s in sets.values())
-    steps = recipe.train.epochs * (len(benchmark.train) // recipe.train.batch_size) if trains else 0
+    steps = recipe.train.epochs * (benchmark.train_size() // recipe.train.batch_size) if trains else 0
     evaluations, images_ = len(sets), every
     if trains and recipe.train.select_on == "val" and recipe.eval.every_epoch:
         evaluations += recipe.train.epochs

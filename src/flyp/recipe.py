@@ -172,6 +172,13 @@ class DataConfig:
     label_column: str | None = None
     domain_column: str | None = None
     classes_file: str | None = None
+    # WebDataset shards only (flyp.data.stream): train by reading the ID domain's training shards
+    # in sequence, never indexed; whole shards are ID validation and test. An epoch is
+    # data.train_samples samples (None: the training shards' counts in sizes.json beside them),
+    # shuffled in a buffer of data.shuffle_buffer samples per loader worker.
+    stream: bool = False
+    train_samples: int | None = setting(None, at_least=1)
+    shuffle_buffer: int = setting(1000, at_least=1, at_most=10_000_000)
 
 
 @dataclass
@@ -444,7 +451,38 @@ def validate(recipe: Recipe) -> Recipe:
             f"data.ood_domains holds the ID domain '{data.id_domain}' (data.id_domain); "
             "its test split is evaluated already, remove it from data.ood_domains"
         )
+    check_stream(data, recipe.train.method)
     return recipe
+
+
+# Methods that need every training image at once (the probe's features): no stream gives them.
+NEEDS_INDEXED_TRAIN = ("lp", "lpft")
+
+
+def check_stream(data: DataConfig, method: str) -> None:
+    """data.stream reads WebDataset shards in sequence: refused with what needs the training set
+    indexed (a subsample of it, k-shot, the probe's features of every image)."""
+    if not data.stream:
+        return
+    if data.benchmark != "wds":
+        raise RecipeError(
+            f"data.stream streams WebDataset shards, and data.benchmark is '{data.benchmark}'; "
+            "point --data at .tar shards (data.benchmark: wds), or set data.stream: false"
+        )
+    for key in ("max_train", "k_shot"):
+        if getattr(data, key) is not None:
+            raise RecipeError(
+                f"data.{key}={getattr(data, key)} subsamples an indexed training set, and "
+                f"data.stream never indexes it; set data.{key}=null (--quick sets "
+                "data.max_train) and size an epoch with data.train_samples, or set "
+                "data.stream: false"
+            )
+    if method in NEEDS_INDEXED_TRAIN:
+        raise RecipeError(
+            f"method {method} fits its probe on the features of every training image, and "
+            f"data.stream never indexes them; leave {method} out (train.method, --methods), "
+            "or set data.stream: false"
+        )
 
 
 def _shown(text: str) -> str:

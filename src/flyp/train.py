@@ -58,6 +58,7 @@ from flyp.data.loader import (
     train_loader,
     uint8_transform,
 )
+from flyp.data.stream import ShardStream, stream_loader
 from flyp.distributed import (
     DistEnv,
     average_gradients,
@@ -372,10 +373,16 @@ def _train(
     # One loader for the whole run: its workers persist across epochs (the sampler is told each
     # epoch's order); batches pinned for a GPU, copied with non_blocking.
     local_batch = cfg.batch_size // env.world  # batch_size is the global batch
-    sampler = EpochSampler(len(run.dataset), local_batch, cfg.seed, 0, 0, env.rank, env.world)
-    loader = train_loader(
-        run.dataset, sampler, local_batch, exp.recipe.data.num_workers, device=env.device
-    )
+    if isinstance(run.dataset, ShardStream):  # its own sampler (set_epoch); workers per epoch
+        sampler = run.dataset
+        loader, run.stream_layout = stream_loader(
+            sampler, exp.recipe.data.num_workers, env.device, run.stream_layout
+        )
+    else:
+        sampler = EpochSampler(len(run.dataset), local_batch, cfg.seed, 0, 0, env.rank, env.world)
+        loader = train_loader(
+            run.dataset, sampler, local_batch, exp.recipe.data.num_workers, device=env.device
+        )
     steps_per_epoch = run.steps_per_epoch
     while True:
         epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
@@ -503,15 +510,24 @@ def _set_up_loop(
     ddp, by_hand = ddp_for(classifier, env.device) if env.enabled else (None, [])
     # uint8 from the workers to the device, finished there (flyp.data.loader.finish_pixels)
     split = uint8_transform(exp.bundle.train_transform)
-    dataset = ImageDataset(
-        exp.benchmark.train,
-        split[0] if split else exp.bundle.train_transform,
-        decoded=exp.train_images.get(exp.benchmark.train, exp.recipe.data.cache_gb),
-    )
-    steps_per_epoch = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, 0).steps_per_epoch()
+    transform = split[0] if split else exp.bundle.train_transform
+    stream = exp.benchmark.stream
+    if stream is not None:  # read from the shards as it trains (flyp.data.stream)
+        dataset = ShardStream(
+            stream, transform, cfg.seed, cfg.batch_size // env.world, env.rank, env.world,
+            exp.recipe.data.shuffle_buffer,
+        )
+        steps_per_epoch = dataset.steps_per_epoch()
+    else:
+        dataset = ImageDataset(
+            exp.benchmark.train,
+            transform,
+            decoded=exp.train_images.get(exp.benchmark.train, exp.recipe.data.cache_gb),
+        )
+        steps_per_epoch = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, 0).steps_per_epoch()
     if steps_per_epoch == 0:
         raise RunError(
-            f"{len(dataset)} training images do not fill one batch of {cfg.batch_size}; lower train.batch_size"
+            f"{exp.benchmark.train_size()} training images do not fill one batch of {cfg.batch_size}; lower train.batch_size"
         )
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(
@@ -527,6 +543,8 @@ def _set_up_loop(
     warmup = effective_warmup(cfg.warmup_steps, total_steps)
     if env.is_main:
         progress.run_plan(*progress.run_size(exp.recipe, exp.benchmark, True), cfg.batch_size)
+        if stream is not None:
+            note(stream.summary())
         note(
             f"training {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {steps_per_epoch} steps (batch {cfg.batch_size}, "
             f"lr {cfg.lr:g} after {warmup} warmup steps)"
@@ -578,7 +596,7 @@ class _Run:
     classifier: Classifier
     precision: Precision
     settings: dict[str, Any]  # what decides the run's numbers: a resume with others is refused
-    dataset: ImageDataset
+    dataset: ImageDataset | ShardStream
     pixels: tuple | None  # (mean, std) that finish the dataset's uint8 images on the device
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -592,6 +610,7 @@ class _Run:
     step: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"val": -1.0, "epoch": 0})
     validated: int = 0  # the last epoch whose end was handled (validation, checkpoint)
+    stream_layout: dict | None = None  # a streamed training set's processes and lanes
     train_seconds: float = 0.0
     images_seen: int = 0
     # (step, epoch, lr, loss, temperature) of the steps since the last log point
@@ -613,6 +632,7 @@ class _Run:
         self.step, self.best = state["step"], state["best"]
         self.validated = state.get("validated", self.step // self.steps_per_epoch)
         self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
+        self.stream_layout = state.get("stream")  # kept: it decides the stream's batches
         if self.env.is_main:
             truncate_log(self.run_dir / "log.jsonl", self.step)
 
@@ -721,6 +741,7 @@ class _Run:
                 "images_seen": self.images_seen,
                 "settings": self.settings,  # a resume with other settings is refused
                 "micro_batch": self.cfg.micro_batch,  # changed at resume only where no draw differs
+                "stream": self.stream_layout,  # data.stream: its processes and lanes
             },
             self.run_dir / "state.pt",
         )

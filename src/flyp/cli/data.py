@@ -34,16 +34,20 @@ def run(args: argparse.Namespace) -> int:
         for name in bench.ood_names
     ]
     print(for_terminal(
-        f"benchmark {bench.name}: {total} classes, {len(bench.templates)} template{'s' * (len(bench.templates) != 1)}, "
+        f"benchmark {bench.name}: {total} classes, "
+        f"{len(bench.templates)} template{'s' * (len(bench.templates) != 1)}, "
         f"metric {bench.metric}; ID {bench.id_name}, OOD {', '.join(ood) or 'none'}"
     ))
-    sets = {"train": bench.train, **bench.eval_sets()}
+    # a streamed training set is never indexed: no column, one line instead
+    sets = ({} if bench.stream else {"train": bench.train}) | bench.eval_sets()
     width = max(len(c) for c in shown)
     print(f"{'class':<{width}}" + "".join(f"{for_terminal(name):>14}" for name in sets))
     counts = {name: Counter(s.label for s in samples) for name, samples in sets.items()}
     for label, cls in enumerate(shown):
         print(f"{cls:<{width}}" + "".join(f"{counts[name][label]:>14}" for name in sets))
     print(f"{'total':<{width}}" + "".join(f"{len(samples):>14}" for samples in sets.values()))
+    if bench.stream is not None:
+        print(for_terminal(bench.stream.summary()))
     if bench.image_check is not None:
         print(bench.image_check.summary())
     if bench.skipped_images:

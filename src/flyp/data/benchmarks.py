@@ -67,13 +67,18 @@ def _assemble(
     class_subsets: dict[str, list[int]] | None = None,
     skipped_links: dict[str, str] | None = None,
     publisher_names: bool = False,
+    id_parts: tuple[list[Sample], list[Sample], list[Sample]] | None = None,
+    stream=None,
 ) -> Benchmark:
     """Split the ID domain (seeded, stratified); the OOD domains are test sets used whole, each
     one covering a subset of the classes (``class_subsets``) scored on its own classes.
 
     ``publisher_names``: the domains are named by the dataset's publisher (a Hugging Face
     dataset's splits 'train' and 'test', shards 'train-000.tar'), so a domain named like one of
-    flyp's own sets is shown as '<name> split' ('test split') rather than refused."""
+    flyp's own sets is shown as '<name> split' ('test split') rather than refused.
+
+    ``id_parts``: the ID domain's train / validation / test, split already (a streamed
+    training set, :mod:`flyp.data.stream`, whose ``stream`` spec the Benchmark carries)."""
     if publisher_names:
         import dataclasses
 
@@ -91,20 +96,26 @@ def _assemble(
         domains = {shown(d): v for d, v in domains.items()}
         class_subsets = {shown(d): v for d, v in (class_subsets or {}).items()}
     check_domain_names([cfg.id_domain, *cfg.ood_domains])  # not 'val', 'train', 'test'
-    train, val, test = stratified_split(
-        domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
-    )
+    if id_parts is None:
+        train, val, test = stratified_split(
+            domains[cfg.id_domain], [cfg.val_fraction, cfg.test_fraction], cfg.split_seed
+        )
+    else:
+        train, val, test = id_parts
     tests = {cfg.id_domain: test} | {d: domains[d] for d in cfg.ood_domains}
     display = [c.replace("_", " ") for c in classes]
     return finish(
         cfg, name, display, templates, train, val, tests, cfg.id_domain,
-        class_subsets=class_subsets, skipped_links=skipped_links,
+        class_subsets=class_subsets, skipped_links=skipped_links, stream=stream,
     )
 
 
-def assemble(cfg: DataConfig, name: str, classes: list[str], templates: list[str], domains):
-    """The benchmark of a dataset whose domains its publisher named (flyp.data.hf, .shards)."""
-    return _assemble(cfg, name, classes, templates, domains, publisher_names=True)
+def assemble(
+    cfg: DataConfig, name: str, classes: list[str], templates: list[str], domains, **split
+):
+    """The benchmark of a dataset whose domains its publisher named (flyp.data.hf, .shards);
+    ``split``: _assemble's id_parts and stream, for a streamed training set."""
+    return _assemble(cfg, name, classes, templates, domains, publisher_names=True, **split)
 
 
 def _domain_folders(root: Path, cfg: DataConfig) -> dict[str, str]:
@@ -209,7 +220,7 @@ BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {
     "folders": build_folders,
     "csv": build_csv,
     "hf": lazy_builder("flyp.data.hf", "build_hf"),
-    "wds": lazy_builder("flyp.data.shards", "build_wds"),
+    "wds": lazy_builder("flyp.data.stream", "build_shards"),  # indexed, or data.stream
     "imagenet": lazy_builder("flyp.data.imagenet", "build_imagenet"),
     "iwildcam": lazy_builder("flyp.data.wilds", "build_iwildcam"),
     "fmow": lazy_builder("flyp.data.wilds", "build_fmow"),

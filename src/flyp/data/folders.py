@@ -454,7 +454,12 @@ def decode_rgb(path: str) -> Image.Image:
     """Open, decode every pixel, turn upright and convert to RGB; any failure raises (PIL's own
     exception, or ImageShapeError past MAX_ASPECT). Every image flyp reads goes through here:
     training, evaluation, the decoded-image cache, the image check and predict."""
-    with Image.open(open_image(path) if is_record(path) else path) as img:
+    return decode_source(open_image(path) if is_record(path) else path)
+
+
+def decode_source(source) -> Image.Image:
+    """:func:`decode_rgb` of a file name or a file object (a streamed shard member's bytes)."""
+    with Image.open(source) as img:
         width, height = img.size
         if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
             raise ImageShapeError(

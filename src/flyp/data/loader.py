@@ -48,20 +48,29 @@ class ImageDataset(Dataset):
             image = load_rgb(sample.path)
         if self.preprocess is not None:
             image = self.preprocess(image)
-        if seed is None:
-            return self.transform(image), sample.label, -1
-        # torchvision's augmentations draw from torch's global CPU generator: seed it for this
-        # sample only, leaving the caller's generator as it was. The CPU generator alone, not
-        # torch.manual_seed: that also seeds every CUDA generator, which in a process without
-        # CUDA initialised (a loader worker) queues the call with a captured stack trace, about
-        # 1 ms of the ~1.5 ms an image costs (benchmarks/equal_step.py). Same numbers either way.
-        cpu = torch.default_generator
-        before = cpu.get_state()
-        cpu.manual_seed(seed)
-        try:
-            return self.transform(image), sample.label, seed
-        finally:
-            cpu.set_state(before)
+        return seeded(self.transform, image, sample.label, seed)
+
+
+def seeded(transform: Callable, image: Image.Image, label: int, seed: int | None):
+    """(``transform(image)``, label, seed): the transform's random draws made from ``seed``
+    (-1 and unseeded for None), so a sample looks the same in every run that draws it, with
+    the caller's generator left as it was.
+
+    Only the CPU generator is seeded: torchvision's augmentations draw from it. Not
+    torch.manual_seed, which also seeds every CUDA generator: in a process without CUDA
+    initialised (a loader worker, a CPU run) it queues that call with a captured stack trace,
+    about 0.1 ms a sample (benchmarks/equal_step.py), and in a GPU process without loader
+    workers it reset the generator that dropout draws from to the batch's last sample, so
+    dropout depended on the number of workers. The images are the same either way."""
+    if seed is None:
+        return transform(image), label, -1
+    cpu = torch.default_generator
+    before = cpu.get_state()
+    cpu.manual_seed(seed)
+    try:
+        return transform(image), label, seed
+    finally:
+        cpu.set_state(before)
 
 
 class EpochSampler(Sampler):

@@ -12,7 +12,8 @@ the splits, the k-shot and size caps, the decoded-image cache, resume and evalua
 they treat a file. :func:`open_image` reads its bytes (the loader, the image check and predict
 all decode through :func:`flyp.data.folders.decode_rgb`, which calls it).
 
-This first version *indexes*: building the benchmark reads the labels (the ``.cls``/``.txt``/
+By default flyp *indexes* (``data.stream`` trains on shards read in sequence instead,
+:mod:`flyp.data.stream`): building the benchmark reads the labels (the ``.cls``/``.txt``/
 ``.json`` members of the shards; the label column of the tables) and where each image lies,
 never an image's bytes; images are read and decoded when drawn. Reading stays random access (a
 tar member by offset, an Arrow row from a memory map, a Parquet row group kept in a small

@@ -14,6 +14,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from flyp.data import templates as tpl
 from flyp.data.check import SHOW_SKIPPED, CheckReport, check_samples
@@ -53,9 +54,15 @@ class Benchmark:
     preprocess: dict[str, Callable] = field(default_factory=dict)
     # What the image check did (how many images, from the manifest, bad, time): `flyp data`.
     image_check: CheckReport | None = None
+    # A training set streamed from shards (flyp.data.stream.StreamSpec): ``train`` is then empty
+    stream: Any = None
 
     def eval_sets(self) -> dict[str, list[Sample]]:
         return {"val": self.val, **self.tests}
+
+    def train_size(self) -> int:
+        """The training images of an epoch: the indexed ones, or the stream's samples."""
+        return self.stream.samples if self.stream is not None else len(self.train)
 
 
 def k_shot(samples: Sequence[Sample], k: int, seed: int) -> list[Sample]:
@@ -138,6 +145,7 @@ def finish(
     class_subsets: dict[str, list[int]] | None = None,
     group_of: Mapping[str, int] | None = None,
     skipped_links: Mapping[str, str] | None = None,
+    stream: Any = None,
 ) -> Benchmark:
     """k-shot and size limits, the image check (:mod:`flyp.data.check`), then the Benchmark.
 
@@ -145,6 +153,7 @@ def finish(
     gets its per-sample group list, computed after subsampling so the two stay aligned.
     ``skipped_links``: links that led nowhere, left out under data.on_bad_image=skip (named on
     stderr here, as skipped images are, and counted in the Benchmark).
+    ``stream``: the training set is streamed (``train`` empty; its images are checked as read).
     """
     skipped_links = dict(sorted((skipped_links or {}).items()))
     if local_rank() == 0:  # said once per node, as the image check says its skipped images
@@ -175,7 +184,7 @@ def finish(
     kept = [[s for s in part if os.path.abspath(s.path) not in report.bad] for part in parts]
     train, val, *test_parts = kept
     bad = sum(map(len, parts)) - sum(map(len, kept))
-    if not train:
+    if not train and stream is None:
         raise DataError(
             f"{name}: no training images left after the split and the image check; add images "
             "or lower data.val_fraction / data.test_fraction"
@@ -203,6 +212,7 @@ def finish(
         skipped_images=bad,
         skipped_links=skipped_links,
         image_check=report,
+        stream=stream,
         class_subsets={k: v for k, v in (class_subsets or {}).items() if k in tests},
         groups=groups,
     )

@@ -11,11 +11,14 @@ names (sorted, as the ID domain uses them).
 
 Needs the ``wds`` extra (``pip install 'flyp[wds]'``: ``webdataset``, whose brace expansion this
 uses), imported only here. Indexing reads every tar header and the small label members, never
-an image's bytes; images are read by offset when drawn (:mod:`flyp.data.records`).
+an image's bytes; images are read by offset when drawn (:mod:`flyp.data.records`). With
+``data.stream`` the ID domain's training shards are not indexed but read in sequence as the run
+trains (:mod:`flyp.data.stream`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -149,7 +152,8 @@ def index_shard(shard: str, labels: bool = True) -> list[tuple[str, str, object]
     return out
 
 
-def _class_names(cfg: DataConfig, shards: list[str], id_labels: list) -> list[str]:
+def named_classes(cfg: DataConfig, shards: list[str]) -> list[str] | None:
+    """The class names of data.classes_file, else of classes.txt beside the shards, else None."""
     from flyp.data.hf import class_names_file
 
     if cfg.classes_file:
@@ -157,6 +161,14 @@ def _class_names(cfg: DataConfig, shards: list[str], id_labels: list) -> list[st
     beside = Path(shards[0]).parent / "classes.txt"
     if beside.is_file():
         return class_names_file(str(beside))
+    return None
+
+
+def _class_names(cfg: DataConfig, shards: list[str], id_labels: list) -> list[str]:
+    names = named_classes(cfg, shards)
+    if names is not None:
+        return names
+    beside = Path(shards[0]).parent / "classes.txt"
     if all(isinstance(v, str) for v in id_labels):
         return sorted(set(id_labels))
     raise DataError(
@@ -165,9 +177,8 @@ def _class_names(cfg: DataConfig, shards: list[str], id_labels: list) -> list[st
     )
 
 
-def build_wds(cfg: DataConfig):
-    from flyp.data.benchmarks import assemble
-
+def found_domains(cfg: DataConfig) -> dict[str, list[str]]:
+    """{domain: its shards} of data.root, each domain the recipe names checked to be there."""
     if cfg.root is None:
         raise DataError("data.root is not set; point it at .tar shards (a folder or a pattern)")
     found = domains_of(cfg.root)
@@ -179,28 +190,49 @@ def build_wds(cfg: DataConfig):
                 f"found: {', '.join(found)} (a domain is the name before a shard's number); fix "
                 "data.id_domain / data.ood_domains"
             )
+    return found
+
+
+def build_wds(cfg: DataConfig):
+    """Every shard indexed (data.stream: flyp.data.stream.build_shards instead)."""
+    from flyp.data.benchmarks import assemble
+
+    found = found_domains(cfg)
+    wanted = list(dict.fromkeys([cfg.id_domain, *cfg.ood_domains]))
     indexed = {d: [s for shard in found[d] for s in index_shard(shard)] for d in wanted}
     all_shards = [shard for d in wanted for shard in found[d]]
     classes = _class_names(cfg, all_shards, [s[2] for s in indexed[cfg.id_domain]])
-    index = {c: i for i, c in enumerate(classes)}
-    domains: dict[str, list[Sample]] = {}
-    for d, samples in indexed.items():
-        domains[d] = []
-        for key, image, label in samples:
-            if isinstance(label, str):
-                if label not in index:
-                    raise DataError(
-                        f"sample '{key}' ({container_name(image)}) has label '{label}', no class "
-                        f"of {cfg.id_domain}{near_hint(label, classes)}; fix the label"
-                    )
-                label = index[label]
-            if not 0 <= int(label) < len(classes):
-                raise DataError(
-                    f"sample '{key}' ({container_name(image)}) has class index {label}, outside "
-                    f"0..{len(classes) - 1} of the {len(classes)} class names; fix it or the names"
-                )
-            domains[d].append(Sample(image, int(label)))
+    domains = {
+        d: [
+            Sample(image, class_index(label, key, container_name(image), classes, cfg.id_domain))
+            for key, image, label in samples
+        ]
+        for d, samples in indexed.items()
+    }
     return assemble(cfg, "wds", classes, tpl.SIMPLE, domains)
+
+
+def class_index(label, key: str, where: str, classes: list[str], id_domain: str) -> int:
+    """A sample's label (a class index, or one of the names ``classes``) as a checked index."""
+    if isinstance(label, str):
+        index = _index_of(tuple(classes))
+        if label not in index:
+            raise DataError(
+                f"sample '{key}' ({where}) has label '{label}', no class "
+                f"of {id_domain}{near_hint(label, classes)}; fix the label"
+            )
+        label = index[label]
+    if not 0 <= int(label) < len(classes):
+        raise DataError(
+            f"sample '{key}' ({where}) has class index {label}, outside "
+            f"0..{len(classes) - 1} of the {len(classes)} class names; fix it or the names"
+        )
+    return int(label)
+
+
+@functools.lru_cache(maxsize=8)
+def _index_of(classes: tuple[str, ...]) -> dict[str, int]:
+    return {c: i for i, c in enumerate(classes)}
 
 
 def container_name(record: str) -> str:

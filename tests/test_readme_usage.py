@@ -171,7 +171,11 @@ def _check_order(commands: list[list[str]], python: str = "") -> None:
         new, read = _made_and_read(words)
         for path in read:
             run = path.removesuffix("/model.safetensors").rstrip("/")
-            assert run in made, f"`{shlex.join(words)}` reads {path}, which no line above makes"
+            # a compare's --out holds its runs (OUT/flyp-s0)
+            inside = any(run.startswith(f"{m}/") for m in made)
+            assert run in made or inside, (
+                f"`{shlex.join(words)}` reads {path}, which no line above makes"
+            )
         made |= {p.rstrip("/") for p in new}
     for path in re.findall(r"load_classifier\(\"([^\"]+)\"", python):
         assert path.removesuffix("/model.safetensors") in made, f"the Python example reads {path}"
@@ -253,3 +257,44 @@ def test_render_patches_only_between_the_markers(tmp_path, monkeypatch):
     readme.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ValueError, match="lacks the markers"):
         usage.patch_readme(_record())
+
+
+def _own_record() -> dict:
+    return json.loads(usage.OWN.record.read_text(encoding="utf-8"))
+
+
+def test_own_data_walkthrough_is_what_the_script_last_wrote():
+    """The README's own-data walkthrough (Parquet and shards, --quick over three seeds, a
+    streamed run) is the script's rendering of its last record, and the record ran the script's
+    commands: neither a hand edit nor an unrerun change of the script passes."""
+    text = _readme()
+    start, end = usage.readme_region(text, usage.OWN)
+    assert text[start:end] == usage.render(_own_record(), usage.OWN), (
+        "README.md's own-data walkthrough drifted: rerun benchmarks/readme_usage.py --walk "
+        "own-data and commit README.md with docs/readme_own_data.json"
+    )
+    assert [(s["command"], s["status"]) for s in _own_record()["steps"]] == [
+        (s.command, s.status) for s in usage.OWN_STEPS
+    ], "benchmarks/readme_usage.py's OWN_STEPS changed since it last ran: rerun it"
+
+
+def test_own_data_walkthrough_runs_in_order_and_shows_its_progress():
+    """Its flyp commands parse with flyp's parser and read only runs made above them; the
+    compare's real output holds the plan, the estimate and step k/N lines with an ETA, and
+    the report; nothing failed."""
+    flyp_lines = []
+    for step in usage.OWN_STEPS:
+        words = _words(step.command)
+        if words[0] == "flyp":
+            flyp_lines.append(words[: words.index("|")] if "|" in words else words)
+    assert len(flyp_lines) >= 5
+    _check_order(flyp_lines)
+    outputs = {s["command"].split()[1]: s["output"] for s in _own_record()["steps"]}
+    compare = outputs["compare"]
+    assert re.search(r"plan: \d+ runs .*training steps", compare)
+    assert re.search(r"estimate: \d+:\d\d:\d\d in all", compare)
+    assert re.search(r"step \d+/\d+, \d+/\d+ steps in all, ETA \d+:\d\d:\d\d", compare)
+    assert "| flyp |" in compare and "Traceback" not in compare
+    assert "training set streamed from" in outputs["finetune"]
+    for step in _own_record()["steps"]:
+        assert "error:" not in step["output"] and "/tmp/" not in step["output"], step["command"]

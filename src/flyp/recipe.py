@@ -172,9 +172,10 @@ class DataConfig:
     label_column: str | None = None
     domain_column: str | None = None
     classes_file: str | None = None
-    # WebDataset shards only (flyp.data.stream): train by reading the ID domain's training shards
-    # in sequence, never indexed; whole shards are ID validation and test. An epoch is
-    # data.train_samples samples (None: the training shards' counts in sizes.json beside them),
+    # WebDataset shards or a Hugging Face dataset's data files (flyp.data.stream): train by
+    # reading the ID domain's training shards / files in sequence, never indexed; whole shards or
+    # files are ID validation and test. An epoch is data.train_samples samples (None: the
+    # shards' counts in sizes.json beside them; a data file's row count in its own metadata),
     # shuffled in a buffer of data.shuffle_buffer samples per loader worker.
     stream: bool = False
     train_samples: int | None = setting(None, at_least=1)
@@ -460,14 +461,22 @@ NEEDS_INDEXED_TRAIN = ("lp", "lpft")
 
 
 def check_stream(data: DataConfig, method: str) -> None:
-    """data.stream reads WebDataset shards in sequence: refused with what needs the training set
-    indexed (a subsample of it, k-shot, the probe's features of every image)."""
+    """data.stream reads WebDataset shards or a Hugging Face dataset's data files in sequence:
+    refused with what needs the training set indexed (a subsample of it, k-shot, the probe's
+    features of every image)."""
     if not data.stream:
         return
-    if data.benchmark != "wds":
+    if data.benchmark not in ("wds", "hf"):
         raise RecipeError(
-            f"data.stream streams WebDataset shards, and data.benchmark is '{data.benchmark}'; "
-            "point --data at .tar shards (data.benchmark: wds), or set data.stream: false"
+            f"data.stream streams WebDataset shards or a Hugging Face dataset's files, and "
+            f"data.benchmark is '{data.benchmark}'; point --data at .tar shards or Parquet/Arrow "
+            "files (data.benchmark: wds or hf), or set data.stream: false"
+        )
+    if data.benchmark == "hf" and data.domain_column is not None:
+        raise RecipeError(
+            f"data.stream reads whole data files, and with data.domain_column="
+            f"'{data.domain_column}' a file mixes domains; write each domain as its own split "
+            "(the Hub's data/<split>-*.parquet), or set data.stream: false"
         )
     for key in ("max_train", "k_shot"):
         if getattr(data, key) is not None:

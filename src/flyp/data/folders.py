@@ -480,3 +480,11 @@ def load_rgb(path: str) -> Image.Image:
             f"cannot read image {path} ({type(err).__name__}: {err}); remove or replace it, "
             f"or {SKIP_HINT}"
         ) from err
+
+
+def class_names_file(path: str) -> list[str]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"data.classes_file {file} does not exist; write one class name per line")
+    names = [nfc(line.strip()) for line in read_text(file, "class names file").splitlines()]
+    return [n for n in names if n]

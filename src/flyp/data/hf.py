@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from flyp.data import templates as tpl
-from flyp.data.folders import DataError, Sample, near_hint, nfc, read_text
+from flyp.data.folders import DataError, Sample, class_names_file, near_hint, nfc, read_text
 from flyp.data.records import table_record
 from flyp.recipe import DataConfig
 
@@ -147,21 +147,12 @@ def domains_of(root: str | Path, domain_column: str | None = None) -> list[str]:
     return sorted({str(v) for *_, v in _rows(splits, [domain_column])})
 
 
-def class_names_file(path: str) -> list[str]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"data.classes_file {file} does not exist; write one class name per line")
-    names = [nfc(line.strip()) for line in read_text(file, "class names file").splitlines()]
-    return [n for n in names if n]
-
-
 def build_hf(cfg: DataConfig):
     from flyp.data.benchmarks import assemble
 
     if cfg.root is None:
         raise DataError("data.root is not set; point it at a save_to_disk folder or Parquet files")
     splits, features = splits_of(cfg.root)
-    datasets = _datasets()
     image = _pick(features, cfg.image_column, "image", IMAGE_NAMES, "data.image_column")
     label = _pick(features, cfg.label_column, "label", LABEL_NAMES, "data.label_column")
     wanted = [cfg.id_domain, *cfg.ood_domains]
@@ -174,6 +165,9 @@ def build_hf(cfg: DataConfig):
                 "domain column with data.domain_column)"
             )
         splits = {d: splits[d] for d in dict.fromkeys(wanted)}
+        if cfg.stream:  # the ID split's files read only as the run trains (flyp.data.stream)
+            classes = _class_names(cfg, label, features[label], None)
+            return _build_streamed(cfg, splits, image, label, classes)
         rows = [(split, *rest) for split, *rest in _rows(splits, [label])]
     else:
         _pick(features, cfg.domain_column, "domain", (), "data.domain_column")
@@ -188,38 +182,98 @@ def build_hf(cfg: DataConfig):
                     f"no row has {cfg.domain_column} '{d}'{near_hint(d, present)}; values: "
                     f"{', '.join(present[:20])}; fix data.id_domain / data.ood_domains"
                 )
-    feature = features[label]
-    if cfg.classes_file:
-        classes = class_names_file(cfg.classes_file)
-    elif isinstance(feature, datasets.ClassLabel):
-        classes = [nfc(n) for n in feature.names]
-    elif all(isinstance(r[3], str) for r in rows):
-        classes = sorted({nfc(r[3]) for r in rows if r[0] == cfg.id_domain})
-    else:
-        raise DataError(
-            f"label column '{label}' holds numbers with no class names (it is no ClassLabel); "
-            "name the classes with --set data.classes_file=FILE (one name per line, in label order)"
-        )
+    classes = _class_names(cfg, label, features[label], rows)
     index = {c: i for i, c in enumerate(classes)}
     domains: dict[str, list[Sample]] = {d: [] for d in dict.fromkeys(wanted)}
     for domain, file, row, value in rows:
-        if domain not in domains:
-            continue
-        if isinstance(value, str):
-            if nfc(value) not in index:
-                raise DataError(
-                    f"{file}, row {row}: label '{value}' is no class of {cfg.id_domain}"
-                    f"{near_hint(value, classes)}; fix the label (every label must occur in the "
-                    "ID domain)"
-                )
-            value = index[nfc(value)]
-        if value is None or not 0 <= int(value) < len(classes):
-            raise DataError(
-                f"{file}, row {row}: label {value} is not one of the {len(classes)} classes; fix "
-                "the row or data.classes_file"
-            )
-        domains[domain].append(Sample(table_record(file, image, row), int(value)))
+        if domain in domains:
+            value = _checked(value, file, row, index, classes, cfg.id_domain)
+            domains[domain].append(Sample(table_record(file, image, row), value))
     return assemble(cfg, "hf", classes, tpl.SIMPLE, domains)
+
+
+def _build_streamed(
+    cfg: DataConfig, splits: dict[str, list[str]], image: str, label: str, classes: list[str] | None
+):
+    """``data.benchmark: hf`` with data.stream: the ID split's data files are the shards (whole
+    files held out for validation and test, their labels read as for an indexed dataset); an
+    epoch is the training files' row counts, read from each file's own metadata (a Parquet
+    footer, an Arrow file's header), never a row of them."""
+    from flyp.data.benchmarks import assemble
+    from flyp.data.stream import FIX_STREAM, StreamSpec, split_shards
+
+    if classes is None:
+        raise DataError(
+            "data.stream reads the training labels only as it trains, so the class names must "
+            "be known first: a ClassLabel label column, or data.classes_file (one name a line, "
+            f"in label order), {FIX_STREAM}"
+        )
+    train, val, test = split_shards(splits[cfg.id_domain], cfg, "files")
+    if cfg.train_samples is not None:
+        samples, source = cfg.train_samples, "data.train_samples"
+    else:
+        samples, source = sum(_num_rows(f) for f in train), "the files' row counts"
+
+    def rows(files: list[str], domain: str) -> list[Sample]:
+        return table_samples({domain: files}, image, label, classes, cfg.id_domain)[domain]
+
+    domains = {d: rows(splits[d], d) for d in cfg.ood_domains}
+    spec = StreamSpec(
+        tuple(train), samples, source, tuple(val), tuple(test), tuple(classes), cfg.id_domain,
+        image, label,
+    )  # fmt: skip
+    parts = ([], rows(val, cfg.id_domain), rows(test, cfg.id_domain))
+    return assemble(cfg, "hf", classes, tpl.SIMPLE, domains, id_parts=parts, stream=spec)
+
+
+def _class_names(
+    cfg: DataConfig, label: str, feature, rows: list[tuple] | None
+) -> list[str] | None:
+    """data.classes_file, else the ClassLabel's names, else the ID domain's label names (from
+    ``rows``; None where they are not read)."""
+    datasets = _datasets()
+    if cfg.classes_file:
+        return class_names_file(cfg.classes_file)
+    if isinstance(feature, datasets.ClassLabel):
+        return [nfc(n) for n in feature.names]
+    if rows is None:
+        return None
+    if all(isinstance(r[3], str) for r in rows):
+        return sorted({nfc(r[3]) for r in rows if r[0] == cfg.id_domain})
+    raise DataError(
+        f"label column '{label}' holds numbers with no class names (it is "
+        "no ClassLabel); name the classes with --set data.classes_file=FILE (one name per line, "
+        "in label order)"
+    )
+
+
+def _checked(value, file: str, row: int, index: dict, classes: list[str], id_domain: str) -> int:
+    if isinstance(value, str):
+        if nfc(value) not in index:
+            raise DataError(
+                f"{file}, row {row}: label '{value}' is no class of {id_domain}"
+                f"{near_hint(value, classes)}; fix the label (every label must occur in the "
+                "ID domain)"
+            )
+        value = index[nfc(value)]
+    if value is None or not 0 <= int(value) < len(classes):
+        raise DataError(
+            f"{file}, row {row}: label {value} is not one of the {len(classes)} classes; fix "
+            "the row or data.classes_file"
+        )
+    return int(value)
+
+
+def table_samples(
+    splits: dict[str, list[str]], image: str, label: str, classes: list[str], id_domain: str
+) -> dict[str, list[Sample]]:
+    """{split: a Sample per row} of the given data files (their label column read)."""
+    index = {c: i for i, c in enumerate(classes)}
+    out: dict[str, list[Sample]] = {d: [] for d in splits}
+    for domain, file, row, value in _rows(splits, [label]):
+        value = _checked(value, file, row, index, classes, id_domain)
+        out[domain].append(Sample(table_record(file, image, row), value))
+    return out
 
 
 def _num_rows(file: str) -> int:

@@ -154,7 +154,7 @@ def index_shard(shard: str, labels: bool = True) -> list[tuple[str, str, object]
 
 def named_classes(cfg: DataConfig, shards: list[str]) -> list[str] | None:
     """The class names of data.classes_file, else of classes.txt beside the shards, else None."""
-    from flyp.data.hf import class_names_file
+    from flyp.data.folders import class_names_file
 
     if cfg.classes_file:
         return class_names_file(cfg.classes_file)

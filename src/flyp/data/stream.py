@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from flyp.data.folders import DataError, Sample, decode_source
+from flyp.data.folders import DataError, Sample, decode_source, nfc
 from flyp.data.loader import PREFETCH, _own_generator, pins, seeded, worker_count
 from flyp.data.shards import (
     IMAGE_EXTENSIONS,
@@ -77,25 +77,31 @@ class StreamSpec:
     test_shards: tuple[str, ...]
     class_names: tuple[str, ...]
     id_domain: str
+    # a Hugging Face dataset's data files (Parquet or Arrow) instead of tar shards: its columns
+    image_column: str | None = None
+    label_column: str | None = None
 
     def summary(self) -> str:
+        unit = "shards" if self.image_column is None else "files"
         return (
-            f"training set streamed from {len(self.shards)} shards ({self.samples} samples per "
-            f"{self.source}), never indexed; ID validation shards: {_names(self.val_shards)}; "
-            f"ID test shards: {_names(self.test_shards)}"
+            f"training set streamed from {len(self.shards)} {unit} ({self.samples} samples per "
+            f"{self.source}), never indexed; ID validation {unit}: {_names(self.val_shards)}; "
+            f"ID test {unit}: {_names(self.test_shards)}"
         )
 
 
-def split_shards(shards: list[str], cfg: DataConfig) -> tuple[list[str], list[str], list[str]]:
+def split_shards(
+    shards: list[str], cfg: DataConfig, unit: str = "shards"
+) -> tuple[list[str], list[str], list[str]]:
     """(train, validation, test) shards of the ID domain: whole shards, seeded by split_seed."""
     n = len(shards)
     n_val = max(1, round(n * cfg.val_fraction))
     n_test = max(1, round(n * cfg.test_fraction))
     if n - n_val - n_test < 1:
         raise DataError(
-            f"data.stream holds out whole shards of the ID domain '{cfg.id_domain}' for "
-            f"validation ({n_val}) and test ({n_test}), and its {n} shards leave none to train "
-            f"on; write it as more shards (at least {n_val + n_test + 1}), {FIX_STREAM}"
+            f"data.stream holds out whole {unit} of the ID domain '{cfg.id_domain}' for "
+            f"validation ({n_val}) and test ({n_test}), and its {n} {unit} leave none to train "
+            f"on; write it as more {unit} (at least {n_val + n_test + 1}), {FIX_STREAM}"
         )
     order = random.Random(cfg.split_seed).sample(sorted(shards), n)
     val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
@@ -130,7 +136,7 @@ def epoch_samples(cfg: DataConfig, train: list[str]) -> tuple[int, str]:
         if sizes is None:
             raise DataError(
                 f"data.stream does not read the training shards to count them, and there is no "
-                f"{where}: write it ({{\"{Path(shard).name}\": <samples>, ...}}, one entry a "
+                f'{where}: write it ({{"{Path(shard).name}": <samples>, ...}}, one entry a '
                 "shard, as WebDataset's tools write it), or set data.train_samples"
             )
         if Path(shard).name not in sizes:
@@ -181,6 +187,53 @@ def build_streamed(cfg: DataConfig, found: dict[str, list[str]]):
 
 # (where, image bytes, class index): one sample as a lane holds it, undecoded
 Item = tuple[str, bytes, int]
+
+
+def read_table(file: str, spec: StreamSpec) -> Iterator[Item]:
+    """The rows of one Parquet or Arrow data file in order, a row group (a record batch) at a
+    time, image bytes and label together."""
+
+    def batches():
+        if file.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(file)
+            for group in range(pf.num_row_groups):
+                yield pf.read_row_group(group, columns=[spec.image_column, spec.label_column])
+        else:
+            from flyp.data.records import _arrow_table
+
+            yield _arrow_table(file).select([spec.image_column, spec.label_column])
+
+    row = 0
+    try:
+        for table in batches():
+            images = table.column(0).to_pylist()
+            labels = table.column(1).to_pylist()
+            for cell, value in zip(images, labels, strict=True):
+                where = f"{file} row {row}"
+                data = cell.get("bytes") if isinstance(cell, dict) else cell
+                if data is None:
+                    raise DataError(
+                        f"{where}: the image cell holds no bytes (a path to a file elsewhere?); "
+                        f"write the images into the dataset, {FIX_STREAM}"
+                    )
+                if value is None:
+                    raise DataError(f"{where}: the label is empty; fix the row, {FIX_STREAM}")
+                if isinstance(value, str):
+                    value = nfc(value)
+                classes = list(spec.class_names)
+                yield where, data, class_index(value, f"row {row}", file, classes, spec.id_domain)
+                row += 1
+    except OSError as err:
+        raise DataError(f"cannot read {file} ({err}); replace it or leave it out") from None
+
+
+def read_source(shard: str, spec: StreamSpec) -> Iterator[Item]:
+    """One shard's samples in order: a tar shard, or a Hugging Face data file."""
+    if spec.image_column is not None:
+        return read_table(shard, spec)
+    return read_shard(shard, spec.class_names, spec.id_domain)
 
 
 def read_shard(shard: str, classes: tuple[str, ...], id_domain: str) -> Iterator[Item]:
@@ -272,7 +325,7 @@ class ShardStream(IterableDataset):
         while True:
             empty = True
             for shard in shards:
-                for item in read_shard(shard, self.spec.class_names, self.spec.id_domain):
+                for item in read_source(shard, self.spec):
                     empty = False
                     yield first, item
             if empty:

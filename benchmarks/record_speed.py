@@ -3,7 +3,9 @@ folder (flyp.data.records), as flyp reads them: the index (building the benchmar
 left out), then every image decoded to RGB, in the evaluation's order (sorted) and in a
 training epoch's order (shuffled), one process. "wds stream" is data.stream: the training
 shards read in sequence through the shuffle buffer (flyp.data.stream), decoded as they come;
-its index is the held-out validation and test shards only.
+its index is the held-out validation and test shards only. "parquet files" is the same split as
+17 Parquet files of 100 rows (the Hub's layout for a larger split), indexed; "parquet stream"
+the same files streamed.
 
     .venv/bin/python benchmarks/record_speed.py [--limit N] [--rounds R]
 
@@ -38,6 +40,7 @@ def build(root: Path, limit: int | None, scratch: Path) -> dict[str, list[str]]:
         target.write_bytes(path.read_bytes())
     shards = write_shards(classes, rows, scratch / "shards", per_shard=100, shuffle=True)
     parquet, saved = write_hf(classes, rows, scratch)
+    hub = write_hub_files(classes, rows, scratch / "hub", per_file=100)
     common = ["data.id_domain=photo", "data.ood_domains=[]"]
     return {
         "folders": ["data.benchmark=folders", f"data.root={scratch / 'folders'}", *common],
@@ -45,7 +48,29 @@ def build(root: Path, limit: int | None, scratch: Path) -> dict[str, list[str]]:
         "wds stream": ["data.benchmark=wds", f"data.root={shards}", "data.stream=true", *common],
         "parquet": ["data.benchmark=hf", f"data.root={parquet}", "data.domain_column=domain", *common],
         "save_to_disk": ["data.benchmark=hf", f"data.root={saved}", *common],
+        "parquet files": ["data.benchmark=hf", f"data.root={hub}", *common],
+        "parquet stream": ["data.benchmark=hf", f"data.root={hub}", "data.stream=true", *common],
     }
+
+
+def write_hub_files(classes, rows, out: Path, per_file: int) -> Path:
+    """The split 'photo' as the Hub stores a larger one: data/photo-0000k-of-0000n.parquet, rows
+    shuffled, ``per_file`` a file (one row group each, as the stream reads them)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    order = random.Random(0).sample(rows, len(rows))
+    n = -(-len(order) // per_file)
+    for k in range(n):
+        part = order[k * per_file : (k + 1) * per_file]
+        table = datasets.Dataset.from_dict(
+            {"image": [{"bytes": p.read_bytes(), "path": None} for _, _, p in part],
+             "label": [label for _, label, _ in part]},
+            features=features,
+        )  # fmt: skip
+        table.to_parquet(str(out / "data" / f"photo-{k:05d}-of-{n:05d}.parquet"))
+    return out
 
 
 def measure(overrides: list[str]) -> dict[str, float]:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -182,6 +183,36 @@ def test_the_group_flyp_started_is_ended_at_exit_and_a_callers_is_left(callers, 
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) is callers
 
 
+def test_a_finished_verb_ends_flyps_group_together_and_a_failed_one_does_not_wait(
+    fake_pacs, monkeypatch, capsys
+):
+    """A verb that finished ends the group flyp started with a barrier first, so no rank tears
+    its connections down while another still works (with gloo a rank leaving alone aborted in
+    about 1 of 10 two-node sweeps); a failed verb does not wait at a barrier the other ranks may
+    never reach; a caller's own group is left alone."""
+    ended: list[bool] = []
+    monkeypatch.setattr(distributed, "end_distributed", lambda together=False: ended.append(together))
+    data = ["data", "--data", str(fake_pacs), "--id-domain", "photo", "--model", "tiny"]
+    assert main(data) == 0 and ended == [True]
+    assert main(["data", "--data", str(fake_pacs / "nowhere")]) == 2 and ended == [True]
+    capsys.readouterr()
+    monkeypatch.undo()
+    calls: list[str] = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed, "_started", True)
+    distributed.end_distributed(together=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.end_distributed()  # at exit after a failure: no barrier
+    assert calls == ["destroy"]
+    calls.clear()
+    monkeypatch.setattr(distributed, "_started", False)  # a group the caller started
+    distributed.end_distributed(together=True)
+    assert calls == []
+
+
 # --- the verbs under torchrun equal one process -------------------------------------------------
 
 # Run as each rank: every write under the output folder by a rank other than 0 is recorded
@@ -244,13 +275,26 @@ def _launch(tmp_path: Path, args: list[str], out: Path, nodes: int) -> list[str]
              "--master_addr=127.0.0.1", f"--master_port={port}", *script]
             for r in range(2)
         ]  # fmt: skip
+    logs = [tmp_path / f"node{i}.log" for i in range(len(commands))]
     procs = [
-        subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for c in commands
+        subprocess.Popen(c, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for c, log in zip(commands, logs, strict=True)
     ]
-    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
-    for p, text in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, text[-4000:]
+    # A node that fails leaves the other waiting in the rendezvous: stop it and show both.
+    deadline = time.monotonic() + 600
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.wait()
+    outputs = [log.read_text(errors="replace") for log in logs]
+    shown = "\n".join(f"--- node {i} (exit {p.returncode}):\n{text[-3000:]}"
+                       for i, (p, text) in enumerate(zip(procs, outputs, strict=True)))  # fmt: skip
+    assert all(p.returncode == 0 for p in procs), shown
     writes = tmp_path / "rank_writes.log"
     assert not writes.exists(), f"ranks other than 0 wrote: {writes.read_text()}"
     return outputs

@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_as_interrupt():
             try:
-                return _main(argv)
+                status = _main(argv)
+                if status == 0:
+                    _end_together()
+                return status
             except Interrupted as err:
                 print(f"interrupted: {_stopped_by(err)}{err}", file=sys.stderr)
                 return _interrupted_status(err)
@@ -77,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _end_together() -> None:
+    """A finished verb under torchrun: every rank ends the process group at once
+    (:func:`flyp.distributed.end_distributed`). Nothing to do, and torch not imported, where no
+    group was started."""
+    if "flyp.distributed" in sys.modules:
+        sys.modules["flyp.distributed"].end_distributed(together=True)
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,4 +1,7 @@
-"""Training streamed from WebDataset shards (``data.stream: true`` with ``data.benchmark: wds``).
+"""Training streamed from WebDataset shards (``data.stream: true`` with ``data.benchmark: wds``),
+or from a Hugging Face dataset's data files (``data.benchmark: hf``: the ID split's Parquet or
+Arrow files are the shards, read a row group at a time, :func:`read_table`; built by
+:mod:`flyp.data.hf`, an epoch's length from the files' own row counts).
 
 Nothing of the training shards is listed up front. The ID domain's shards are split whole,
 seeded by ``data.split_seed``: about ``data.val_fraction`` of them are ID validation and

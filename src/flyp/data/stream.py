@@ -208,6 +208,7 @@ def read_table(file: str, spec: StreamSpec) -> Iterator[Item]:
 
             yield _arrow_table(file).select([spec.image_column, spec.label_column])
 
+    classes = list(spec.class_names)  # once a file, not once a row
     row = 0
     try:
         for table in batches():
@@ -225,7 +226,6 @@ def read_table(file: str, spec: StreamSpec) -> Iterator[Item]:
                     raise DataError(f"{where}: the label is empty; fix the row, {FIX_STREAM}")
                 if isinstance(value, str):
                     value = nfc(value)
-                classes = list(spec.class_names)
                 yield where, data, class_index(value, f"row {row}", file, classes, spec.id_domain)
                 row += 1
     except OSError as err:
@@ -244,6 +244,7 @@ def read_shard(shard: str, classes: tuple[str, ...], id_domain: str) -> Iterator
     sharing a key (WebDataset's rule), one image and its label (.cls, .txt or .json)."""
     key = image = label = None
     rank = len(LABEL_EXTENSIONS)
+    names = list(classes)  # once a shard, not once a sample
 
     def done() -> Item | None:
         if image is None:
@@ -254,7 +255,7 @@ def read_shard(shard: str, classes: tuple[str, ...], id_domain: str) -> Iterator
                 f"{shard}: sample '{key}' has an image but no label (.cls, .txt or .json); add "
                 "one or remove the sample"
             )
-        return where, image[1], class_index(label, key, where, list(classes), id_domain)
+        return where, image[1], class_index(label, key, where, names, id_domain)
 
     try:
         with _open_tar(shard) as tar:
